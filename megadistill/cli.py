@@ -1,0 +1,106 @@
+"""`megadistill <subcommand>`: parse arguments, load config, call one library function.
+
+Each subcommand is one ``_cmd_*`` function that imports its library lazily, so ``--help`` and
+light commands start fast (torch and DeepSpeed are heavy imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+Handler = Callable[[argparse.Namespace], int | None]
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
+
+
+def command(name: str, help_text: str, add_args: Callable[[argparse.ArgumentParser], None]):
+    """Register a subcommand handler."""
+
+    def deco(fn: Handler) -> Handler:
+        _COMMANDS[name] = (help_text, add_args, fn)
+        return fn
+
+    return deco
+
+
+def _no_args(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+# ----------------------------------------------------------------------------- model commands
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="Hugging Face model folder of the teacher")
+    p.add_argument("--out", required=True, help="output folder for the student")
+    p.add_argument("overrides", nargs="*", help="hybrid settings, e.g. window=512 num_sinks=4")
+
+
+@command("convert", "convert a teacher checkpoint into an initial hybrid student", _convert_args)
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from megadistill.teachers.convert import convert_pretrained
+
+    out = convert_pretrained(args.teacher, args.out, overrides=args.overrides)
+    logging.getLogger("megadistill").info("student written to %s", out)
+    return 0
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="student (or teacher) Hugging Face folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+
+@command("generate", "greedy generation with the recurrent cache", _generate_args)
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from megadistill.model.generate import generate_text
+
+    print(generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("teacher", help="a Hugging Face folder, a config.json, or a shipped 7B name")
+    p.add_argument("overrides", nargs="*", help="hybrid settings, e.g. window=512")
+
+
+@command("inspect", "teacher vs student parameter counts (meta device, no weights)", _inspect_args)
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from megadistill.teachers.convert import inspect_teacher
+
+    print(inspect_teacher(args.teacher, overrides=args.overrides))
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megadistill", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, fn) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(_handler=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from megadistill.logs import setup_logging
+
+    setup_logging(debug=args.verbose)
+    try:
+        return int(args._handler(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - the CLI turns library errors into one clear line
+        from megadistill.config import ConfigError
+        from megadistill.errors import MegadistillError
+
+        if isinstance(exc, (ConfigError, MegadistillError)):
+            print(f"megadistill {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
