@@ -1,0 +1,123 @@
+"""Atomic writes and checksum manifests: nothing half-written is ever trusted.
+
+A directory written with :func:`atomic_dir` appears under its final name only once it is complete,
+with a ``checksums.json`` manifest (sha256 of every file) that :func:`verify_manifest` checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from megadistill.errors import CheckpointError
+
+MANIFEST = "checksums.json"
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: object) -> None:
+    """Write JSON atomically (indented, sorted keys)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_manifest(folder: str | Path) -> dict[str, str]:
+    """Checksum every file under ``folder`` (recursively) into ``folder/checksums.json``."""
+    folder = Path(folder)
+    files = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    atomic_write_json(folder / MANIFEST, {"algorithm": "sha256", "files": files})
+    return files
+
+
+def verify_manifest(folder: str | Path, *, what: str = "checkpoint") -> dict[str, str]:
+    """Check every file listed in ``folder/checksums.json``; raise CheckpointError on a mismatch."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{what} {folder} does not exist")
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{what} {folder} has no {MANIFEST}: it was not written completely; "
+            "use an earlier checkpoint or write it again"
+        )
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{what} {folder}: {MANIFEST} is corrupt ({exc})") from exc
+    for rel, expected in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"{what} {folder}: file {rel} listed in {MANIFEST} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"{what} {folder}: file {rel} is corrupt (sha256 {actual[:12]} != {expected[:12]})"
+            )
+    return files
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``final``; on success write the manifest and rename it.
+
+    On any exception the temporary folder is removed and ``final`` is untouched. With
+    ``overwrite`` an existing ``final`` is replaced only after the new one is complete.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; remove it or choose another output")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        write_manifest(tmp)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
