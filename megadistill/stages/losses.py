@@ -169,10 +169,9 @@ def distill_loss(
     _check_shapes(hidden, labels, teacher_logprobs, teacher_ids)
     flat_labels = labels.reshape(-1)
     num = (flat_labels != IGNORE_INDEX).sum()
-    denom = (
-        num.clamp(min=1).float()
-        if normalizer is None
-        else torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
+    cdt = torch.promote_types(hidden.dtype, torch.float32)
+    denom = torch.as_tensor(
+        num.clamp(min=1) if normalizer is None else normalizer, dtype=cdt, device=hidden.device
     )
     k = teacher_ids.shape[-1]
     loss, ce_sum, kl_sum = _ChunkedDistillLoss.apply(
