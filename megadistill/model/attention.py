@@ -1,0 +1,221 @@
+"""The hybrid attention block: mLSTM branch + SWA/sink branch, mixed by a per-head gate.
+
+    h_t = o_t * mLSTM_t + (1 - o_t) * SWA_t        (per head, then the teacher's o_proj)
+
+q/k/v/o projections, q/k norms, biases and RoPE are the teacher's. New parameters: the Hedgehog
+feature maps on q and k (a linear map per head, then softmax over the feature dimension), the
+input/forget gate projections (one scalar per head each) and the output gate from concat[q, k, v].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megadistill.model.cache import HybridCache, LayerCache
+from megadistill.model.configuration import HybridConfig
+from megadistill.model.mlstm import PAD_F, PAD_I, mlstm_forward
+from megadistill.model.swa import _sdpa, swa_attention
+
+NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate")
+
+
+@dataclass
+class SeqInfo:
+    """Per-forward facts every layer shares (built once by the model)."""
+
+    reset: torch.Tensor  # (B,T) a document starts here
+    valid: torch.Tensor  # (B,T) real token (not padding)
+    pos: torch.Tensor  # (B,T) position in document (RoPE position)
+    abs_idx: torch.Tensor  # (T,) index of each new token in the row's stream
+    cache: HybridCache | None = None
+    align_losses: list[torch.Tensor] | None = None
+
+
+class FeatureMap(nn.Module):
+    """Hedgehog feature map: per-head linear map, then softmax over the feature dimension."""
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, head_dim)
+        return torch.softmax(torch.einsum("bhtd,hdf->bhtf", x, self.weight), dim=-1)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # Identity plus small noise: the features start as softmax(q), close to the teacher's
+        # exp(q.k) kernel, so stage I begins from a sensible linear-attention approximation.
+        h, d, f = self.weight.shape
+        eye = torch.eye(d, f, dtype=torch.float32)
+        noise = torch.randn(h, d, f, generator=generator, dtype=torch.float32) / math.sqrt(d)
+        self.weight.copy_((eye + 0.1 * noise).to(self.weight.dtype))
+
+
+class HybridAttention(nn.Module):
+    """Drop-in replacement for a teacher attention block."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int, adapter, teacher_cfg) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.adapter = adapter
+        hidden = teacher_cfg.hidden_size
+        self.num_heads = teacher_cfg.num_attention_heads
+        self.num_kv = getattr(teacher_cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        qkv_bias = adapter.has_qkv_bias(teacher_cfg)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(
+            self.num_heads * self.head_dim, hidden, bias=adapter.has_o_bias(teacher_cfg)
+        )
+        if adapter.qk_norm != "none":
+            norm_cls = adapter.cls("RMSNorm")
+            q_size = self.head_dim if adapter.qk_norm == "head" else self.num_heads * self.head_dim
+            k_size = self.head_dim if adapter.qk_norm == "head" else self.num_kv * self.head_dim
+            self.q_norm = norm_cls(q_size, eps=teacher_cfg.rms_norm_eps)
+            self.k_norm = norm_cls(k_size, eps=teacher_cfg.rms_norm_eps)
+        self.apply_rotary = adapter.modeling().apply_rotary_pos_emb
+        fdim = config.feature_dim
+        self.q_feature = FeatureMap(self.num_heads, self.head_dim, fdim)
+        self.k_feature = FeatureMap(self.num_kv, self.head_dim, fdim)
+        self.igate = nn.Linear(hidden, self.num_heads)
+        self.fgate = nn.Linear(hidden, self.num_heads)
+        qkv_dim = (self.num_heads + 2 * self.num_kv) * self.head_dim
+        self.ogate = nn.Linear(qkv_dim, self.num_heads)
+
+    @torch.no_grad()
+    def init_new_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise only the new parameters (seeded by ``generator``)."""
+        self.q_feature.reset_parameters(generator)
+        self.k_feature.reset_parameters(generator)
+        for lin in (self.igate, self.fgate, self.ogate):
+            std = 1.0 / math.sqrt(lin.in_features)
+            w = torch.randn(lin.weight.shape, generator=generator, dtype=torch.float32) * std * 0.1
+            lin.weight.copy_(w.to(lin.weight.dtype))
+        self.igate.bias.fill_(0.0)
+        # Forget-gate biases spread over heads: sigmoid(3..6) keeps memory over ~20..400 tokens.
+        self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads, dtype=torch.float32))
+        self.ogate.bias.fill_(0.0)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        bsz, t, _ = x.shape
+        q_raw, k_raw, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = q_raw, k_raw
+        if self.adapter.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(bsz, t, self.num_heads, self.head_dim)
+        k = k.view(bsz, t, self.num_kv, self.head_dim)
+        if self.adapter.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v4 = v.view(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
+        q_r, k_r = self.apply_rotary(q, k, cos, sin)
+        gate_in = torch.cat([q_raw, k_raw, v], dim=-1)
+        return q, k, q_r, k_r, v4, gate_in
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, info: SeqInfo
+    ) -> torch.Tensor:
+        bsz, t, _ = x.shape
+        q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
+        lc = info.cache.layers[self.layer_idx] if info.cache is not None else None
+        mode = self.config.gate_mode
+        swa = self._swa(q_r, k_r, v, info, lc)
+        if mode == "swa":
+            mixed = swa
+        else:
+            mem = self._mlstm(x, q, k, q_r, k_r, v, cos, sin, info, lc)
+            if mode == "mlstm":
+                mixed = mem
+            else:
+                o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,T,1)
+                mixed = o * mem + (1 - o) * swa
+        if lc is not None:
+            self._write_kv(k_r, v, info, lc)
+        out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
+        if info.align_losses is None:
+            return out
+        with torch.no_grad():
+            full = swa_attention(
+                q_r, k_r, v, info.reset, info.valid, None, 0, self.scaling, "reference"
+            )
+            target = self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
+        err = (out.float() - target.float()).pow(2).mean(-1)
+        w = info.valid.to(err.dtype)
+        info.align_losses.append((err * w).sum() / w.sum().clamp(min=1))
+        return target
+
+    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
+        if self.config.rope_on == "input":
+            fq, fk = self.q_feature(q_r), self.k_feature(k_r)
+        else:
+            fq, fk = self.apply_rotary(self.q_feature(q), self.k_feature(k), cos, sin)
+        rep = self.num_heads // self.num_kv
+        if rep > 1:
+            fk = fk.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        i_pre = self.igate(x).transpose(1, 2)
+        f_pre = self.fgate(x).transpose(1, 2)
+        pad = ~info.valid[:, None, :]
+        if bool(pad.any()):
+            i_pre = i_pre.masked_fill(pad, PAD_I)
+            f_pre = f_pre.masked_fill(pad, PAD_F)
+        state = lc.mlstm if lc is not None else None
+        h, state = mlstm_forward(
+            fq, fk, v, i_pre, f_pre, info.reset, state,
+            backend=self.config.mlstm_backend, chunk_size=self.config.chunk_size,
+        )  # fmt: skip
+        if lc is not None:
+            lc.mlstm = state
+        return h
+
+    def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
+        cfg = self.config
+        if lc is None or lc.ring_k is None:
+            return swa_attention(
+                q_r, k_r, v, info.reset, info.valid, cfg.window, cfg.num_sinks, self.scaling,
+                cfg.swa_backend,
+            )  # fmt: skip
+        # Continuing from a cache: keys = sink buffer + ring buffer + the new tokens.
+        w = cfg.window
+        q_abs = info.abs_idx[None, :, None]  # (1,T,1)
+        sink_vis = lc.sink_ok[:, None, :] & (q_abs - lc.sink_abs[:, None, :] >= w)
+        ring_vis = lc.ring_ok[:, None, :] & (q_abs - lc.ring_abs[:, None, :] < w)
+        new_abs = info.abs_idx[None, None, :]
+        near = (q_abs - new_abs < w) | (info.pos < cfg.num_sinks)[:, None, :]
+        new_vis = (new_abs <= q_abs) & near & info.valid[:, None, :]
+        new_vis = new_vis | (new_abs == q_abs)
+        mask = torch.cat([sink_vis, ring_vis, new_vis.expand(q_r.shape[0], -1, -1)], dim=-1)
+        keys = torch.cat([lc.sink_k, lc.ring_k, k_r], dim=2)
+        vals = torch.cat([lc.sink_v, lc.ring_v, v], dim=2)
+        return _sdpa(q_r, keys, vals, mask, self.scaling)
+
+    @torch.no_grad()
+    def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:
+        """Append the new tokens' keys/values to the ring buffer and, if sinks, the sink buffer."""
+        assert info.cache is not None
+        info.cache.kv_slots(lc, k_r)
+        w, s = self.config.window, self.config.num_sinks
+        t = k_r.shape[2]
+        keep = slice(max(0, t - w), t)
+        slots = info.abs_idx[keep] % w
+        lc.ring_k.index_copy_(2, slots, k_r[:, :, keep])
+        lc.ring_v.index_copy_(2, slots, v[:, :, keep])
+        lc.ring_abs.index_copy_(1, slots, info.abs_idx[keep].expand(k_r.shape[0], -1).contiguous())
+        lc.ring_ok.index_copy_(1, slots, info.valid[:, keep].contiguous())
+        is_sink = info.valid & (info.pos < s)
+        for col in is_sink.any(0).nonzero().flatten().tolist():
+            rows = is_sink[:, col].nonzero().flatten()
+            slot = info.pos[rows, col]
+            lc.sink_k[rows, :, slot] = k_r[rows, :, col]
+            lc.sink_v[rows, :, slot] = v[rows, :, col]
+            lc.sink_abs[rows, slot] = info.abs_idx[col]
+            lc.sink_ok[rows, slot] = True

@@ -1,0 +1,225 @@
+"""The hybrid student as a transformers model: decoder layers, base model, causal LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from megadistill.model.attention import NEW_PARAMETER_MODULES, HybridAttention, SeqInfo
+from megadistill.model.cache import HybridCache
+from megadistill.model.configuration import HybridConfig
+from megadistill.teachers.registry import adapter_for
+
+
+@dataclass
+class HybridCausalLMOutput(ModelOutput):
+    """Output of :class:`HybridForCausalLM` (``loss`` is the stage-I loss when ``align=True``)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: HybridCache | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class HybridDecoderLayer(GradientCheckpointingLayer):
+    """The teacher's decoder layer with its attention replaced by :class:`HybridAttention`."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int, teacher_cfg) -> None:
+        super().__init__()
+        adapter = adapter_for(teacher_cfg.model_type)
+        self.post_norm = adapter.norm_placement == "post"
+        norm_cls = adapter.cls("RMSNorm")
+        hidden, eps = teacher_cfg.hidden_size, teacher_cfg.rms_norm_eps
+        self.self_attn = HybridAttention(config, layer_idx, adapter, teacher_cfg)
+        self.mlp = adapter.cls("MLP")(teacher_cfg)
+        self.post_attention_layernorm = norm_cls(hidden, eps=eps)
+        if self.post_norm:
+            self.post_feedforward_layernorm = norm_cls(hidden, eps=eps)
+        else:
+            self.input_layernorm = norm_cls(hidden, eps=eps)
+        types = getattr(teacher_cfg, "layer_types", None)
+        self.layer_type = types[layer_idx] if types else "full_attention"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, info: SeqInfo):
+        if self.post_norm:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, info))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, info)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HybridPreTrainedModel(PreTrainedModel):
+    config_class = HybridConfig
+    config: HybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridDecoderLayer"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own HybridCache
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, HybridAttention):
+            module.init_new_parameters()
+
+
+class HybridModel(HybridPreTrainedModel):
+    """Embeddings, hybrid decoder layers and the final norm."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__(config)
+        teacher_cfg = config.teacher()
+        self.adapter = adapter_for(teacher_cfg.model_type)
+        self.embed_tokens = nn.Embedding(
+            teacher_cfg.vocab_size, teacher_cfg.hidden_size, getattr(teacher_cfg, "pad_token_id", None)
+        )
+        self.layers = nn.ModuleList(
+            HybridDecoderLayer(config, i, teacher_cfg) for i in range(teacher_cfg.num_hidden_layers)
+        )
+        self.norm = self.adapter.cls("RMSNorm")(teacher_cfg.hidden_size, eps=teacher_cfg.rms_norm_eps)
+        self.rotary_emb = self.adapter.cls("RotaryEmbedding")(config=teacher_cfg)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _seq_info(self, input_ids, attention_mask, position_ids, cache) -> SeqInfo:
+        bsz, t = input_ids.shape[:2]
+        dev = input_ids.device
+        valid = (
+            attention_mask[:, -t:].bool()
+            if attention_mask is not None and attention_mask.dim() == 2
+            else torch.ones(bsz, t, dtype=torch.bool, device=dev)
+        )
+        start = cache.next_pos if cache is not None and cache.next_pos is not None else None
+        if position_ids is None:
+            pos = valid.long().cumsum(-1) - 1
+            pos = (pos + start[:, None]) if start is not None else pos
+            position_ids = pos.clamp(min=0)
+        position_ids = position_ids.expand(bsz, -1)
+        reset = (position_ids == 0) & valid
+        seen = cache.seen if cache is not None else 0
+        abs_idx = torch.arange(seen, seen + t, device=dev)
+        return SeqInfo(reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx, cache=cache)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        align_losses: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        info = self._seq_info(input_ids, attention_mask, position_ids, cache)
+        info.align_losses = align_losses
+        x = self.embed_tokens(input_ids)
+        rope = {}
+        for layer in self.layers:
+            if layer.layer_type not in rope:
+                args = (layer.layer_type,) if self.adapter.rope_per_layer_type else ()
+                rope[layer.layer_type] = self.rotary_emb(x, info.pos, *args)
+        for layer in self.layers:
+            cos, sin = rope[layer.layer_type]
+            x = layer(x, cos, sin, info)
+        if cache is not None:
+            cache.seen += input_ids.shape[1]
+            cache.next_pos = info.pos[:, -1] + info.valid[:, -1].long()
+            if not bool(info.valid[:, -1].all()):
+                cache.next_pos = info.pos.masked_fill(~info.valid, -1).amax(-1) + 1
+        return self.norm(x)
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    """Hybrid student with a language-model head (the teacher's)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__(config)
+        self.model = HybridModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def new_parameter_names(self) -> list[str]:
+        """Names of the parameters the teacher does not have (feature maps and gates)."""
+        return [
+            n for n, _ in self.named_parameters() if any(f".{m}." in n for m in NEW_PARAMETER_MODULES)
+        ]
+
+    @torch.no_grad()
+    def init_new_parameters(self, seed: int) -> None:
+        """Re-initialise the new parameters deterministically from ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        for layer in self.model.layers:
+            layer.self_attn.init_new_parameters(gen)
+
+    def new_cache(self) -> HybridCache:
+        """An empty decoding cache."""
+        return HybridCache(len(self.model.layers), self.config.window, self.config.num_sinks)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        use_cache: bool | None = None,
+        align: bool = False,
+        logits_to_keep: int = 0,
+        past_key_values: HybridCache | None = None,
+        **kwargs,
+    ) -> HybridCausalLMOutput:
+        """Args:
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T[+past]) 1 for real tokens, 0 for padding.
+        position_ids: (B, T); a 0 starts a new document (mLSTM reset, SWA mask).
+        labels: (B, T) targets for next-token CE (shifted inside; -100 ignored).
+        cache: a :class:`HybridCache` to continue from (``use_cache`` creates one).
+        align: stage I: return the summed per-layer MSE to the teacher's attention as ``loss``.
+        logits_to_keep: if > 0, only the last that many positions get logits.
+        """
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None and not align:
+            cache = self.new_cache()
+        align_losses: list[torch.Tensor] | None = [] if align else None
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, align_losses)
+        if align:
+            return HybridCausalLMOutput(loss=torch.stack(align_losses).sum(), hidden_states=hidden)
+        h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return HybridCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden)
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+        if cache is not None and cache.seen > 0:
+            input_ids = input_ids[:, cache.seen :]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "use_cache": kwargs.get("use_cache", True),
+        }

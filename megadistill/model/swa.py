@@ -1,0 +1,145 @@
+"""Sliding-window softmax attention with attention sinks, over packed documents.
+
+Query ``i`` sees key ``j`` when both are in the same document, ``j <= i``, and either
+``i - j < window`` (the window) or ``j`` is one of the first ``num_sinks`` tokens of the document
+(a sink). All visible keys share one softmax. ``window=None`` gives full causal attention (the
+teacher's).
+
+Backends (all exact):
+- ``reference``: one dense (T x T) boolean mask and SDPA.
+- ``blocked``: queries in blocks; each block sees only its window plus its document's sinks, so
+  memory is O(T * (window + block)) and no T x T mask is ever built (CPU default for long inputs).
+- ``flex``: FlexAttention with a block mask (CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+SWABackend = Literal["auto", "reference", "blocked", "flex"]
+SWA_BACKENDS: tuple[str, ...] = ("auto", "reference", "blocked", "flex")
+
+
+def document_layout(reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment ids and position-in-document from document-start flags ``reset`` (B,T)."""
+    t = reset.shape[1]
+    idx = torch.arange(t, device=reset.device).expand_as(reset)
+    start = torch.where(reset, idx, torch.zeros_like(idx)).cummax(-1).values
+    return reset.long().cumsum(-1), idx - start
+
+
+def visible(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    q_seg: torch.Tensor,
+    k_seg: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int | None,
+    num_sinks: int,
+) -> torch.Tensor:
+    """Boolean visibility (B, Tq, Tk) from token indices, segment ids and key positions in doc."""
+    causal = k_idx[:, None, :] <= q_idx[:, :, None]
+    same = k_seg[:, None, :] == q_seg[:, :, None]
+    if window is None:
+        return causal & same
+    near = (q_idx[:, :, None] - k_idx[:, None, :]) < window
+    sink = (k_pos < num_sinks)[:, None, :]
+    return causal & same & (near | sink)
+
+
+def _sdpa(q, k, v, mask, scaling):
+    # Enable GQA by repeating K/V heads: SDPA's enable_gqa has no CPU fast path for masks.
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling)
+
+
+def swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling):
+    """Dense-mask SWA + sinks. q (B,H,T,d); k, v (B,KV,T,d); reset, key_valid (B,T)."""
+    seg, pos = document_layout(reset)
+    idx = torch.arange(q.shape[2], device=q.device).expand_as(seg)
+    mask = visible(idx, idx, seg, seg, pos, window, num_sinks) & key_valid[:, None, :]
+    mask |= torch.eye(q.shape[2], dtype=torch.bool, device=q.device)  # no empty rows (padding)
+    return _sdpa(q, k, v, mask, scaling)
+
+
+def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=128):
+    """Blocked SWA + sinks: per query block, keys = the block's window + its document's sinks."""
+    if window is None:
+        return swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling)
+    bsz, _, t, _ = q.shape
+    seg, pos = document_layout(reset)
+    idx = torch.arange(t, device=q.device)
+    doc_start = idx - pos  # (B,T)
+    outs = []
+    for s in range(0, t, block):
+        e = min(s + block, t)
+        ws = max(0, s - window + 1)
+        q_idx = idx[s:e].expand(bsz, -1)
+        # Sinks of the first query's document that lie before the window (later queries of the
+        # block either share that document or started a new one inside the window).
+        sink_idx = (doc_start[:, s : s + 1] + torch.arange(num_sinks, device=q.device)).clamp(max=t - 1)
+        sink_ok = (sink_idx < ws) & (pos.gather(1, sink_idx) < num_sinks)
+        k_idx = torch.cat([sink_idx, idx[ws:e].expand(bsz, -1)], dim=1)
+        k_ok = torch.cat([sink_ok, torch.ones(bsz, e - ws, dtype=torch.bool, device=q.device)], 1)
+        mask = visible(
+            q_idx, k_idx, seg[:, s:e], seg.gather(1, k_idx), pos.gather(1, k_idx), window, num_sinks
+        )
+        mask &= (k_ok & key_valid.gather(1, k_idx))[:, None, :]
+        # A token always sees itself (keeps padding rows finite); the sink part never holds it.
+        mask |= (k_idx[:, None, :] == q_idx[:, :, None]) & k_ok[:, None, :]
+        gather = k_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        kb, vb = k.gather(2, gather), v.gather(2, gather)
+        outs.append(_sdpa(q[:, :, s:e], kb, vb, mask, scaling))
+    return torch.cat(outs, dim=2)
+
+
+def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling):
+    """FlexAttention with a document/window/sink block mask (compiled; meant for CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    seg, pos = document_layout(reset)
+    win = window if window is not None else q.shape[2] + 1
+
+    def mask_mod(b, h, qi, ki):
+        del h
+        ok = (ki <= qi) & (seg[b, qi] == seg[b, ki]) & key_valid[b, ki]
+        return (ok & ((qi - ki < win) | (pos[b, ki] < num_sinks))) | (qi == ki)
+
+    bsz, _, t, _ = q.shape
+    block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=q.device)
+    rep = q.shape[1] // k.shape[1]
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=rep > 1)
+
+
+def swa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    reset: torch.Tensor,
+    key_valid: torch.Tensor,
+    window: int | None,
+    num_sinks: int,
+    scaling: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dispatch to a backend (``auto``: flex on CUDA, blocked for long CPU inputs, else reference)."""
+    if backend == "auto":
+        if q.is_cuda:
+            backend = "flex"
+        elif window is not None and q.shape[2] > 2 * window:
+            backend = "blocked"
+        else:
+            backend = "reference"
+    if backend == "reference":
+        return swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling)
+    if backend == "blocked":
+        return swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling)
+    if backend == "flex":
+        return swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling)
+    raise ValueError(f"unknown swa_backend {backend!r}; choose one of {SWA_BACKENDS}")
