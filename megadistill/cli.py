@@ -72,6 +72,49 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- pipeline commands
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    for name, help_text in (("submit", "submit the DAG to SLURM"), ("run", "run the DAG")):
+        q = sub.add_parser(name, help=help_text, description=help_text)
+        q.add_argument("recipe", help="pipeline recipe YAML")
+        q.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seed=1")
+        q.add_argument("--run-dir", help="run directory (default: runs/<recipe name>)")
+        if name == "run":
+            q.add_argument("--local", action="store_true", help="on this machine, without SLURM")
+    q = sub.add_parser("status", help="where each SLURM job of a run stands, and why")
+    q.add_argument("run_dir")
+    q.add_argument("--wait", type=float, metavar="SECONDS", help="poll until every job ended")
+    q = sub.add_parser("step", help="(in a job) run one step's commands in this rank")
+    q.add_argument("run_dir")
+    q.add_argument("step", choices=("expert", "merge", "final", "eval"))
+    q.add_argument("--index", type=int, help="array task (default: $SLURM_ARRAY_TASK_ID)")
+
+
+@command("pipeline", "the expert -> merge -> final -> eval DAG on SLURM or locally", _pipeline_args)
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from megadistill.pipeline import load_recipe, local, slurm, step
+
+    action = args.pipeline_command
+    if action == "step":
+        return step.run_step(args.run_dir, args.step, args.index)
+    if action == "status":
+        rows = slurm.wait(args.run_dir, args.wait) if args.wait else slurm.status(args.run_dir)
+        print(slurm.format_status(rows))
+        return 0 if all(r.state == "COMPLETED" for r in rows) or not args.wait else 1
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = args.run_dir or f"runs/{recipe.name}"
+    if action == "submit":
+        jobs = slurm.submit(recipe, run_dir)
+        for name, info in jobs["steps"].items():
+            print(f"{name}: {info['job_id']}")
+        return 0
+    if not args.local:
+        raise slurm.PipelineError("pipeline run needs --local; use `pipeline submit` for SLURM")
+    local.run_local(recipe, run_dir)
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megadistill", description=__doc__.splitlines()[0])

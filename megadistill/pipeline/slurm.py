@@ -1,0 +1,281 @@
+"""Submit the pipeline DAG to SLURM and report where each step stands.
+
+``submit`` writes the run directory (:func:`~megadistill.pipeline.dag.write_plan`), then submits
+one job per step with ``sbatch --parsable``: the expert step as an array (one task per expert),
+every later step ``--dependency=afterok:<previous job>`` with ``--kill-on-invalid-dep=yes`` so a
+failed expert cancels what depends on it instead of leaving it pending forever. All jobs run with
+``--requeue`` and ``--signal=B:USR1@<s>`` (the entrypoint forwards it to the ranks). Job ids go to
+``RUN_DIR/jobs.json``.
+
+``status`` asks ``scontrol show job`` (falling back to ``sacct`` once slurmctld has forgotten a
+job) and explains each step: waiting on what, failed with which exit code, cancelled because which
+upstream step failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megadistill.integrity import atomic_write_json
+from megadistill.pipeline.dag import REPO_ROOT, PipelineError, Step, read_plan, write_plan
+from megadistill.pipeline.recipe import PipelineRecipe, Resources
+
+JOBS_FILE = "jobs.json"
+SLURM_DIR = REPO_ROOT / "slurm"
+ENTRYPOINT = SLURM_DIR / "entrypoint.sh"
+COMMAND_TIMEOUT_S = 60.0
+TERMINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+     "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+)  # fmt: skip
+log = logging.getLogger(__name__)
+
+
+def _slurm(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """Run a SLURM client command with a timeout; raise PipelineError with its stderr on failure."""
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, env=env, check=False
+        )
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{argv[0]} not found: is this a SLURM login node?") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise PipelineError(
+            f"{argv[0]} did not answer in {COMMAND_TIMEOUT_S:.0f} s (is slurmctld up?)"
+        ) from exc
+    if proc.returncode != 0:
+        raise PipelineError(f"{' '.join(argv[:2])} failed: {proc.stderr.strip() or proc.stdout}")
+    return proc.stdout
+
+
+# ----------------------------------------------------------------------------- submit
+def sbatch_args(
+    step: Step, run_dir: Path, job_name: str, dependency: str | None = None
+) -> list[str]:
+    """The ``sbatch`` command line of one step (resources from the recipe)."""
+    res: Resources = step.resources
+    log_dir = run_dir / "logs" / step.name
+    pattern = "%A_%a.out" if step.is_array else "%j.out"
+    argv = [
+        "sbatch", "--parsable", f"--job-name={job_name}", f"--nodes={res.nodes}",
+        f"--ntasks-per-node={res.ranks_per_node}", f"--cpus-per-task={res.cpus_per_task}",
+        f"--time={res.time}", f"--output={log_dir / pattern}", "--open-mode=append",
+        f"--signal=B:USR1@{res.signal_before_s}",
+    ]  # fmt: skip
+    argv.append("--requeue" if res.requeue else "--no-requeue")
+    if res.gpus_per_node:
+        argv.append(f"--gres=gpu:{res.gpus_per_node}")
+    for flag in ("partition", "account", "mem"):
+        if getattr(res, flag) is not None:
+            argv.append(f"--{flag}={getattr(res, flag)}")
+    if step.is_array:
+        argv.append(f"--array=0-{step.num_tasks - 1}")
+    if dependency:
+        argv += [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"]
+    argv.append(str(SLURM_DIR / f"{step.name}.sbatch"))
+    return argv
+
+
+def job_environment(run_dir: Path) -> dict[str, str]:
+    """Environment for sbatch (exported into the jobs): run dir, entrypoint, interpreter, code."""
+    env = dict(os.environ)
+    env["MEGADISTILL_RUN_DIR"] = str(run_dir)
+    env["MEGADISTILL_ENTRYPOINT"] = str(ENTRYPOINT)
+    env["MEGADISTILL_PYTHON"] = sys.executable
+    # Jobs import the same megadistill that planned them, installed or not.
+    path = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
+    return env
+
+
+def submit(recipe: PipelineRecipe, run_dir: str | Path) -> dict[str, Any]:
+    """Write the run directory and submit the DAG; return (and save) the job ids.
+
+    Args:
+        recipe: the validated recipe.
+        run_dir: run directory (created; must not hold a submitted run already).
+
+    Returns:
+        The ``jobs.json`` content: ``{"steps": {step: {"job_id", "after", "num_tasks"}}, ...}``.
+    """
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / JOBS_FILE).exists():
+        raise PipelineError(
+            f"{run_dir} already holds a submitted run ({JOBS_FILE}); choose a new --run-dir"
+        )
+    steps = write_plan(recipe, run_dir)
+    env = job_environment(run_dir)
+    jobs: dict[str, Any] = {"name": recipe.name, "experts": [e.name for e in recipe.experts]}
+    jobs["steps"] = {}
+    ids: dict[str, str] = {}
+    try:
+        for step in steps:
+            dep = ":".join(ids[a] for a in step.after) or None
+            argv = sbatch_args(step, run_dir, f"{recipe.name}-{step.name}", dep)
+            out = _slurm(argv, env=env).strip()
+            ids[step.name] = out.split(";")[0]
+            jobs["steps"][step.name] = {
+                "job_id": ids[step.name],
+                "after": list(step.after),
+                "num_tasks": step.num_tasks,
+                "submitted_at": time.time(),
+            }
+            log.info("submitted %s as job %s", step.name, ids[step.name])
+    except BaseException:
+        if ids:  # do not leave half a DAG queued
+            subprocess.run(["scancel", *ids.values()], timeout=COMMAND_TIMEOUT_S, check=False)
+        raise
+    atomic_write_json(run_dir / JOBS_FILE, jobs)
+    return jobs
+
+
+# ----------------------------------------------------------------------------- status
+@dataclass(frozen=True)
+class TaskStatus:
+    """Where one job (or one array task) of the DAG stands."""
+
+    step: str
+    task: str
+    job_id: str
+    state: str
+    reason: str
+    exit_code: str
+    log: str
+    why: str = ""
+
+    @property
+    def done(self) -> bool:
+        """Whether the job reached a terminal state."""
+        return self.state in TERMINAL_STATES
+
+
+def _records(job_id: str) -> list[dict[str, str]]:
+    """``scontrol show job -o`` records of a job (one per array task); [] if unknown."""
+    try:
+        text = _slurm(["timeout", "30", "scontrol", "show", "job", "-o", job_id])
+    except PipelineError as exc:
+        if "Invalid job id" in str(exc):
+            return []
+        raise
+    records = []
+    for line in text.splitlines():
+        if line.strip():
+            records.append(dict(re.findall(r"(\w[\w/:]*)=(\S*)", line)))
+    return records
+
+
+def _sacct_records(job_id: str) -> list[dict[str, str]]:
+    """Fallback for jobs slurmctld has forgotten (needs accounting); [] if unavailable."""
+    try:
+        text = _slurm(["timeout", "30", "sacct", "-n", "-P", "-X", "-j", job_id,
+                       "-o", "JobID,State,ExitCode,Reason"])  # fmt: skip
+    except PipelineError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) == 4:
+            task = parts[0].split("_")[1] if "_" in parts[0] else ""
+            out.append({"JobId": parts[0], "ArrayTaskId": task, "JobState": parts[1].split()[0],
+                        "ExitCode": parts[2], "Reason": parts[3], "StdOut": ""})  # fmt: skip
+    return out
+
+
+def _task_indices(spec: str) -> list[int]:
+    """Expand an ``ArrayTaskId`` such as ``3``, ``0-3`` or ``0,2-3%2`` into indices."""
+    out: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        elif part.isdigit():
+            out.append(int(part))
+    return out
+
+
+def _step_rows(step: str, info: dict[str, Any], experts: list[str]) -> list[TaskStatus]:
+    job_id = info["job_id"]
+    records = _records(job_id) or _sacct_records(job_id)
+    if not records:
+        return [TaskStatus(step, "", job_id, "UNKNOWN", "", "", "",
+                           "slurmctld no longer knows this job and sacct has no record")]  # fmt: skip
+    rows = []
+    for rec in records:
+        indices = _task_indices(rec.get("ArrayTaskId", "")) if step == "expert" else [0]
+        for idx in indices or [0]:
+            name = experts[idx] if step == "expert" and idx < len(experts) else ""
+            rows.append(TaskStatus(
+                step=step, task=name, job_id=rec.get("JobId", job_id),
+                state=rec.get("JobState", "UNKNOWN"), reason=rec.get("Reason", ""),
+                exit_code=rec.get("ExitCode", ""), log=rec.get("StdOut", ""),
+            ))  # fmt: skip
+    return rows
+
+
+def _explain(row: TaskStatus, rows: list[TaskStatus], after: list[str]) -> str:
+    upstream = [r for r in rows if r.step in after]
+    if row.state == "PENDING" and row.reason == "Dependency":
+        waiting = sorted({r.step for r in upstream if r.state != "COMPLETED"})
+        return f"waiting for {', '.join(waiting) or 'dependencies'} to complete"
+    if row.reason == "DependencyNeverSatisfied" or (
+        row.state == "CANCELLED" and any(r.state != "COMPLETED" and r.done for r in upstream)
+    ):
+        bad = [r for r in upstream if r.done and r.state != "COMPLETED"]
+        named = ", ".join(f"{r.step}{'[' + r.task + ']' if r.task else ''} {r.state}" for r in bad)
+        return f"never ran: dependency afterok failed ({named or 'upstream step failed'})"
+    if row.state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
+        return f"exit code {row.exit_code}; log {row.log}"
+    if row.state == "PENDING":
+        return f"queued ({row.reason})"
+    return ""
+
+
+def status(run_dir: str | Path) -> list[TaskStatus]:
+    """Where every job of a submitted run stands, with an explanation (``why``) per row."""
+    run_dir = Path(run_dir).resolve()
+    read_plan(run_dir)
+    path = run_dir / JOBS_FILE
+    if not path.is_file():
+        raise PipelineError(f"{run_dir} has no {JOBS_FILE}: it was not submitted to SLURM")
+    import json
+
+    jobs = json.loads(path.read_text())
+    rows: list[TaskStatus] = []
+    for step, info in jobs["steps"].items():
+        rows.extend(_step_rows(step, info, jobs["experts"]))
+    out = []
+    for row in rows:
+        why = _explain(row, rows, jobs["steps"][row.step]["after"])
+        out.append(TaskStatus(**{**row.__dict__, "why": why}))
+    return out
+
+
+def format_status(rows: list[TaskStatus]) -> str:
+    """A table of :func:`status` rows for the terminal."""
+    lines = [f"{'STEP':<16} {'JOB':<12} {'STATE':<12} {'REASON':<26} WHY"]
+    for r in rows:
+        step = f"{r.step}[{r.task}]" if r.task else r.step
+        lines.append(f"{step:<16} {r.job_id:<12} {r.state:<12} {r.reason:<26} {r.why}")
+    return "\n".join(lines)
+
+
+def wait(run_dir: str | Path, timeout_s: float, poll_s: float = 1.0) -> list[TaskStatus]:
+    """Poll :func:`status` until every job is in a terminal state; raise on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = status(run_dir)
+        if rows and all(r.done for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            raise PipelineError(
+                f"run {run_dir} not finished after {timeout_s:.0f} s:\n{format_status(rows)}"
+            )
+        time.sleep(poll_s)

@@ -1,0 +1,87 @@
+"""Run one step's commands in one rank: ``megadistill pipeline step RUN_DIR STEP``.
+
+``slurm/entrypoint.sh`` starts this in every rank (after exporting RANK, WORLD_SIZE, MASTER_ADDR,
+...). It looks up the step's commands for this array task in ``plan.json`` and runs them one after
+the other, forwarding SIGUSR1/SIGTERM/SIGINT to the running command so a trainer can checkpoint on
+preemption. A command's non-zero exit code (e.g. :data:`REQUEUE_EXIT_CODE`) becomes the step's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from megadistill.pipeline.dag import PipelineError, plan_step, read_plan
+
+REQUEUE_EXIT_CODE = 143
+"""Exit code of a program that checkpointed on a preemption signal and wants to run again: the
+trainer's ``megadistill.engine.signals.EXIT_PREEMPTED`` (128 + SIGTERM; kept equal by a test, not
+imported, because that module needs torch). ``slurm/entrypoint.sh`` requeues the job on it."""
+
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+log = logging.getLogger(__name__)
+
+
+def task_index(index: int | None = None) -> int:
+    """The array task index: ``index`` if given, else ``SLURM_ARRAY_TASK_ID``, else 0."""
+    if index is not None:
+        return index
+    for var in ("SLURM_ARRAY_TASK_ID", "MEGADISTILL_TASK_INDEX"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def step_task_commands(run_dir: str | Path, step: str, index: int) -> list[list[str]]:
+    """The argv lists of array task ``index`` of ``step`` in the run's plan."""
+    entry = plan_step(read_plan(run_dir), step)
+    tasks = entry["commands"]
+    if not 0 <= index < len(tasks):
+        raise PipelineError(
+            f"step {step!r} has {len(tasks)} task(s); array task index {index} is out of range"
+        )
+    return tasks[index]
+
+
+def _run_forwarding(argv: list[str]) -> int:
+    """Run ``argv``, forwarding preemption signals to it; return its exit code (128+N if killed)."""
+    child = subprocess.Popen(argv)
+    previous = {}
+
+    def forward(signum: int, _frame: object) -> None:
+        if child.poll() is None:
+            log.info("forwarding signal %d to %s (pid %d)", signum, argv[0], child.pid)
+            child.send_signal(signum)
+
+    for sig in FORWARDED_SIGNALS:
+        previous[sig] = signal.signal(sig, forward)
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
+def run_step(run_dir: str | Path, step: str, index: int | None = None) -> int:
+    """Run the commands of one array task of ``step`` in this rank; return the exit code.
+
+    Args:
+        run_dir: the run directory holding ``plan.json``.
+        step: step name.
+        index: array task index (default: from ``SLURM_ARRAY_TASK_ID``).
+    """
+    idx = task_index(index)
+    commands = step_task_commands(run_dir, step, idx)
+    rank = os.environ.get("RANK", "0")
+    for argv in commands:
+        log.debug("rank %s, %s[%d]: %s", rank, step, idx, " ".join(argv))
+        code = _run_forwarding(argv)
+        if code != 0:
+            if rank == "0":
+                log.error("%s[%d]: %s exited with %d", step, idx, argv[0], code)
+            return code
+    return 0

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# megadistill entrypoint: start the ranks of one program on a SLURM allocation (or locally).
+#
+#   entrypoint.sh PROGRAM [ARGS...]
+#
+# Every rank runs PROGRAM with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK, NNODES,
+# MASTER_ADDR and MASTER_PORT exported (what torch.distributed / DeepSpeed read).
+#
+# Launchers (MEGADISTILL_LAUNCHER; default srun inside a SLURM job, local outside):
+#   srun       one task per rank over the allocation (needs --ntasks / --ntasks-per-node on the job)
+#   deepspeed  the DeepSpeed launcher with a hostfile built from the allocation (pdsh/ssh fan-out;
+#              MEGADISTILL_DS_LAUNCHER picks its multi-node launcher, default pdsh)
+#   local      MEGADISTILL_NPROC ranks on this machine, no SLURM (`megadistill pipeline run --local`)
+#
+# Preemption: SIGUSR1 / SIGTERM / SIGINT reaching this script (e.g. `sbatch --signal=B:USR1@300`
+# or `scancel --signal=USR1 --batch`) are forwarded to the ranks. A program that checkpoints and
+# exits with MEGADISTILL_REQUEUE_EXIT_CODE (default 143,
+# megadistill.engine.signals.EXIT_PREEMPTED) gets its SLURM job requeued; it resumes
+# from its checkpoint when the job runs again (SLURM_RESTART_COUNT > 0).
+set -uo pipefail
+
+REQUEUE_EXIT_CODE=${MEGADISTILL_REQUEUE_EXIT_CODE:-143}
+launcher=${MEGADISTILL_LAUNCHER:-}
+if [ -z "$launcher" ]; then
+    if [ -n "${SLURM_JOB_ID:-}" ]; then launcher=srun; else launcher=local; fi
+fi
+
+log() { echo "[entrypoint $(date +%H:%M:%S)] $*" >&2; }
+
+if [ "$#" -lt 1 ]; then
+    echo "usage: entrypoint.sh PROGRAM [ARGS...]" >&2
+    exit 2
+fi
+
+# ---------------------------------------------------------------- rendezvous from the allocation
+if [ "$launcher" = local ]; then
+    NNODES=1
+    NODE_RANK=0
+    NPROC_PER_NODE=${MEGADISTILL_NPROC:-1}
+    MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+    MASTER_PORT=${MASTER_PORT:-$((20000 + RANDOM % 40000))}
+    hosts=localhost
+else
+    if [ -z "${SLURM_JOB_ID:-}" ]; then
+        echo "entrypoint.sh: launcher '$launcher' needs a SLURM job (no SLURM_JOB_ID)" >&2
+        exit 2
+    fi
+    hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    MASTER_ADDR=$(head -n 1 <<<"$hosts")
+    NNODES=${SLURM_JOB_NUM_NODES:-$(wc -l <<<"$hosts")}
+    NODE_RANK=${SLURM_NODEID:-0}
+    NTASKS=${SLURM_NTASKS:-$NNODES}
+    NPROC_PER_NODE=$((NTASKS / NNODES))
+    # One port per job, so array tasks sharing a node do not collide.
+    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
+fi
+export MASTER_ADDR MASTER_PORT NNODES NODE_RANK
+WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
+
+hostfile=${MEGADISTILL_HOSTFILE:-${TMPDIR:-/tmp}/megadistill-hostfile-${SLURM_JOB_ID:-local-$$}}
+while read -r host; do echo "$host slots=$NPROC_PER_NODE"; done <<<"$hosts" >"$hostfile"
+export MEGADISTILL_HOSTFILE=$hostfile
+log "launcher=$launcher nodes=$NNODES ranks=$WORLD_SIZE master=$MASTER_ADDR:$MASTER_PORT" \
+    "job=${SLURM_JOB_ID:-none} restart=${SLURM_RESTART_COUNT:-0}"
+
+# ---------------------------------------------------------------- start the ranks
+pids=()
+case "$launcher" in
+srun)
+    srun --ntasks="$WORLD_SIZE" --kill-on-bad-exit=1 --export=ALL bash -c '
+        export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
+        export LOCAL_WORLD_SIZE=$((SLURM_NTASKS / SLURM_NNODES)) NODE_RANK=$SLURM_NODEID
+        exec "$@"' megadistill-rank "$@" &
+    pids+=($!)
+    ;;
+deepspeed)
+    deepspeed --hostfile "$hostfile" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        --launcher "${MEGADISTILL_DS_LAUNCHER:-pdsh}" --no_python --no_local_rank "$@" &
+    pids+=($!)
+    ;;
+local)
+    for ((rank = 0; rank < WORLD_SIZE; rank++)); do
+        RANK=$rank LOCAL_RANK=$rank WORLD_SIZE=$WORLD_SIZE LOCAL_WORLD_SIZE=$WORLD_SIZE "$@" &
+        pids+=($!)
+    done
+    ;;
+*)
+    echo "entrypoint.sh: unknown MEGADISTILL_LAUNCHER '$launcher' (srun, deepspeed, local)" >&2
+    exit 2
+    ;;
+esac
+
+forward() {
+    log "got SIG$1; forwarding to the ranks"
+    kill -s "$1" "${pids[@]}" 2>/dev/null
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+# ---------------------------------------------------------------- wait; first failure wins
+rc=0
+running=("${pids[@]}")
+while [ "${#running[@]}" -gt 0 ]; do
+    unset done_pid
+    wait -n -p done_pid "${running[@]}"
+    code=$?
+    [ -z "${done_pid:-}" ] && continue # interrupted by a forwarded signal: keep waiting
+    left=()
+    for pid in "${running[@]}"; do [ "$pid" != "$done_pid" ] && left+=("$pid"); done
+    running=("${left[@]}")
+    if [ "$code" -ne 0 ] && [ "$rc" -eq 0 ]; then
+        rc=$code
+        # A crash kills the other ranks (they would wait in a collective until its timeout);
+        # a checkpointed exit lets them finish their own checkpoint.
+        if [ "$code" -ne "$REQUEUE_EXIT_CODE" ] && [ "${#running[@]}" -gt 0 ]; then
+            log "a rank exited with $code; killing the others"
+            kill -s KILL "${running[@]}" 2>/dev/null
+        fi
+    fi
+done
+
+if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    log "ranks checkpointed and exited with $rc: requeueing job $SLURM_JOB_ID"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        sleep 60 & # slurm kills this script as the job is requeued
+        wait $!
+    fi
+    log "requeue of $SLURM_JOB_ID failed; exiting with $rc"
+fi
+log "ranks finished with exit code $rc"
+exit "$rc"
