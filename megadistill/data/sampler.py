@@ -98,18 +98,21 @@ class ShardedSampler:
         self.epoch, self.step, self.micro = epoch, 0, 0
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        """The rest of the current epoch; the position advances as batches are yielded, and the
-        epoch counter moves on when the epoch is exhausted."""
-        order = self.epoch_order(self.epoch)
-        while self.step < self.steps_per_epoch:
+        """The rest of the current epoch. The position advances as each batch is yielded (after
+        the last one it already points at the next epoch), so ``state_dict()`` taken after
+        consuming a batch resumes at the one after it."""
+        epoch = self.epoch
+        order = self.epoch_order(epoch)
+        while self.epoch == epoch and self.step < self.steps_per_epoch:
             first = self.step * self.global_batch
             first += (self.micro * self.world_size + self.rank) * self.micro_batch
             ids = order[first : first + self.micro_batch]
             self.micro += 1
             if self.micro == self.grad_accum:
                 self.step, self.micro = self.step + 1, 0
+            if self.step == self.steps_per_epoch:
+                self.set_epoch(epoch + 1)
             yield ids
-        self.set_epoch(self.epoch + 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last yielded micro-batch, plus what must match on resume."""
