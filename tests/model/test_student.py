@@ -1,0 +1,160 @@
+"""The hybrid student: teacher parity, recurrent == parallel, O(1) cache, packing, HF round trip."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from megadistill.model import HybridForCausalLM
+from megadistill.teachers import convert
+from megadistill.testing import TINY_FAMILIES, tiny_teacher
+
+
+def _student(family="llama", **hybrid):
+    hybrid = {"window": 8, "num_sinks": 2, "chunk_size": 4, **hybrid}
+    student, _ = convert(tiny_teacher(family), seed=0, **hybrid)
+    with torch.no_grad():  # make both branches matter in the learned gate
+        for layer in student.model.layers:
+            layer.self_attn.ogate.bias.fill_(0.3)
+    return student
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_gate_on_swa_with_full_window_equals_teacher(family):
+    teacher = tiny_teacher(family)
+    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, num_sinks=4)
+    ids = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_learned_gate_differs_from_teacher(family):
+    # The invariant above must not hold trivially: with the mLSTM in play outputs change.
+    teacher = tiny_teacher(family)
+    student = _student(family)
+    ids = torch.randint(0, 256, (1, 32))
+    with torch.no_grad():
+        assert (student(ids).logits - teacher(ids).logits).abs().max() > 1e-3
+
+
+def test_same_teacher_and_seed_give_same_fingerprint():
+    teacher = tiny_teacher("qwen2")
+    _, fp1 = convert(teacher, seed=3)
+    _, fp2 = convert(teacher, seed=3)
+    _, fp3 = convert(teacher, seed=4)
+    assert fp1 == fp2 != fp3
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo3"])
+def test_prefill_plus_decode_equals_full_forward(family):
+    student = _student(family).eval()
+    ids = torch.randint(0, 256, (2, 30))  # longer than window + sinks
+    with torch.no_grad():
+        full = student(ids).logits
+        cache = student.new_cache()
+        parts = [student(ids[:, :13], cache=cache).logits]
+        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(13, 30)]
+        torch.testing.assert_close(torch.cat(parts, 1), full)
+        cache = student.new_cache()
+        steps = [student(ids[:, i : i + 1], cache=cache).logits for i in range(30)]
+        torch.testing.assert_close(torch.cat(steps, 1), full)
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "native"])
+def test_mlstm_backends_agree_in_the_model(backend):
+    student = _student("llama")
+    ids = torch.randint(0, 256, (2, 21))
+    with torch.no_grad():
+        ref = student(ids).logits
+        student.config.mlstm_backend = backend
+        torch.testing.assert_close(student(ids).logits, ref)
+
+
+def test_cache_memory_constant_in_context_length():
+    student = _student("llama", window=32, num_sinks=4).eval()
+    with torch.no_grad():
+        short = student.new_cache()
+        student(torch.randint(0, 256, (1, 16)), cache=short)
+        long = student.new_cache()
+        student(torch.randint(0, 256, (1, 1990)), cache=long)
+        for _ in range(10):
+            student(torch.randint(0, 256, (1, 1)), cache=long)
+    assert long.seen == 2000
+    assert short.nbytes() == long.nbytes() > 0
+
+
+def test_packed_documents_equal_separate_runs():
+    student = _student("olmo2")
+    a, b = torch.randint(0, 256, (1, 19)), torch.randint(0, 256, (1, 14))
+    pos = torch.cat([torch.arange(19), torch.arange(14)])[None]
+    with torch.no_grad():
+        packed = student(torch.cat([a, b], 1), position_ids=pos).logits
+        torch.testing.assert_close(packed[:, :19], student(a).logits)
+        torch.testing.assert_close(packed[:, 19:], student(b).logits)
+
+
+def test_save_load_round_trip_via_auto_class(tmp_path):
+    student = _student("qwen2")
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, HybridForCausalLM)
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=0, atol=0)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    teacher = tiny_teacher("llama", tie_word_embeddings=True)
+    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64)
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, teacher(ids).logits)
+
+
+def test_generate_equals_greedy_loop_without_cache():
+    student = _student("mistral").eval()
+    prompt = torch.randint(3, 256, (2, 5))
+    out = student.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=14, do_sample=False,
+        pad_token_id=0,
+    )  # fmt: skip
+    x = prompt
+    with torch.no_grad():
+        for _ in range(14):
+            x = torch.cat([x, student(x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, x)
+
+
+def test_left_padded_batch_matches_single_rows():
+    student = _student("llama").eval()
+    long, short = torch.randint(3, 256, (1, 12)), torch.randint(3, 256, (1, 7))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        both = student(batch, attention_mask=mask).logits
+        torch.testing.assert_close(both[1, 5:], student(short).logits[0])
+        torch.testing.assert_close(both[0], student(long).logits[0])
+        out = student.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)  # fmt: skip
+        alone = student.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[1, 5:], alone[0])
+
+
+def test_align_mode_returns_layer_mse_and_only_new_params_get_grads():
+    student = _student("qwen3").train()
+    new = set(student.new_parameter_names())
+    for name, p in student.named_parameters():
+        p.requires_grad_(name in new)
+    ids = torch.randint(0, 256, (2, 24))
+    out = student(ids, align=True)
+    assert out.loss.ndim == 0 and out.loss > 0
+    out.loss.backward()
+    grads = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and grads <= new
+    # With the gate on SWA and a full window the alignment loss is zero.
+    exact, _ = convert(tiny_teacher("qwen3"), seed=0, gate_mode="swa", window=64)
+    assert exact(ids, align=True).loss.item() < 1e-10
