@@ -16,7 +16,9 @@ def setup_logging(debug: bool = False, all_ranks: bool = False) -> None:
     rank = os.environ.get("RANK", "0")
     handler = logging.StreamHandler()
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        logging.Formatter(
+            f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+        )
     )
     if not all_ranks:
         handler.addFilter(_RankZeroFilter())

@@ -138,7 +138,9 @@ def _chunk(
     # State after the last position of the chunk.
     m_end = m_t[..., -1]
     in_last = seg == seg[:, -1:]
-    logw = (b[..., -1:] - b + i_pre - m_end[..., None]).masked_fill(~in_last[:, None], float("-inf"))
+    logw = (b[..., -1:] - b + i_pre - m_end[..., None]).masked_fill(
+        ~in_last[:, None], float("-inf")
+    )
     kw = k * torch.exp(logw)[..., None]
     w_end = w_state[..., -1]
     c = w_end[..., None, None] * c + kw.transpose(-1, -2) @ v

@@ -80,12 +80,16 @@ class HybridModel(HybridPreTrainedModel):
         teacher_cfg = config.teacher()
         self.adapter = adapter_for(teacher_cfg.model_type)
         self.embed_tokens = nn.Embedding(
-            teacher_cfg.vocab_size, teacher_cfg.hidden_size, getattr(teacher_cfg, "pad_token_id", None)
+            teacher_cfg.vocab_size,
+            teacher_cfg.hidden_size,
+            getattr(teacher_cfg, "pad_token_id", None),
         )
         self.layers = nn.ModuleList(
             HybridDecoderLayer(config, i, teacher_cfg) for i in range(teacher_cfg.num_hidden_layers)
         )
-        self.norm = self.adapter.cls("RMSNorm")(teacher_cfg.hidden_size, eps=teacher_cfg.rms_norm_eps)
+        self.norm = self.adapter.cls("RMSNorm")(
+            teacher_cfg.hidden_size, eps=teacher_cfg.rms_norm_eps
+        )
         self.rotary_emb = self.adapter.cls("RotaryEmbedding")(config=teacher_cfg)
         self.gradient_checkpointing = False
         self.post_init()
@@ -162,7 +166,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def new_parameter_names(self) -> list[str]:
         """Names of the parameters the teacher does not have (feature maps and gates)."""
         return [
-            n for n, _ in self.named_parameters() if any(f".{m}." in n for m in NEW_PARAMETER_MODULES)
+            n
+            for n, _ in self.named_parameters()
+            if any(f".{m}." in n for m in NEW_PARAMETER_MODULES)
         ]
 
     @torch.no_grad()

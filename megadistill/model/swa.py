@@ -83,7 +83,9 @@ def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=128
         q_idx = idx[s:e].expand(bsz, -1)
         # Sinks of the first query's document that lie before the window (later queries of the
         # block either share that document or started a new one inside the window).
-        sink_idx = (doc_start[:, s : s + 1] + torch.arange(num_sinks, device=q.device)).clamp(max=t - 1)
+        sink_idx = (doc_start[:, s : s + 1] + torch.arange(num_sinks, device=q.device)).clamp(
+            max=t - 1
+        )
         sink_ok = (sink_idx < ws) & (pos.gather(1, sink_idx) < num_sinks)
         k_idx = torch.cat([sink_idx, idx[ws:e].expand(bsz, -1)], dim=1)
         k_ok = torch.cat([sink_ok, torch.ones(bsz, e - ws, dtype=torch.bool, device=q.device)], 1)

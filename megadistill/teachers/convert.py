@@ -50,7 +50,9 @@ def check_teacher_config(cfg: PretrainedConfig) -> None:
             f"teacher hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {heads}"
         )
     if heads % kv:
-        raise MegadistillError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        raise MegadistillError(
+            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+        )
     if head_dim % 2:
         raise MegadistillError(f"head_dim {head_dim} must be even for RoPE")
 
@@ -70,13 +72,17 @@ def _check_teacher_weights(teacher_sd: dict[str, torch.Tensor], student: HybridF
             )
     tied = student.config.tie_word_embeddings
     missing = [
-        n for n in student_sd if n not in teacher_sd and n not in new and not (tied and n == "lm_head.weight")
+        n
+        for n in student_sd
+        if n not in teacher_sd and n not in new and not (tied and n == "lm_head.weight")
     ]
     if missing:
         raise MegadistillError(f"teacher is missing weight '{missing[0]}' ({len(missing)} in all)")
 
 
-def convert(teacher: torch.nn.Module, seed: int = 0, **hybrid: Any) -> tuple[HybridForCausalLM, str]:
+def convert(
+    teacher: torch.nn.Module, seed: int = 0, **hybrid: Any
+) -> tuple[HybridForCausalLM, str]:
     """Build the initial student of ``teacher``.
 
     Args:
@@ -107,7 +113,9 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     out = {}
     for text in overrides:
         if "=" not in text:
-            raise MegadistillError(f"hybrid setting {text!r} must look like key=value (e.g. window=512)")
+            raise MegadistillError(
+                f"hybrid setting {text!r} must look like key=value (e.g. window=512)"
+            )
         key, val = text.split("=", 1)
         out[key.strip()] = yaml.safe_load(val)
     return out
@@ -124,10 +132,38 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.
     check_teacher_config(cfg)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise CheckpointError(f"teacher folder {path} has no weight files (*.safetensors or *.bin)")
+    _check_weight_shapes(path, cfg)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"could not read the teacher weights in {path}: {exc}") from exc
+
+
+def _check_weight_shapes(path: Path, cfg: PretrainedConfig) -> None:
+    """Compare safetensors headers with the shapes config.json implies (meta device, no memory)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = {
+            k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()
+        }
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as fh:
+                for name in fh.keys():
+                    shape = tuple(fh.get_slice(name).get_shape())
+                    if name in expected and shape != expected[name]:
+                        raise CheckpointError(
+                            f"teacher weight '{name}' in {file.name} has shape {shape} but "
+                            f"config.json implies {expected[name]}: mismatched head_dim/heads?"
+                        )
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(
+                f"teacher weight file {file} is corrupt or truncated: {exc}"
+            ) from exc
 
 
 def convert_pretrained(
@@ -140,12 +176,16 @@ def convert_pretrained(
     """Convert a teacher folder into a student folder (written atomically, with checksums)."""
     hybrid = _parse_overrides(overrides)
     seed = int(hybrid.pop("seed", seed))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise MegadistillError(
+            f"output {out_dir} already exists; remove it or choose another --out"
+        )
     teacher = load_teacher(teacher_path)
     try:
         student, fp = convert(teacher, seed=seed, **hybrid)
     except ValueError as exc:
         raise MegadistillError(str(exc)) from exc
-    out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         student.save_pretrained(tmp)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -153,7 +153,9 @@ def test_align_mode_returns_layer_mse_and_only_new_params_get_grads():
     out = student(ids, align=True)
     assert out.loss.ndim == 0 and out.loss > 0
     out.loss.backward()
-    grads = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    grads = {
+        n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
     assert grads and grads <= new
     # With the gate on SWA and a full window the alignment loss is zero.
     exact, _ = convert(tiny_teacher("qwen3"), seed=0, gate_mode="swa", window=64)

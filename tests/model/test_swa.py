@@ -33,7 +33,9 @@ def test_blocked_equals_reference(window, sinks):
 def test_flex_equals_reference_on_cpu():
     q, k, v, reset, valid = (x.float() if x.is_floating_point() else x for x in _inputs())
     ref = swa_reference(q, k, v, reset, valid, 16, 4, 0.3)
-    torch.testing.assert_close(swa_flex(q, k, v, reset, valid, 16, 4, 0.3), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        swa_flex(q, k, v, reset, valid, 16, 4, 0.3), ref, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_reference_is_window_plus_sinks_softmax():

@@ -1,0 +1,110 @@
+"""Conversion from teacher folders: CLI, fingerprints, 7B configs on meta, and bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from megadistill.assets import byte_tokenizer
+from megadistill.cli import main
+from megadistill.integrity import verify_manifest
+from megadistill.teachers.convert import (
+    INIT_FILE,
+    count_parameters,
+    load_teacher_config,
+    shipped_configs,
+)
+from megadistill.testing import tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    tiny_teacher("llama").save_pretrained(path)
+    byte_tokenizer(path)
+    return path
+
+
+def test_cli_convert_writes_verified_student_and_generates(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(["convert", "--teacher", str(teacher_dir), "--out", str(out), "window=16"]) == 0
+    verify_manifest(out)
+    meta = json.loads((out / INIT_FILE).read_text())
+    assert len(meta["fingerprint"]) == 64 and meta["hybrid"] == {"window": 16}
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.window == 16
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    for name, p in teacher.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], p, rtol=0, atol=0)
+    # Converting again into the same folder is refused; the existing student stays intact.
+    capsys.readouterr()
+    assert main(["convert", "--teacher", str(teacher_dir), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    verify_manifest(out)
+    assert (
+        main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
+    )
+    printed = capsys.readouterr().out
+    prompt = torch.tensor([list(b"hello")])
+    with torch.no_grad():
+        ids = student.eval().generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = bytes(i for i in ids[0, 5:].tolist() if i > 2).decode("utf-8", errors="replace")
+    assert printed == expected + "\n"
+
+
+def test_unknown_architecture_lists_supported(tmp_path, capsys):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "student"
+    assert main(["convert", "--teacher", str(tmp_path / "gpt2"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "llama" in err and "olmo3" in err and "qwen3" in err
+    assert not out.exists()
+
+
+def test_mismatched_head_dim_is_named(teacher_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in teacher_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["head_dim"] = 8  # weights were made with head_dim 16
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "student"
+    assert main(["convert", "--teacher", str(bad), "--out", str(out)]) == 2
+    assert "shape" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_corrupt_or_missing_weights(teacher_dir, tmp_path, capsys, damage):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in teacher_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = bad / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.unlink()
+    out = tmp_path / "student"
+    assert main(["convert", "--teacher", str(bad), "--out", str(out)]) == 2
+    assert "weight" in capsys.readouterr().err
+    assert not out.exists() and not any(tmp_path.glob(".student*"))
+
+
+def test_unknown_hybrid_setting_is_named(teacher_dir, tmp_path, capsys):
+    assert (
+        main(["convert", "--teacher", str(teacher_dir), "--out", str(tmp_path / "s"), "windw=8"])
+        == 2
+    )
+    assert "windw" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs()))
+def test_real_7b_configs_convert_on_meta(name):
+    counts = count_parameters(load_teacher_config(name), window=512, num_sinks=4)
+    assert counts["teacher"] > 6.5e9
+    assert counts["student"] == counts["teacher"] + counts["new"]
+    assert 0 < counts["new"] / counts["student"] < 0.01
