@@ -115,6 +115,120 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval commands
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher Hugging Face folder")
+    p.add_argument("--student", required=True, help="student Hugging Face folder")
+    p.add_argument("--tasks", required=True, help="e.g. offline:arc_easy,piqa | arc_easy | tiny_mc")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=2048, help="longest model input (tokens)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--ppl-text", nargs="*", default=[], help="held-out text: .txt or .jsonl files")
+    p.add_argument("--niah", default="", help="needle-in-a-haystack lengths, e.g. 256,512,1024")
+    p.add_argument("--cache-dir", default=None, help="teacher result cache (default: asset cache)")
+    p.add_argument("--no-cache", action="store_true", help="always re-run the teacher")
+    p.add_argument("--out", required=True, help="new folder for results.json, report.md, PNG")
+
+
+@command("eval", "lm-eval teacher vs student: recovery, C_alpha, alpha*, NIAH, report", _eval_args)
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megadistill.assets import cache_root
+    from megadistill.eval.lmeval import EvalSettings
+    from megadistill.eval.runner import read_documents, run_eval
+
+    settings = EvalSettings(
+        tasks=args.tasks,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    cache = None if args.no_cache else Path(args.cache_dir or cache_root() / "eval-teacher")
+    report = run_eval(
+        args.teacher,
+        args.student,
+        settings,
+        args.out,
+        cache_dir=cache,
+        ppl_documents=read_documents(args.ppl_text),
+        niah_lengths=[int(n) for n in args.niah.split(",") if n.strip()],
+    )
+    print(report)
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by eval")
+    p.add_argument("--out", default=None, help="folder for comparison.md (several runs)")
+
+
+@command("report", "rebuild eval reports from saved results; compare several runs", _report_args)
+def _cmd_report(args: argparse.Namespace) -> int:
+    from megadistill.eval.report import compare_runs
+
+    print(compare_runs(args.run_dirs, args.out))
+    return 0
+
+
+# ----------------------------------------------------------------------------- merge commands
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    from megadistill.merge.commands import add_merge_args
+
+    add_merge_args(p)
+
+
+@command("merge", "merge expert ZeRO-3 checkpoints into one Hugging Face model", _merge_args)
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from megadistill.merge.commands import run_merge
+
+    return run_merge(args)
+
+
+def _inspect_ckpt_args(p: argparse.ArgumentParser) -> None:
+    from megadistill.merge.commands import add_inspect_args
+
+    add_inspect_args(p)
+
+
+@command("inspect-ckpt", "checkpoint tags, steps, ranks, tensors, integrity", _inspect_ckpt_args)
+def _cmd_inspect_ckpt(args: argparse.Namespace) -> int:
+    from megadistill.merge.commands import run_inspect
+
+    return run_inspect(args)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("which", choices=["inference"], help="which benchmark")
+    p.add_argument("overrides", nargs="*", help="settings, e.g. contexts=[1024,4096] batch_size=8")
+
+
+@command("bench", "benchmarks: teacher vs student, side by side (ratios)", _bench_args)
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from megadistill.config import from_dict
+
+    if args.which == "inference":
+        from megadistill.bench.inference import (
+            InferenceBenchConfig,
+            format_rows,
+            run_inference_bench,
+        )
+        from megadistill.config import apply_overrides
+
+        cfg = from_dict(InferenceBenchConfig, apply_overrides({}, args.overrides))
+        rows = run_inference_bench(cfg)
+        print(format_rows(rows))
+        print(json.dumps(rows))
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megadistill", description=__doc__.splitlines()[0])

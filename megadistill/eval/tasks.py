@@ -192,7 +192,11 @@ def write_perplexity_task(documents: list[str], out_dir: Path) -> str:
         raise MegadistillError("held-out perplexity needs at least one document")
     data = out_dir / f"{PERPLEXITY_TASK}.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-    metrics = ["word_perplexity", "byte_perplexity", "bits_per_byte"]
+    metrics = {
+        "word_perplexity": "weighted_perplexity",
+        "byte_perplexity": "weighted_perplexity",
+        "bits_per_byte": "bits_per_byte",
+    }
     cfg = {
         "task": PERPLEXITY_TASK,
         "dataset_path": "json",
@@ -201,7 +205,10 @@ def write_perplexity_task(documents: list[str], out_dir: Path) -> str:
         "output_type": "loglikelihood_rolling",
         "doc_to_text": "",
         "doc_to_target": "{{text}}",
-        "metric_list": [{"metric": m} for m in metrics],
+        "metric_list": [
+            {"metric": m, "aggregation": agg, "higher_is_better": False}
+            for m, agg in metrics.items()
+        ],
         "metadata": {"version": 1.0},
     }
     (out_dir / f"{PERPLEXITY_TASK}.yaml").write_text(_yaml(cfg))
