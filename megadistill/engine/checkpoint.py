@@ -147,8 +147,8 @@ def _write_meta(folder: Path, tag: str, step: int, meta: CheckpointMeta) -> None
             "step": step,
             "world_size": world_size(),
             "fingerprint": meta.fingerprint,
-            "model_config": meta.model_config,
-            "config": meta.config,
+            "model_config": json.loads(json.dumps(meta.model_config, default=str)),
+            "config": json.loads(json.dumps(meta.config, default=str)),
             "version": megadistill.__version__,
             "git_revision": megadistill.git_revision(),
             "tokenizer": meta.tokenizer,
@@ -312,7 +312,9 @@ def check_compatible(saved: dict[str, Any], expected: CheckpointMeta, where: Pat
     old = {
         k: v for k, v in (saved.get("model_config") or {}).items() if k not in _VOLATILE_MODEL_KEYS
     }
-    new = {k: v for k, v in expected.model_config.items() if k not in _VOLATILE_MODEL_KEYS}
+    # compare in JSON form: the saved dict went through JSON (int keys became strings)
+    current = json.loads(json.dumps(expected.model_config, default=str))
+    new = {k: v for k, v in current.items() if k not in _VOLATILE_MODEL_KEYS}
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if diff:
         key = diff[0]
@@ -321,7 +323,8 @@ def check_compatible(saved: dict[str, Any], expected: CheckpointMeta, where: Pat
             f"(checkpoint {key}={old.get(key)!r}, run {key}={new.get(key)!r})"
         )
     for key in expected.config_keys_must_match:
-        was, now = _get_dotted(saved.get("config") or {}, key), _get_dotted(expected.config, key)
+        now = _get_dotted(json.loads(json.dumps(expected.config, default=str)), key)
+        was = _get_dotted(saved.get("config") or {}, key)
         if was != now:
             raise CheckpointError(
                 f"{where}: config {key}={now!r} but the checkpoint was written with {was!r}; "
