@@ -212,12 +212,13 @@ def _step_rows(step: str, info: dict[str, Any], experts: list[str]) -> list[Task
         indices = _task_indices(rec.get("ArrayTaskId", "")) if step == "expert" else [0]
         for idx in indices or [0]:
             name = experts[idx] if step == "expert" and idx < len(experts) else ""
+            array_id = rec.get("ArrayJobId")
             rows.append(TaskStatus(
-                step=step, task=name, job_id=rec.get("JobId", job_id),
+                step=step, task=name, job_id=f"{array_id}_{idx}" if array_id else job_id,
                 state=rec.get("JobState", "UNKNOWN"), reason=rec.get("Reason", ""),
                 exit_code=rec.get("ExitCode", ""), log=rec.get("StdOut", ""),
             ))  # fmt: skip
-    return rows
+    return sorted(rows, key=lambda r: experts.index(r.task) if r.task in experts else 0)
 
 
 def _explain(row: TaskStatus, rows: list[TaskStatus], after: list[str]) -> str:
@@ -241,7 +242,7 @@ def _explain(row: TaskStatus, rows: list[TaskStatus], after: list[str]) -> str:
 def status(run_dir: str | Path) -> list[TaskStatus]:
     """Where every job of a submitted run stands, with an explanation (``why``) per row."""
     run_dir = Path(run_dir).resolve()
-    read_plan(run_dir)
+    plan = read_plan(run_dir)
     path = run_dir / JOBS_FILE
     if not path.is_file():
         raise PipelineError(f"{run_dir} has no {JOBS_FILE}: it was not submitted to SLURM")
@@ -249,8 +250,8 @@ def status(run_dir: str | Path) -> list[TaskStatus]:
 
     jobs = json.loads(path.read_text())
     rows: list[TaskStatus] = []
-    for step, info in jobs["steps"].items():
-        rows.extend(_step_rows(step, info, jobs["experts"]))
+    for entry in plan["steps"]:  # DAG order (jobs.json keys are sorted)
+        rows.extend(_step_rows(entry["name"], jobs["steps"][entry["name"]], jobs["experts"]))
     out = []
     for row in rows:
         why = _explain(row, rows, jobs["steps"][row.step]["after"])

@@ -1,0 +1,154 @@
+"""Small real programs the pipeline tests plug into the DAG (``python -m tests.pipeline.jobs``).
+
+Each is started in every rank by ``slurm/entrypoint.sh`` (srun or local launcher) through
+``megadistill pipeline step``; the multi-rank ones form a gloo process group from the environment
+the entrypoint exports and all-reduce, so a wrong RANK/WORLD_SIZE/MASTER_* fails them.
+
+    expert  OUT NAME INDEX [--fail NAME]   2-rank all-reduce of (rank+1)*(INDEX+1) -> OUT/NAME.json
+    merge   OUT CONFIG                     weighted sum of the experts' values -> OUT/merged.json
+    final   OUT                            2-rank all-reduce of the merged value -> OUT/final.json
+    eval    OUT                            copies the final value -> OUT/eval.json
+    preemptible OUT TOTAL                  counts to TOTAL (a first run holds at step 3); on
+                                           SIGUSR1 checkpoints and exits 143
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+PREEMPTED_EXIT = 143
+
+
+def _write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _group():
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    return torch, dist
+
+
+def _allreduce(value: float) -> tuple[float, int, int]:
+    torch, dist = _group()
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.destroy_process_group()
+    return float(t.item()), rank, world
+
+
+def expert(out: Path, name: str, index: int, fail: str | None) -> None:
+    if name == fail:
+        print(f"expert {name}: failing on purpose", file=sys.stderr)
+        sys.exit(3)
+    start = time.time()
+    rank = int(os.environ["RANK"])
+    value, rank, world = _allreduce((rank + 1) * (index + 1))
+    time.sleep(0.3)
+    if rank == 0:
+        _write(out / f"{name}.json", {"start": start, "end": time.time(), "value": value,
+                                      "world_size": world, "port": os.environ["MASTER_PORT"],
+                                      "job": os.environ.get("SLURM_JOB_ID")})  # fmt: skip
+
+
+def merge(out: Path, config: Path) -> None:
+    import yaml
+
+    start = time.time()
+    cfg = yaml.safe_load(config.read_text())
+    value = 0.0
+    for e in cfg["experts"]:
+        value += e["weight"] * json.loads((out / f"{e['name']}.json").read_text())["value"]
+    _write(out / "merged.json", {"start": start, "end": time.time(), "value": value})
+
+
+def final(out: Path) -> None:
+    start = time.time()
+    merged = json.loads((out / "merged.json").read_text())["value"]
+    value, rank, world = _allreduce(merged)
+    if rank == 0:
+        _write(out / "final.json",
+               {"start": start, "end": time.time(), "value": value, "world_size": world})  # fmt: skip
+
+
+def evaluate(out: Path) -> None:
+    start = time.time()
+    value = json.loads((out / "final.json").read_text())["value"]
+    _write(out / "eval.json", {"start": start, "end": time.time(), "value": value})
+
+
+def preemptible(out: Path, total: int) -> None:
+    """Count to ``total``; on SIGUSR1 all ranks agree, rank 0 checkpoints, all exit 143."""
+    got = {"signal": False}
+    signal.signal(signal.SIGUSR1, lambda *_: got.update(signal=True))
+    torch, dist = _group()
+    rank = dist.get_rank()
+    ckpt = out / "ckpt.json"
+    step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
+    if rank == 0:
+        with open(out / "attempts.jsonl", "a") as fh:
+            restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+            fh.write(json.dumps({"start_step": step, "restart": int(restart)}) + "\n")
+    # The first attempt holds at step 3 until preempted, so the test never races the job's end.
+    hold, held_since = not ckpt.exists(), None
+    while step < total:
+        if hold and step >= 3:
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since > 240:
+                sys.exit("preemptible: no SIGUSR1 within 240 s")
+        else:
+            step += 1
+        time.sleep(0.1)
+        if rank == 0 and step == 3:
+            (out / "running").touch()
+        stop = torch.tensor([1.0 if got["signal"] else 0.0])
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() > 0:
+            if rank == 0:
+                _write(ckpt, {"step": step})
+            dist.barrier()
+            dist.destroy_process_group()
+            sys.exit(PREEMPTED_EXIT)
+    if rank == 0:
+        _write(out / "done.json", {"step": step})
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("program")
+    p.add_argument("out", type=Path)
+    p.add_argument("args", nargs="*")
+    p.add_argument("--fail")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.program == "expert":
+        expert(a.out, a.args[0], int(a.args[1]), a.fail)
+    elif a.program == "merge":
+        merge(a.out, Path(a.args[0]))
+    elif a.program == "final":
+        final(a.out)
+    elif a.program == "eval":
+        evaluate(a.out)
+    elif a.program == "preemptible":
+        preemptible(a.out, int(a.args[0]))
+    else:
+        sys.exit(f"unknown program {a.program}")
+
+
+if __name__ == "__main__":
+    main()

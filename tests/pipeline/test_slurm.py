@@ -1,0 +1,125 @@
+"""The pipeline DAG on a real SLURM cluster on localhost (slurmctld + slurmd + munge)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from megadistill.cli import main as cli_main
+from megadistill.pipeline import recipe_from_dict, slurm
+from tests.pipeline.conftest import JOBS, dag_recipe
+
+RUN_TIMEOUT_S = 240
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _explain(rows: list[slurm.TaskStatus], run_dir: Path) -> str:
+    logs = "\n".join(f"--- {p} ---\n{p.read_text()[-1500:]}" for p in run_dir.rglob("*.out"))
+    return slurm.format_status(rows) + "\n" + logs
+
+
+def _preempt_recipe():
+    noop = [["/bin/true"]]
+    return recipe_from_dict({
+        "name": "preempt", "teacher": "tiny-llama", "experts": [{"name": "long"}],
+        "resources": {"expert": {"tasks_per_node": 2, "time": "00:05:00", "signal_before_s": 60}},
+        "commands": {"expert": [[*JOBS, "preemptible", "{run_dir}/out", "30"]],
+                     "merge": noop, "final": noop, "eval": noop},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(slurm_cluster, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Submit the three scenarios at once; they run side by side (the CPU count is virtual)."""
+    recipes = {
+        "dag": dag_recipe("dag", ["math", "code"]),
+        "fail": dag_recipe("fail", ["good", "bad"], fail="bad"),
+        "preempt": _preempt_recipe(),
+    }
+    out = {}
+    for name, recipe in recipes.items():
+        run_dir = tmp_path_factory.mktemp(name) / "run"
+        out[name] = (run_dir, slurm.submit(recipe, run_dir))
+    return out
+
+
+def test_preempted_expert_requeues_and_resumes(runs):
+    # first, so the signal reaches the job early; the other runs go on meanwhile
+    run_dir, jobs = runs["preempt"]
+    out = run_dir / "out"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (out / "running").exists():
+        assert time.monotonic() < deadline, _explain(slurm.status(run_dir), run_dir)
+        time.sleep(0.2)
+    task = f"{jobs['steps']['expert']['job_id']}_0"
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=30)
+
+    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    assert [r.state for r in rows] == ["COMPLETED"] * 4, _explain(rows, run_dir)
+    attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
+    checkpoint = _load(out / "ckpt.json")["step"]
+    assert 3 <= checkpoint < 30
+    # the second run is SLURM's requeue of the same job and starts where the checkpoint left off
+    assert attempts == [{"start_step": 0, "restart": 0}, {"start_step": checkpoint, "restart": 1}]
+    assert _load(out / "done.json")["step"] == 30
+    log = next((run_dir / "logs" / "expert").glob("*_0.out")).read_text()
+    assert "got SIGUSR1; forwarding" in log and "requeueing job" in log
+
+
+def test_dag_runs_in_dependency_order(runs, capsys):
+    run_dir, jobs = runs["dag"]
+    assert _load(run_dir / "jobs.json") == jobs
+    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
+    assert [(r.step, r.task) for r in rows] == [
+        ("expert", "math"), ("expert", "code"), ("merge", ""), ("final", ""), ("eval", "")
+    ]  # fmt: skip
+
+    out = run_dir / "out"
+    math, code = _load(out / "math.json"), _load(out / "code.json")
+    merged, final, ev = (
+        _load(out / "merged.json"),
+        _load(out / "final.json"),
+        _load(out / "eval.json"),
+    )
+    # each expert was one 2-rank job: all-reduce of (rank+1)*(index+1) over ranks 0 and 1
+    assert (math["value"], code["value"]) == (3.0, 6.0)
+    assert math["world_size"] == code["world_size"] == final["world_size"] == 2
+    assert math["job"] != code["job"] and math["port"] != code["port"]
+    assert merged["value"] == 0.5 * 3.0 + 0.5 * 6.0  # uniform merge weights reached the merge
+    assert final["value"] == 2 * merged["value"] and ev["value"] == final["value"]
+    # afterok ordering: a step starts only after everything it depends on has ended
+    assert merged["start"] >= max(math["end"], code["end"])
+    assert final["start"] >= merged["end"] and ev["start"] >= final["end"]
+
+    assert cli_main(["pipeline", "status", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("COMPLETED") == 5 and "expert[code]" in table
+
+
+def test_failed_expert_stops_dependants_and_status_says_why(runs, capsys):
+    run_dir, _ = runs["fail"]
+    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)  # nothing stays pending forever
+    by_step = {(r.step, r.task): r for r in rows}
+    assert by_step["expert", "good"].state == "COMPLETED", _explain(rows, run_dir)
+    bad = by_step["expert", "bad"]
+    assert bad.state == "FAILED" and bad.exit_code == "3:0"
+    assert "exit code 3:0" in bad.why and bad.log.endswith("_1.out")
+    assert "failing on purpose" in Path(bad.log).read_text()
+    for step in ("merge", "final", "eval"):
+        row = by_step[step, ""]
+        assert row.state == "CANCELLED" and row.reason == "DependencyNeverSatisfied", row
+        assert "never ran" in row.why
+    assert "expert[bad] FAILED" in by_step["merge", ""].why
+    assert not (run_dir / "out" / "merged.json").exists()
+
+    assert cli_main(["pipeline", "status", str(run_dir), "--wait", "10"]) == 1
+    table = capsys.readouterr().out
+    assert "DependencyNeverSatisfied" in table and "expert[bad] FAILED" in table
