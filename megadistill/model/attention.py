@@ -137,8 +137,8 @@ class HybridAttention(nn.Module):
             else:
                 o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,T,1)
                 mixed = o * mem + (1 - o) * swa
-        if lc is not None:
-            self._write_kv(k_r, v, info, lc)
+        if lc is not None and lc.k is None:
+            self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
         out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
         if info.align_losses is None:
             return out
@@ -178,43 +178,54 @@ class HybridAttention(nn.Module):
 
     def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
         cfg = self.config
-        if lc is None or lc.ring_k is None:
+        if lc is None or lc.k is None:
             return swa_attention(
                 q_r, k_r, v, info.reset, info.valid, cfg.window, cfg.num_sinks, self.scaling,
                 cfg.swa_backend,
             )  # fmt: skip
-        # Continuing from a cache: keys = sink buffer + ring buffer + the new tokens.
-        w = cfg.window
+        w, s = cfg.window, cfg.num_sinks
+        is_sink = torch.arange(s + w, device=q_r.device) < s
+        if q_r.shape[2] == 1:
+            # Decoding: write the token into the buffer, then attend over the buffer in place.
+            self._write_kv(k_r, v, info, lc)
+            age = info.abs_idx[0] - lc.idx  # (B, S+W)
+            mask = lc.ok & torch.where(is_sink, age >= w, age < w)
+            mask |= (lc.idx == info.abs_idx[0]) & ~is_sink  # always see itself
+            return _sdpa(q_r, lc.k, lc.v, mask[:, None, :], self.scaling)
+        # Several new tokens after a cache: keys = buffer + the new tokens.
         q_abs = info.abs_idx[None, :, None]  # (1,T,1)
-        sink_vis = lc.sink_ok[:, None, :] & (q_abs - lc.sink_abs[:, None, :] >= w)
-        ring_vis = lc.ring_ok[:, None, :] & (q_abs - lc.ring_abs[:, None, :] < w)
+        age = q_abs - lc.idx[:, None, :]
+        buf_vis = lc.ok[:, None, :] & torch.where(is_sink, age >= w, age < w)
         new_abs = info.abs_idx[None, None, :]
-        near = (q_abs - new_abs < w) | (info.pos < cfg.num_sinks)[:, None, :]
-        new_vis = (new_abs <= q_abs) & near & info.valid[:, None, :]
-        new_vis = new_vis | (new_abs == q_abs)
-        mask = torch.cat([sink_vis, ring_vis, new_vis.expand(q_r.shape[0], -1, -1)], dim=-1)
-        keys = torch.cat([lc.sink_k, lc.ring_k, k_r], dim=2)
-        vals = torch.cat([lc.sink_v, lc.ring_v, v], dim=2)
-        return _sdpa(q_r, keys, vals, mask, self.scaling)
+        near = (q_abs - new_abs < w) | (info.pos < s)[:, None, :]
+        new_vis = ((new_abs <= q_abs) & near & info.valid[:, None, :]) | (new_abs == q_abs)
+        mask = torch.cat([buf_vis, new_vis.expand(q_r.shape[0], -1, -1)], dim=-1)
+        out = _sdpa(
+            q_r, torch.cat([lc.k, k_r], dim=2), torch.cat([lc.v, v], dim=2), mask, self.scaling
+        )
+        self._write_kv(k_r, v, info, lc)
+        return out
 
     @torch.no_grad()
     def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:
-        """Append the new tokens' keys/values to the ring buffer and, if sinks, the sink buffer."""
+        """Write the new tokens' keys/values into the ring part and, for sinks, the sink part."""
         assert info.cache is not None
         info.cache.kv_slots(lc, k_r)
         w, s = self.config.window, self.config.num_sinks
         t = k_r.shape[2]
         keep = slice(max(0, t - w), t)
-        slots = info.abs_idx[keep] % w
-        lc.ring_k.index_copy_(2, slots, k_r[:, :, keep])
-        lc.ring_v.index_copy_(2, slots, v[:, :, keep])
-        lc.ring_abs.index_copy_(1, slots, info.abs_idx[keep].expand(k_r.shape[0], -1).contiguous())
-        lc.ring_ok.index_copy_(1, slots, info.valid[:, keep].contiguous())
+        slots = s + info.abs_idx[keep] % w
+        lc.k.index_copy_(2, slots, k_r[:, :, keep])
+        lc.v.index_copy_(2, slots, v[:, :, keep])
+        lc.idx.index_copy_(1, slots, info.abs_idx[keep].expand(k_r.shape[0], -1).contiguous())
+        lc.ok.index_copy_(1, slots, info.valid[:, keep].contiguous())
+        if s == 0 or info.cache.sinks_full:
+            return
         is_sink = info.valid & (info.pos < s)
         for col in is_sink.any(0).nonzero().flatten().tolist():
             rows = is_sink[:, col].nonzero().flatten()
             slot = info.pos[rows, col]
-            lc.sink_k[rows, :, slot] = k_r[rows, :, col]
-            lc.sink_v[rows, :, slot] = v[rows, :, col]
-            lc.sink_abs[rows, slot] = info.abs_idx[col]
-            lc.sink_ok[rows, slot] = True
+            lc.k[rows, :, slot] = k_r[rows, :, col]
+            lc.v[rows, :, slot] = v[rows, :, col]
+            lc.idx[rows, slot] = info.abs_idx[col]
+            lc.ok[rows, slot] = True

@@ -16,21 +16,21 @@ from megadistill.model.mlstm import State
 
 @dataclass
 class LayerCache:
-    """One layer's decoding state (batch-first)."""
+    """One layer's decoding state (batch-first).
+
+    Keys/values live in one buffer of S + W slots: slots [0, S) hold the sinks (the first S real
+    tokens), slot S + (index mod W) holds the token at ``index`` among the last W. Decoding one
+    token attends over the whole buffer in place, without copying it.
+    """
 
     mlstm: State | None = None
-    ring_k: torch.Tensor | None = None  # (B, KV, W, d)
-    ring_v: torch.Tensor | None = None
-    ring_abs: torch.Tensor | None = None  # (B, W) token index held in each slot, -1 if empty
-    ring_ok: torch.Tensor | None = None  # (B, W) slot holds a real (non-padding) token
-    sink_k: torch.Tensor | None = None  # (B, KV, S, d)
-    sink_v: torch.Tensor | None = None
-    sink_abs: torch.Tensor | None = None  # (B, S)
-    sink_ok: torch.Tensor | None = None  # (B, S)
+    k: torch.Tensor | None = None  # (B, KV, S + W, d)
+    v: torch.Tensor | None = None
+    idx: torch.Tensor | None = None  # (B, S + W) token index held in each slot, -1 if empty
+    ok: torch.Tensor | None = None  # (B, S + W) slot holds a real (non-padding) token
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [t for t in (self.ring_k, self.ring_v, self.ring_abs, self.ring_ok) if t is not None]
-        out += [t for t in (self.sink_k, self.sink_v, self.sink_abs, self.sink_ok) if t is not None]
+        out = [t for t in (self.k, self.v, self.idx, self.ok) if t is not None]
         return out + list(self.mlstm or ())
 
 
@@ -44,7 +44,7 @@ class HybridCache:
     layers: list[LayerCache] = field(default_factory=list)
     seen: int = 0  # tokens consumed per row (padding included)
     next_pos: torch.Tensor | None = None  # (B,) next RoPE position per row
-    sinks_taken: torch.Tensor | None = None  # (B,) real tokens written to the sink buffer
+    sinks_full: bool = False  # every row has all its sinks (no sink writes needed any more)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -71,22 +71,16 @@ class HybridCache:
                     setattr(lc, name, val.index_select(0, beam_idx.to(val.device)))
                 elif isinstance(val, tuple):
                     setattr(lc, name, tuple(v.index_select(0, beam_idx.to(v.device)) for v in val))
-        for name in ("next_pos", "sinks_taken"):
-            val = getattr(self, name)
-            if val is not None:
-                setattr(self, name, val.index_select(0, beam_idx.to(val.device)))
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos.index_select(0, beam_idx.to(self.next_pos.device))
 
     def kv_slots(self, lc: LayerCache, k: torch.Tensor) -> None:
-        """Allocate the ring and sink buffers of ``lc`` for keys shaped like ``k`` (B,KV,T,d)."""
-        if lc.ring_k is not None:
+        """Allocate the key/value buffer of ``lc`` for keys shaped like ``k`` (B,KV,T,d)."""
+        if lc.k is not None:
             return
         b, kv, _, d = k.shape
-        w, s = self.window, self.num_sinks
-        lc.ring_k = k.new_zeros(b, kv, w, d)
-        lc.ring_v = k.new_zeros(b, kv, w, d)
-        lc.ring_abs = torch.full((b, w), -1, dtype=torch.long, device=k.device)
-        lc.ring_ok = torch.zeros(b, w, dtype=torch.bool, device=k.device)
-        lc.sink_k = k.new_zeros(b, kv, s, d)
-        lc.sink_v = k.new_zeros(b, kv, s, d)
-        lc.sink_abs = torch.full((b, s), -1, dtype=torch.long, device=k.device)
-        lc.sink_ok = torch.zeros(b, s, dtype=torch.bool, device=k.device)
+        n = self.num_sinks + self.window
+        lc.k = k.new_zeros(b, kv, n, d)
+        lc.v = k.new_zeros(b, kv, n, d)
+        lc.idx = torch.full((b, n), -1, dtype=torch.long, device=k.device)
+        lc.ok = torch.zeros(b, n, dtype=torch.bool, device=k.device)

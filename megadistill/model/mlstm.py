@@ -263,6 +263,8 @@ def mlstm_forward(
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, State]:
     """Dispatch to a backend. Returns h (B,H,T,D) in q's dtype and the final state (float32+)."""
+    if q.shape[2] == 1 and state is not None:
+        backend = "recurrent"  # one decoding step: the step update is exact and cheapest
     if backend == "chunkwise":
         h, st = mlstm_chunkwise(q, k, v, i_pre, f_pre, reset, state, chunk_size)
     elif backend == "recurrent":

@@ -137,6 +137,8 @@ class HybridModel(HybridPreTrainedModel):
             cache.next_pos = info.pos[:, -1] + info.valid[:, -1].long()
             if not bool(info.valid[:, -1].all()):
                 cache.next_pos = info.pos.masked_fill(~info.valid, -1).amax(-1) + 1
+            if not cache.sinks_full:
+                cache.sinks_full = bool((cache.next_pos >= self.config.num_sinks).all())
         return self.norm(x)
 
 
