@@ -139,6 +139,7 @@ class Trainer:
         self._last_ckpt: Path | None = None
         self._last_ckpt_step = -1
         self._epoch_iter: Iterator[Any] | None = None
+        self._lr = 0.0
 
     # ------------------------------------------------------------------ resume / checkpoint
     def resume(self) -> bool:
@@ -197,6 +198,7 @@ class Trainer:
 
     def _train_step(self) -> None:
         """One optimizer step: grad_accum micro-batches through engine.backward/engine.step."""
+        self._lr = float(self.engine.get_lr()[0])  # the LR this step uses (python float, no sync)
         for _ in range(self.grad_accum):
             batch = self._next_batch()
             loss, metrics = self.loss_fn(self.engine, batch)
@@ -223,7 +225,7 @@ class Trainer:
         out = dict(zip(keys, vec[: len(keys)].tolist()))
         self._tokens_total += float(vec[-1].item())
         out["tokens"] = self._tokens_total
-        out["lr"] = float(self.engine.get_lr()[0])
+        out["lr"] = self._lr
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
@@ -265,6 +267,7 @@ class Trainer:
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
             self._log()
         stop = False
+        # the agreement is an all-reduce and, on GPU, a host sync: stop_check_every spaces it out
         if cfg.handle_signals and self.step % cfg.stop_check_every == 0:
             stop = handler.should_stop(device=self._device())
         if cfg.checkpoint_dir and (

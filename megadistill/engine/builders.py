@@ -39,6 +39,12 @@ def _build_sharded(model_fn: ModelFn, ds_config: dict[str, Any]) -> tuple[torch.
     model = model_fn()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+    if _zero_stage(ds_config) == 3 and not any(hasattr(p, "ds_id") for p in model.parameters()):
+        log.warning(
+            "model_fn built a full, unpartitioned copy on every rank; build it with "
+            "Model._from_config(config) or Model.from_pretrained(path) inside model_fn so "
+            "parameters are partitioned as they are created"
+        )
     return model, hf_ds_config
 
 
