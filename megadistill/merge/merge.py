@@ -187,6 +187,8 @@ def merge_experts(cfg: MergeConfig) -> Path:
         CheckpointError: a checkpoint is incomplete, corrupt or incompatible; nothing is written.
     """
     start = time.perf_counter()
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        raise CheckpointError(f"output {cfg.out} already exists; remove it or pass overwrite")
     tags = cfg.tags or [None] * len(cfg.experts)
     sources: list[TensorSource] = []
     try:

@@ -114,6 +114,7 @@ class TorchFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._fd = -1
         if not self.path.is_file():
             raise CheckpointError(f"{self.path} is missing")
         self.size = self.path.stat().st_size

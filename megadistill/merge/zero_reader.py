@@ -176,18 +176,21 @@ class ZeroCheckpoint:
         return f.load()
 
     def _check_world_size(self, model0: dict[str, Any], optim_paths: list[Path]) -> None:
-        expected = [self.world_size]
+        written_by = [self.world_size]
         if model0.get("dp_world_size") is not None:
-            expected.append(int(model0["dp_world_size"]))
+            written_by.append(int(model0["dp_world_size"]))
         if self.meta and self.meta.get("world_size") is not None:
-            expected.append(int(self.meta["world_size"]))
-        if model0.get("param_shapes"):
-            expected.append(len(optim_paths))
-        if len(set(expected)) != 1:
+            written_by.append(int(self.meta["world_size"]))
+        ranks = max(written_by)
+        names = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(ranks)]
+        if model0.get("param_shapes"):  # trainable parameters live in the optimizer shards
+            names += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ranks)]
+        missing = [n for n in names if not (self.tag_dir / n).is_file()]
+        if missing or len(set(written_by)) != 1 or len(optim_paths) > ranks:
             raise CheckpointError(
-                f"checkpoint {self.tag_dir}: {self.world_size} model-state shards and "
-                f"{len(optim_paths)} optimizer shards, but it was written by {max(expected)} "
-                "ranks: a shard is missing; restore it or use another checkpoint"
+                f"checkpoint {self.tag_dir} was written by {ranks} ranks but shard(s) "
+                f"{', '.join(missing) or '(extra files)'} are missing: restore them or use "
+                "another checkpoint"
             )
 
     def _add_buffers(self, model0: dict[str, Any]) -> None:

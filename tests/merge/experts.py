@@ -65,7 +65,6 @@ def _train_and_save(
     expert: int,
     fp: str,
     tokenizer: str | None,
-    with_optimizer: bool = True,
 ) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -74,11 +73,11 @@ def _train_and_save(
 
     rank = dist.get_rank()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2) if with_optimizer else None
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config())
     gen = torch.Generator().manual_seed(1000 * expert + rank)
     vocab = model.config.vocab_size
-    for _ in range(NUM_STEPS if with_optimizer else 0):
+    for _ in range(NUM_STEPS):
         ids = torch.randint(0, vocab, (2, SEQ_LEN), generator=gen)
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
@@ -104,12 +103,24 @@ def _train_and_save(
     dist.barrier()
 
 
+def _student() -> tuple[torch.nn.Module, str]:
+    from megadistill.teachers.convert import convert
+    from megadistill.testing import tiny_teacher
+
+    teacher = tiny_teacher("llama", tie_word_embeddings=True)
+    student, fp = convert(teacher, seed=0)
+    return student.float(), fp
+
+
 def build_experts(root: str, num_experts: int) -> None:
     """Rank entry point: theta_0 as an HF folder, K full experts, 2 frozen ones, one mismatched.
 
     Layout under ``root``: ``theta0/`` (HF folder), ``tokenizer/``, ``expert_<k>/`` (all params
     trainable), ``frozen_<k>/`` (only attention q/o projections trainable, like stage I),
-    ``no_optim/`` (saved by an optimizer-less engine), ``wide/`` (different intermediate size).
+    ``wide/`` (different intermediate size), ``student_<k>/`` (the hybrid student with tied
+    embeddings, only its new parameters trainable as in stage I; trained with next-token CE because
+    ``align=True`` loses its per-layer losses under ZeRO-3: DeepSpeed's forward hooks copy the list
+    argument the model appends them to).
     """
     import deepspeed
     import torch.distributed as dist
@@ -134,5 +145,11 @@ def build_experts(root: str, num_experts: int) -> None:
         _train_and_save(model, root_path / f"frozen_{k}", 10 + k, fp, tok)
 
     _train_and_save(tiny_llama(intermediate_size=102), root_path / "wide", 30, fp, None)
+    for k in range(2):
+        student, student_fp = _student()
+        new = set(student.new_parameter_names())
+        for name, param in student.named_parameters():
+            param.requires_grad_(name in new)
+        _train_and_save(student, root_path / f"student_{k}", 40 + k, student_fp, tok)
     if dist.get_rank() == 0:
         (root_path / "done.json").write_text(json.dumps({"num_experts": num_experts}))
