@@ -222,12 +222,13 @@ def distill_loss_reference(
 def topk_logprobs(
     logits: Tensor, k: int = DEFAULT_TOP_K, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[Tensor, Tensor]:
-    """Top-k of full-vocabulary logits, chunk-wise: (fp32 log-probs over the full vocab, int64 ids)."""
+    """Top-k of full logits, chunk-wise: (log-probs under the full-vocab softmax, int64 ids)."""
     flat = logits.reshape(-1, logits.shape[-1])
     _check_k(k, flat.shape[-1])
     vals, ids = [], []
     for start in range(0, flat.shape[0], chunk_size):
-        lp = torch.log_softmax(flat[start : start + chunk_size].float(), dim=-1)
+        chunk = flat[start : start + chunk_size]
+        lp = torch.log_softmax(chunk.to(torch.promote_types(chunk.dtype, torch.float32)), dim=-1)
         v, i = lp.topk(k, dim=-1)
         vals.append(v)
         ids.append(i)
@@ -247,16 +248,18 @@ def teacher_topk(
     """The teacher's top-k from its final hidden states and lm_head, ``chunk_size`` rows at a time.
 
     Returns:
-        ``(logprobs, ids)`` of shape ``[..., k]``: fp32 log-probabilities under the teacher's
+        ``(logprobs, ids)`` of shape ``[..., k]``: log-probabilities (fp32, or fp64 for fp64
+        inputs) under the teacher's
         full-vocabulary softmax (descending) and int64 token ids.
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     _check_k(k, weight.shape[0])
-    w32 = weight.float()
-    b32 = None if bias is None else bias.float()
+    cdt = torch.promote_types(hidden.dtype, torch.float32)
+    w32 = weight.to(cdt)
+    b32 = None if bias is None else bias.to(cdt)
     vals, ids = [], []
     for start in range(0, flat.shape[0], chunk_size):
-        z = F.linear(flat[start : start + chunk_size].float(), w32, b32)
+        z = F.linear(flat[start : start + chunk_size].to(cdt), w32, b32)
         v, i = torch.log_softmax(z, dim=-1).topk(k, dim=-1)
         vals.append(v)
         ids.append(i)

@@ -76,7 +76,7 @@ def _to_storage(values: Tensor, dtype: StoreDtype) -> np.ndarray:
 
 
 def _from_storage(array: np.ndarray, dtype: StoreDtype) -> Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.array(array))  # a writable copy of the memmapped rows
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
     return tensor.float()
