@@ -1,4 +1,4 @@
-"""ZeRO-3 engines, checkpoints, preemption and the Trainer on 2 real gloo ranks (and 1).
+"""ZeRO-3 engines (hybrid student, Llama teacher), checkpoints, preemption, Trainer on 2 gloo ranks.
 
 Two process groups run everything (tests/engine/workers.py); the tests below assert on what the
 ranks wrote: partitioning, teacher logits, loss curves, exact resume, 1 vs 2 ranks, bad files.
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> tuple[str, str]:
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    return str(folder), workers.write_tiny_llama(str(folder))
+    folder = tmp_path_factory.mktemp("models")
+    return str(folder), workers.write_models(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +58,12 @@ def test_student_is_partitioned_across_ranks(two_ranks):
 
 
 def test_teachers_are_partitioned_frozen_and_offload_gives_same_logits(two_ranks, model_dir):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     batch = torch.stack([workers.IndexedBatches.sample(i) for i in range(3)])
     with torch.no_grad():
-        reference = LlamaForCausalLM.from_pretrained(model_dir[0]).eval()(input_ids=batch).logits
+        teacher = AutoModelForCausalLM.from_pretrained(Path(model_dir[0]) / "teacher").eval()
+        reference = teacher(input_ids=batch).logits
     for rank in (0, 1):
         report = json.loads((two_ranks / f"teachers_rank{rank}.json").read_text())
         for name, info in report.items():
@@ -83,7 +84,7 @@ def test_loss_falls_and_frozen_parameters_stay(two_ranks, model_dir):
     assert sorted(losses) == list(range(1, workers.MAX_STEPS + 1))
     assert losses[workers.MAX_STEPS] < 0.8 * losses[1]
     final = torch.load(two_ranks / "weights_full.pt")
-    initial = load_file(str(Path(model_dir[0]) / "model.safetensors"))
+    initial = load_file(str(Path(model_dir[0]) / "student" / "model.safetensors"))
     torch.testing.assert_close(final[workers.FROZEN], initial[workers.FROZEN], rtol=0, atol=0)
     moved = [n for n in final if n != workers.FROZEN and not torch.equal(final[n], initial[n])]
     assert len(moved) == len(final) - 1

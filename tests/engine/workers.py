@@ -25,42 +25,39 @@ MAX_STEPS = 8
 FROZEN = "model.embed_tokens.weight"
 
 
-def tiny_llama_config() -> Any:
-    from transformers import LlamaConfig
+def write_models(folder: str) -> str:
+    """A tiny Llama teacher in ``folder/teacher`` and its converted hybrid student in
+    ``folder/student``; return the student's fingerprint."""
+    from megadistill.teachers.convert import INIT_FILE, convert_pretrained
+    from megadistill.testing import tiny_teacher
 
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    tiny_teacher("llama", seed=0).save_pretrained(Path(folder) / "teacher")
+    student = convert_pretrained(Path(folder) / "teacher", Path(folder) / "student", seed=0)
+    return json.loads((student / INIT_FILE).read_text())["fingerprint"]
 
 
-def write_tiny_llama(folder: str) -> str:
-    """Save a seeded tiny Llama to ``folder``; return the sha256 of its weights (fingerprint)."""
-    from transformers import LlamaForCausalLM
+def load_teacher(folder: str) -> torch.nn.Module:
+    """The teacher via ``from_pretrained`` (sharded under the caller's HfDeepSpeedConfig)."""
+    from transformers import AutoModelForCausalLM
 
-    from megadistill.integrity import sha256_file
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.save_pretrained(folder)
-    return sha256_file(Path(folder) / "model.safetensors")
+    return AutoModelForCausalLM.from_pretrained(Path(folder) / "teacher", dtype=torch.float32)
 
 
-def load_model(folder: str, freeze: tuple[str, ...] = ()) -> torch.nn.Module:
-    """``from_pretrained`` (sharded under the caller's HfDeepSpeedConfig), some params frozen."""
-    from transformers import LlamaForCausalLM
+def load_student(folder: str) -> torch.nn.Module:
+    """The hybrid student via ``from_pretrained`` (sharded), with the embedding frozen."""
+    from megadistill.model import HybridForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = HybridForCausalLM.from_pretrained(Path(folder) / "student", dtype=torch.float32)
     for name, param in model.named_parameters():
-        if name in freeze:
+        if name == FROZEN:
             param.requires_grad_(False)
     return model
+
+
+def student_config(folder: str) -> dict[str, Any]:
+    from megadistill.model import HybridConfig
+
+    return HybridConfig.from_pretrained(Path(folder) / "student").to_dict()
 
 
 class IndexedBatches:
@@ -132,7 +129,7 @@ def student_engine(model_dir: str, world: int) -> Any:
 
     ds = build_ds_config(engine_config("student_zero3"), world_size=world, device_type="cpu")
     return build_student_engine(
-        functools.partial(load_model, model_dir, (FROZEN,)),
+        functools.partial(load_student, model_dir),
         ds,
         OptimizerConfig(lr=1e-2, weight_decay=0.01),
         SchedulerConfig(name="cosine", num_warmup_steps=2, num_decay_steps=MAX_STEPS, min_lr=1e-3),
@@ -179,7 +176,7 @@ def train(
     )
     meta = CheckpointMeta(
         fingerprint=fingerprint,
-        model_config=tiny_llama_config().to_dict(),
+        model_config=student_config(model_dir),
         config={"global_batch_size": GLOBAL_BATCH},
         config_keys_must_match=("global_batch_size",),
     )
@@ -203,7 +200,7 @@ def _check_teachers(model_dir: str, out: Path, rank: int, world: int) -> None:
     report = {}
     for name in ("teacher_zero3", "teacher_zero3_offload_cpu"):
         ds = build_ds_config(engine_config(name), world_size=world, device_type="cpu")
-        engine = build_teacher_engine(functools.partial(load_model, model_dir), ds)
+        engine = build_teacher_engine(functools.partial(load_teacher, model_dir), ds)
         with torch.no_grad():
             logits = engine(input_ids=batch).logits
         torch.save(logits, out / f"logits_{name}_rank{rank}.pt")
@@ -289,7 +286,7 @@ def run_two_rank_suite(model_dir: str, fingerprint: str, out_dir: str) -> None:
     weights = full_weights(engine)
     if rank == 0:
         torch.save(weights, out / "weights_resumed.pt")
-    wrong = CheckpointMeta(fingerprint="0" * 64, model_config=tiny_llama_config().to_dict())
+    wrong = CheckpointMeta(fingerprint="0" * 64, model_config=student_config(model_dir))
     try:
         load_checkpoint(engine, out / "ckpt_split", wrong)
     except CheckpointError as exc:
