@@ -1,0 +1,101 @@
+"""Recipe validation, the DAG's commands and the sbatch command lines (no cluster needed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from megadistill.config import ConfigError
+from megadistill.pipeline import build_dag, load_recipe, recipe_from_dict, write_plan
+from megadistill.pipeline.slurm import sbatch_args
+from megadistill.pipeline.step import REQUEUE_EXIT_CODE, step_task_commands
+
+
+def _recipe(**kw):
+    return {"name": "r", "teacher": "t", "experts": [{"name": "a"}, {"name": "b"}], **kw}
+
+
+def test_weights_are_uniform_by_default_and_explicit_weights_are_kept():
+    assert recipe_from_dict(_recipe()).weights == [0.5, 0.5]
+    experts = [{"name": "a", "weight": 0.25}, {"name": "b", "weight": 0.75}]
+    assert recipe_from_dict(_recipe(experts=experts)).weights == [0.25, 0.75]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"experts": [{"name": "a"}, {"name": "a"}]}, "'a' is used twice"),
+        ({"experts": []}, "at least one expert"),
+        ({"experts": [{"name": "a", "weight": 0.5}, {"name": "b"}]}, "'b' has no weight"),
+        ({"experts": [{"name": "a", "weight": 0.6}, {"name": "b", "weight": 0.6}]}, "sum to 1.2"),
+        ({"experts": [{"name": "a", "weight": -0.5}, {"name": "b", "weight": 1.5}]}, ">= 0"),
+        ({"experts": [{"name": "a/b"}]}, "name 'a/b'"),
+        ({"resources": {"expert": {"time": "2 hours"}}}, "'HH:MM:SS'"),
+        ({"resources": {"expert": {"time": "00:05:00", "signal_before_s": 300}}}, "below"),
+        ({"resources": {"merge": {"nodes": 0}}}, "resources.nodes = 0"),
+        ({"resources": {"merge": {"mem": "lots"}}}, "resources.mem"),
+        ({"resources": {"gpu": {}}}, "unknown config key 'resources.gpu'"),
+        ({"commands": {"merge": [["x", "{nope}"]]}}, "placeholder {nope}"),
+        ({"commands": {"eval": [[]]}}, "must not be empty"),
+        ({"seed": "one"}, "'seed' must be int"),
+    ],
+)
+def test_invalid_recipes_name_the_field(changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{")):
+        recipe_from_dict(_recipe(**changes))
+
+
+def test_yaml_recipe_with_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(resources={"expert": {"gpus_per_node": 8}})))
+    recipe = load_recipe(path, ["seed=7", "resources.expert.nodes=4"])
+    assert recipe.seed == 7 and recipe.resources.expert.num_ranks == 32
+    with pytest.raises(ConfigError, match="unknown config key 'sed'"):
+        load_recipe(path, ["sed=1"])
+
+
+def test_dag_default_commands_and_plan(tmp_path):
+    recipe = recipe_from_dict(_recipe(align={"lr": 0.01}))
+    steps = build_dag(recipe, tmp_path)
+    assert [(s.name, s.after, s.num_tasks) for s in steps] == [
+        ("expert", (), 2), ("merge", ("expert",), 1), ("final", ("merge",), 1),
+        ("eval", ("final",), 1),
+    ]  # fmt: skip
+    align, distill = steps[0].commands[1]
+    assert align[:5] == (sys.executable, "-m", "megadistill.cli", "align", "--config")
+    assert align[5] == str(tmp_path / "configs" / "expert_b.yaml")
+    assert distill[-1] == str(tmp_path / "experts" / "b" / "distill")
+
+    write_plan(recipe, tmp_path)
+    assert step_task_commands(tmp_path, "expert", 1) == [list(a) for a in steps[0].commands[1]]
+    cfg = yaml.safe_load((tmp_path / "configs" / "expert_b.yaml").read_text())
+    assert cfg["align"] == {"lr": 0.01} and cfg["expert"]["name"] == "b"
+    merge = yaml.safe_load((tmp_path / "configs" / "merge.yaml").read_text())
+    assert [(e["name"], e["weight"]) for e in merge["experts"]] == [("a", 0.5), ("b", 0.5)]
+    assert json.loads((tmp_path / "plan.json").read_text())["experts"] == ["a", "b"]
+
+
+def test_sbatch_lines_carry_array_dependency_requeue_and_signal(tmp_path):
+    res = {"nodes": 2, "gpus_per_node": 8, "time": "1-00:00:00", "partition": "gpu",
+           "account": "proj", "mem": "0", "signal_before_s": 600}  # fmt: skip
+    recipe = recipe_from_dict(_recipe(resources={"expert": res}))
+    expert, merge = build_dag(recipe, tmp_path)[:2]
+    argv = sbatch_args(expert, tmp_path, "r-expert")
+    for flag in ("--parsable", "--array=0-1", "--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8",
+                 "--requeue", "--signal=B:USR1@600", "--partition=gpu", "--account=proj",
+                 "--mem=0", "--time=1-00:00:00"):  # fmt: skip
+        assert flag in argv, flag
+    assert f"--output={tmp_path / 'logs' / 'expert' / '%A_%a.out'}" in argv
+    assert not any(a.startswith("--dependency") for a in argv)
+    argv = sbatch_args(merge, tmp_path, "r-merge", dependency="17")
+    assert "--dependency=afterok:17" in argv and "--kill-on-invalid-dep=yes" in argv
+    assert argv[-1].endswith("slurm/merge.sbatch") and not any("--array" in a for a in argv)
+
+
+def test_requeue_exit_code_matches_the_trainer():
+    from megadistill.engine.signals import EXIT_PREEMPTED
+
+    assert REQUEUE_EXIT_CODE == EXIT_PREEMPTED
