@@ -202,6 +202,25 @@ def _cmd_inspect_ckpt(args: argparse.Namespace) -> int:
     return run_inspect(args)
 
 
+def _prepare_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="YAML stage config (its data and student keys)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=4096")
+
+
+@command("prepare-data", "tokenise + pack a recipe's data into the cache", _prepare_data_args)
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    import json
+
+    from megadistill.data.prepare import prepare_from_recipe
+
+    overrides = list(args.overrides)
+    if args.recipe and "=" in args.recipe:  # only overrides were given
+        overrides.insert(0, args.recipe)
+        args.recipe = None
+    print(json.dumps(prepare_from_recipe(args.recipe, overrides), indent=2))
+    return 0
+
+
 # ----------------------------------------------------------------------------- benchmarks
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", choices=["inference"], help="which benchmark")

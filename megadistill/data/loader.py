@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,8 +91,8 @@ def build_loader(
 ) -> DistillLoader:
     """Build (or reuse) the packed cache for ``cfg`` and a loader for this rank.
 
-    In an initialised process group rank 0 builds the cache first and the others wait at a
-    barrier, then open it (the cache folder must be on a filesystem all ranks share).
+    In an initialised process group only rank 0 hashes the sources and builds the cache; the
+    others receive its folder (which must be on a filesystem all ranks share) and open it.
 
     Args:
         cfg: data config.
@@ -110,11 +111,10 @@ def build_loader(
     if dist_world > 1:
         import torch.distributed as dist
 
-        if dist_rank == 0:
-            path = prepare_packed(cfg, tokenizer)
-        dist.barrier()
-        if dist_rank != 0:
-            path = prepare_packed(cfg, tokenizer)
+        # rank 0 hashes the sources and builds; the others wait and receive the folder
+        holder = [str(prepare_packed(cfg, tokenizer)) if dist_rank == 0 else None]
+        dist.broadcast_object_list(holder, src=0)
+        path = Path(holder[0])
     else:
         path = prepare_packed(cfg, tokenizer)
     dataset = PackedDataset(path, split, tokenizer=tokenizer, verify=cfg.verify_cache)

@@ -125,7 +125,7 @@ def _tokenize_source(cfg: DataConfig, index: int, tokenizer: Any, work: Path) ->
                 batch = []
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromfile(path, dtype=np.uint32)
+    tokens = np.memmap(path, dtype=np.uint32, mode="r")  # a source can exceed RAM
     log.info("source %s: %d documents, %d tokens", source.describe(), len(lengths), len(tokens))
     return _Tokenized(tokens=tokens, offsets=offsets)
 
@@ -236,7 +236,8 @@ def _build_cache(
     }
     for info in splits.values():
         info["samples"] = num_samples(info["tokens"], cfg.seq_len)
-    for i in range(len(toks)):
+    for i, t in enumerate(toks):
+        del t.tokens  # close the memmap before deleting its file
         (work / f"source{i:03d}.tokens.bin").unlink()
     meta = {
         "format": FORMAT_VERSION,
