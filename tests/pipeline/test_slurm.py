@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megadistill.cli import main as cli_main
 from megadistill.pipeline import recipe_from_dict, slurm
 from tests.pipeline.conftest import JOBS, dag_recipe
+from tests.slurm_cluster import REPO
 
 RUN_TIMEOUT_S = 240
 
@@ -47,7 +51,24 @@ def runs(slurm_cluster, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     for name, recipe in recipes.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
         out[name] = (run_dir, slurm.submit(recipe, run_dir))
+    out["sbatch"] = _sbatch_user_script(tmp_path_factory.mktemp("sbatch"))
     return out
+
+
+def _sbatch_user_script(tmp: Path) -> tuple[Path, dict]:
+    """`sbatch slurm/distill_olmo7b.sh` with a no-op recipe: the DAG is submitted from a job."""
+    noop = [["/bin/true"]]
+    recipe = {"name": "user", "teacher": "tiny-llama", "experts": [{"name": "a"}, {"name": "b"}],
+              "commands": {"expert": noop, "merge": noop, "final": noop, "eval": noop}}  # fmt: skip
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run_dir = tmp / "run"
+    env = {**os.environ, "RECIPE": str(tmp / "recipe.yaml"), "RUN_DIR": str(run_dir),
+           "PYTHON": sys.executable, "MEGADISTILL_HOME": str(REPO)}  # fmt: skip
+    job = subprocess.run(
+        ["sbatch", "--parsable", f"--output={tmp / 'submit.out'}", str(REPO / "slurm" / "distill_olmo7b.sh")],
+        env=env, capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.strip()  # fmt: skip
+    return run_dir, {"submit_job": job, "log": tmp / "submit.out"}
 
 
 def test_preempted_expert_requeues_and_resumes(runs):
@@ -123,3 +144,19 @@ def test_failed_expert_stops_dependants_and_status_says_why(runs, capsys):
     assert cli_main(["pipeline", "status", str(run_dir), "--wait", "10"]) == 1
     table = capsys.readouterr().out
     assert "DependencyNeverSatisfied" in table and "expert[bad] FAILED" in table
+
+
+def test_user_script_submits_the_dag_from_a_job(runs, slurm_cluster):
+    run_dir, info = runs["sbatch"]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while slurm_cluster.job_states(info["submit_job"]) != ["COMPLETED"]:
+        states = slurm_cluster.job_states(info["submit_job"])
+        assert states in (["PENDING"], ["RUNNING"], ["COMPLETING"]), info["log"].read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    jobs = _load(run_dir / "jobs.json")
+    assert list(jobs["steps"]) == ["eval", "expert", "final", "merge"]
+    printed = info["log"].read_text()
+    assert f"expert: {jobs['steps']['expert']['job_id']}" in printed
+    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
