@@ -167,11 +167,15 @@ def mix_documents(
     """
     shares = np.asarray(weights, dtype=np.float64) / float(sum(weights))
     totals = [int(lengths.sum()) for lengths in doc_lengths]
-    if num_tokens is None:
-        num_tokens = math.ceil(max(t / s for t, s in zip(totals, shares, strict=True)))
+    # kept as a float: rounding it up would add one repeated document to the limiting source
+    mix_tokens = (
+        max(t / s for t, s in zip(totals, shares, strict=True))
+        if num_tokens is None
+        else num_tokens
+    )
     chosen = []
     for i, lengths in enumerate(doc_lengths):
-        target = shares[i] * num_tokens
+        target = shares[i] * mix_tokens
         rng = np.random.default_rng([seed, i, 0x313])
         reps = max(1, math.ceil(target / totals[i]))
         order = np.concatenate([rng.permutation(len(lengths)) for _ in range(reps)])

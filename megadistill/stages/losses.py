@@ -20,7 +20,9 @@ walks the flattened tokens in chunks, and computes the gradients with respect to
 scatter(ids, softmax(z[ids]) - p)``, scaled by valid / N), so backward only rescales stored
 gradients. :func:`distill_loss_reference` is the plain autograd version on full logits.
 
-Under ZeRO-3 ``W`` must be the full (gathered) lm_head weight.
+Under ZeRO-3 ``W`` must be the full (gathered) lm_head weight. Memory: besides one chunk of
+``[chunk_size, V]`` buffers, the forward keeps an fp32 ``[V, H]`` accumulator for ``dW`` (stored in
+``W``'s dtype until backward) and ``dh`` in ``h``'s shape: the price of not recomputing the logits.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class _ChunkedDistillLoss(torch.autograd.Function):
             )
         )
         loss = (gamma * ce_sum + beta * kl_sum) / denom
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
         return loss, ce_sum, kl_sum
 
     @staticmethod

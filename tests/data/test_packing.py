@@ -91,6 +91,19 @@ def test_mix_follows_token_weights_and_seed(corpus, tmp_path, byte_tok):
         assert abs(share[tag] / total - weight) < 0.02, share
     again = load_packed(cfg, byte_tok)
     assert np.array_equal(np.asarray(again.tokens), stream)
+    # num_tokens null: the limiting source (txt) appears exactly once, the other is upsampled
+    small = DataConfig(
+        sources=[
+            SourceConfig(path=str(corpus["txt"])),
+            SourceConfig(path=str(corpus["parquet"]), weight=1.3),
+        ],
+        seq_len=8,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    mixed = load_packed(small, byte_tok)
+    starts = mixed.doc_starts.tolist()
+    tags = [chr(mixed.tokens[a]) for a in starts]
+    assert tags.count("t") == 12 and tags.count("p") > 8
     other = load_packed(_cfg(corpus, tmp_path, num_tokens=6000, seed=4), byte_tok)
     assert other.path != ds.path and not np.array_equal(
         np.asarray(other.tokens)[:500], stream[:500]

@@ -27,9 +27,9 @@ def _setup(root: Path) -> tuple[DataConfig, object]:
 
     tok = byte_tokenizer(root / "tok")
     rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, rng.integers(3, 20))) for _ in range(30)]
-    (root / "a.txt").write_text("\n\n".join(docs[:20]))
-    (root / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[20:]))
+    docs = [" ".join(rng.choice(WORDS, rng.integers(3, 12))) for _ in range(16)]
+    (root / "a.txt").write_text("\n\n".join(docs[:10]))
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[10:]))
     cfg = DataConfig(
         sources=[SourceConfig(path=str(root / "a.txt")), SourceConfig(path=str(root / "b.jsonl"))],
         seq_len=16,
@@ -56,27 +56,35 @@ def _teacher_fn(teacher, full_logits: bool = False):
     return forward
 
 
-def _write(root: Path, out: Path, rank: int | None, world: int, dtype: str = "float32") -> Path:
-    from megadistill.teachers.convert import fingerprint
-
+def _write(
+    root: Path, out: Path, rank: int | None, world: int, fp: str, dtype: str = "float32"
+) -> Path:
     cfg, tok = _setup(root)
-    teacher = _teacher()
-    loader = build_loader(cfg, tok, rank, world, micro_batch=3, shuffle=False, drop_last=False)
+    loader = build_loader(cfg, tok, rank, world, micro_batch=4, shuffle=False, drop_last=False)
     return write_teacher_targets(
-        _teacher_fn(teacher), loader, out, K, teacher_fingerprint=fingerprint(teacher), dtype=dtype
+        _teacher_fn(_teacher()), loader, out, K, teacher_fingerprint=fp, dtype=dtype
     )
 
 
-def run_write_two_ranks(root: str, out: str) -> None:
+@pytest.fixture(scope="module")
+def teacher_fp() -> str:
+    from megadistill.teachers.convert import fingerprint
+
+    return fingerprint(_teacher())
+
+
+def run_write_two_ranks(root: str, out: str, fp: str) -> None:
     """Rank body of the 2-rank test (gloo process group, no DeepSpeed needed)."""
     torch.distributed.init_process_group("gloo")
-    _write(Path(root), Path(out), None, 2)
+    _write(Path(root), Path(out), None, 2, fp)
     assert (Path(out) / "checksums.json").is_file()  # in place on every rank on return
 
 
-def test_two_ranks_union_equals_one_rank(tmp_path):
-    one = _write(tmp_path, tmp_path / "one", 0, 1)
-    run_distributed(run_write_two_ranks, 2, str(tmp_path), str(tmp_path / "two"), timeout_s=300)
+def test_two_ranks_union_equals_one_rank(tmp_path, teacher_fp):
+    one = _write(tmp_path, tmp_path / "one", 0, 1, teacher_fp)
+    run_distributed(
+        run_write_two_ranks, 2, str(tmp_path), str(tmp_path / "two"), teacher_fp, timeout_s=300
+    )
     a, b = TeacherTargets(one), TeacherTargets(tmp_path / "two")
     index = json.loads((tmp_path / "two" / "index.json").read_text())
     assert index["world_size"] == 2 and index["num_missing"] == 0
@@ -84,7 +92,7 @@ def test_two_ranks_union_equals_one_rank(tmp_path):
         "targets-rank00000-of-00002.logprobs.npy",
         "targets-rank00001-of-00002.logprobs.npy",
     ]
-    assert len(a) == len(b) and len(a) > 6
+    assert len(a) == len(b) and len(a) > 8
     assert set(b.sample_map[:, 0].tolist()) == {0, 1}  # both ranks hold samples
     ids = torch.arange(len(a))
     (lp_a, ids_a), (lp_b, ids_b) = a.get(ids), b.get(ids)
@@ -93,15 +101,15 @@ def test_two_ranks_union_equals_one_rank(tmp_path):
     torch.testing.assert_close(lp_a, lp_b, rtol=1e-5, atol=1e-5)
 
 
-def test_online_and_offline_give_the_same_loss(tmp_path):
+def test_online_and_offline_give_the_same_loss(tmp_path, teacher_fp):
     from megadistill.teachers.convert import convert  # the package attr is shadowed by the module
 
     cfg, tok = _setup(tmp_path)
     teacher = _teacher()
     student, _ = convert(teacher, seed=0)
     paths = {
-        "float32": _write(tmp_path, tmp_path / "fp32", 0, 1),
-        "bfloat16": _write(tmp_path, tmp_path / "bf16", 0, 1, dtype="bfloat16"),
+        "float32": _write(tmp_path, tmp_path / "fp32", 0, 1, teacher_fp),
+        "bfloat16": _write(tmp_path, tmp_path / "bf16", 0, 1, teacher_fp, dtype="bfloat16"),
     }
     loader = build_loader(cfg, tok, 0, 1, micro_batch=2, grad_accum=1)  # shuffled training order
     readers = {
@@ -136,9 +144,9 @@ def _full_to_pair(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, torch.eye(logits.shape[-1])
 
 
-def test_mismatch_and_corruption_are_refused(tmp_path):
-    path = _write(tmp_path, tmp_path / "t", 0, 1, dtype="float16")
-    good = TeacherTargets(path, k=K, seq_len=16)
+def test_mismatch_and_corruption_are_refused(tmp_path, teacher_fp):
+    path = _write(tmp_path, tmp_path / "t", 0, 1, teacher_fp, dtype="float16")
+    good = TeacherTargets(path, k=K, seq_len=16, teacher_fingerprint=teacher_fp)
     assert good.spec.dtype == "float16" and good.get([-1])[0].abs().sum() == 0
     for kwargs, field in (
         ({"k": K + 1}, "k=8"),
@@ -149,7 +157,7 @@ def test_mismatch_and_corruption_are_refused(tmp_path):
         with pytest.raises(TargetsError, match=f"were written with {field}"):
             TeacherTargets(path, **kwargs)
     with pytest.raises(TargetsError, match="already exist"):
-        _write(tmp_path, path, 0, 1)
+        _write(tmp_path, path, 0, 1, teacher_fp)
     with pytest.raises(TargetsError, match="sample 100000 has no teacher targets"):
         good.get([0, 100000])
     shard = path / "targets-rank00000-of-00001.ids.npy"
