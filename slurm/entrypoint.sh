@@ -8,8 +8,9 @@
 #
 # Launchers (MEGADISTILL_LAUNCHER; default srun inside a SLURM job, local outside):
 #   srun       one task per rank over the allocation (needs --ntasks / --ntasks-per-node on the job)
-#   deepspeed  the DeepSpeed launcher with a hostfile built from the allocation (pdsh/ssh fan-out;
-#              MEGADISTILL_DS_LAUNCHER picks its multi-node launcher, default pdsh)
+#   deepspeed  the DeepSpeed launcher: its local launch on one node; on several, a hostfile built
+#              from the allocation and pdsh/ssh fan-out (MEGADISTILL_DS_LAUNCHER, default pdsh;
+#              signals then reach only the batch node's ranks: prefer srun for preemptible jobs)
 #   local      MEGADISTILL_NPROC ranks on this machine, no SLURM (`megadistill pipeline run --local`)
 #
 # Preemption: SIGUSR1 / SIGTERM / SIGINT reaching this script (e.g. `sbatch --signal=B:USR1@300`
@@ -74,8 +75,15 @@ srun)
     pids+=($!)
     ;;
 deepspeed)
-    deepspeed --hostfile "$hostfile" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-        --launcher "${MEGADISTILL_DS_LAUNCHER:-pdsh}" --no_python --no_local_rank "$@" &
+    if [ "$NNODES" -eq 1 ]; then
+        # One node: DeepSpeed's local launch (a hostfile would make it insist on ssh to itself).
+        where=(--hostfile /dev/null --num_nodes 1 --num_gpus "$NPROC_PER_NODE")
+    else
+        where=(--hostfile "$hostfile" --launcher "${MEGADISTILL_DS_LAUNCHER:-pdsh}")
+    fi
+    # The job's interpreter runs the launcher: `deepspeed` need not be on PATH.
+    "${MEGADISTILL_PYTHON:-python3}" -m deepspeed.launcher.runner "${where[@]}" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        --no_python --no_local_rank "$@" &
     pids+=($!)
     ;;
 local)
@@ -92,7 +100,14 @@ esac
 
 forward() {
     log "got SIG$1; forwarding to the ranks"
-    kill -s "$1" "${pids[@]}" 2>/dev/null
+    local targets=("${pids[@]}")
+    if [ "$launcher" = deepspeed ]; then
+        # deepspeed runner -> deepspeed.launcher.launch -> ranks: signal the ranks on this node
+        # (the launchers die on SIGUSR1; ranks on other nodes are out of reach over pdsh).
+        targets=()
+        for launch in $(pgrep -P "${pids[0]}"); do targets+=($(pgrep -P "$launch")); done
+    fi
+    [ "${#targets[@]}" -gt 0 ] && kill -s "$1" "${targets[@]}" 2>/dev/null
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM

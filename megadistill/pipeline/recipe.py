@@ -28,7 +28,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from megadistill.config import ConfigError, from_dict, load_config
 
@@ -76,6 +76,8 @@ class Resources:
     """Seconds before the time limit at which the job gets SIGUSR1 to checkpoint."""
     requeue: bool = True
     """Submit with ``--requeue`` so a preempted or checkpointed job runs again."""
+    launcher: Literal["srun", "deepspeed"] = "srun"
+    """How ``slurm/entrypoint.sh`` starts the ranks under SLURM (local runs use local ranks)."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "cpus_per_task"):

@@ -87,6 +87,8 @@ def sbatch_args(
 def job_environment(run_dir: Path) -> dict[str, str]:
     """Environment for sbatch (exported into the jobs): run dir, entrypoint, interpreter, code."""
     env = dict(os.environ)
+    if "SLURM_JOB_ID" in env:  # submitting from a job: its allocation must not leak into the DAG
+        env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
     env["MEGADISTILL_RUN_DIR"] = str(run_dir)
     env["MEGADISTILL_ENTRYPOINT"] = str(ENTRYPOINT)
     env["MEGADISTILL_PYTHON"] = sys.executable
@@ -120,7 +122,8 @@ def submit(recipe: PipelineRecipe, run_dir: str | Path) -> dict[str, Any]:
         for step in steps:
             dep = ":".join(ids[a] for a in step.after) or None
             argv = sbatch_args(step, run_dir, f"{recipe.name}-{step.name}", dep)
-            out = _slurm(argv, env=env).strip()
+            out = _slurm(argv, env={**env, "MEGADISTILL_LAUNCHER": step.resources.launcher})
+            out = out.strip()
             ids[step.name] = out.split(";")[0]
             jobs["steps"][step.name] = {
                 "job_id": ids[step.name],

@@ -46,7 +46,9 @@ def runs(slurm_cluster, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         "dag": dag_recipe("dag", ["math", "code"]),
         "fail": dag_recipe("fail", ["good", "bad"], fail="bad"),
         "preempt": _preempt_recipe(),
+        "deepspeed": dag_recipe("ds", ["solo"]),
     }
+    recipes["deepspeed"].resources.expert.launcher = "deepspeed"
     out = {}
     for name, recipe in recipes.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
@@ -160,3 +162,13 @@ def test_user_script_submits_the_dag_from_a_job(runs, slurm_cluster):
     assert f"expert: {jobs['steps']['expert']['job_id']}" in printed
     rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
     assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
+
+
+def test_deepspeed_launcher_starts_the_ranks(runs):
+    run_dir, _ = runs["deepspeed"]
+    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    assert [r.state for r in rows] == ["COMPLETED"] * 4, _explain(rows, run_dir)
+    solo = _load(run_dir / "out" / "solo.json")
+    assert solo["world_size"] == 2 and solo["value"] == 3.0  # RANK/WORLD_SIZE from the launcher
+    log = next((run_dir / "logs" / "expert").glob("*_0.out")).read_text()
+    assert "launcher=deepspeed" in log and "deepspeed.launcher.launch" in log
