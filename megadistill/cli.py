@@ -202,6 +202,42 @@ def _cmd_inspect_ckpt(args: argparse.Namespace) -> int:
     return run_inspect(args)
 
 
+# ----------------------------------------------------------------------------- stages
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="YAML stage config (see megadistill/recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+
+
+def _run_stage(stage: str, args: argparse.Namespace) -> int:
+    from megadistill.stages.run import run_from_cli
+
+    overrides = list(args.overrides)
+    if args.recipe and "=" in args.recipe:  # only overrides were given
+        overrides.insert(0, args.recipe)
+        args.recipe = None
+    if getattr(args, "resume", False):
+        overrides.append("trainer.resume=true")
+    return run_from_cli(args.recipe, overrides, stage)
+
+
+@command("align", "stage I: layer-wise alignment of the new parameters (run on every rank)", _stage_args)
+def _cmd_align(args: argparse.Namespace) -> int:
+    return _run_stage("align", args)
+
+
+@command("distill", "stage II: CE + top-k KL distillation (run on every rank)", _stage_args)
+def _cmd_distill(args: argparse.Namespace) -> int:
+    return _run_stage("distill", args)
+
+
+@command(
+    "teacher-targets", "precompute the teacher's top-k targets for offline stage II", _stage_args
+)
+def _cmd_teacher_targets(args: argparse.Namespace) -> int:
+    return _run_stage("teacher-targets", args)
+
+
 def _prepare_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="YAML stage config (its data and student keys)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=4096")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -119,10 +121,13 @@ class HybridModel(HybridPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: HybridCache | None = None,
-        align_losses: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        align: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states; with ``align`` also the summed per-layer alignment MSE."""
         info = self._seq_info(input_ids, attention_mask, position_ids, cache)
-        info.align_losses = align_losses
+        # The list lives in SeqInfo (passed by reference): module hooks such as ZeRO-3's rebuild
+        # list arguments, so it must not travel as an argument of its own.
+        info.align_losses = [] if align else None
         x = self.embed_tokens(input_ids)
         rope = {}
         for layer in self.layers:
@@ -139,7 +144,10 @@ class HybridModel(HybridPreTrainedModel):
                 cache.next_pos = info.pos.masked_fill(~info.valid, -1).amax(-1) + 1
             if not cache.sinks_full:
                 cache.sinks_full = bool((cache.next_pos >= self.config.num_sinks).all())
-        return self.norm(x)
+        hidden = self.norm(x)
+        if align:
+            return hidden, torch.stack(info.align_losses).sum()
+        return hidden
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
@@ -195,6 +203,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         align: bool = False,
         logits_to_keep: int = 0,
         past_key_values: HybridCache | None = None,
+        head_loss: Callable[[torch.Tensor, nn.Module], Any] | None = None,
         **kwargs,
     ) -> HybridCausalLMOutput:
         """Args:
@@ -205,14 +214,19 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         cache: a :class:`HybridCache` to continue from (``use_cache`` creates one).
         align: stage I: return the summed per-layer MSE to the teacher's attention as ``loss``.
         logits_to_keep: if > 0, only the last that many positions get logits.
+        head_loss: ``(final hidden states, lm_head module) -> loss``: computes a loss from the
+            hidden states (e.g. chunked distillation) instead of materialising all logits;
+            returned as ``loss``. Calling the head inside forward lets ZeRO-3 gather it.
         """
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None and not align:
             cache = self.new_cache()
-        align_losses: list[torch.Tensor] | None = [] if align else None
-        hidden = self.model(input_ids, attention_mask, position_ids, cache, align_losses)
         if align:
-            return HybridCausalLMOutput(loss=torch.stack(align_losses).sum(), hidden_states=hidden)
+            hidden, loss = self.model(input_ids, attention_mask, position_ids, None, True)
+            return HybridCausalLMOutput(loss=loss, hidden_states=hidden)
+        hidden = self.model(input_ids, attention_mask, position_ids, cache)
+        if head_loss is not None:
+            return HybridCausalLMOutput(loss=head_loss(hidden, self.lm_head))
         h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = self.lm_head(h)
         loss = None

@@ -1,0 +1,339 @@
+"""Stage I (align) and stage II (distill) runs: engines, loss, trainer, final export.
+
+Each rank runs :func:`run_stage`; the stage owns the engines and the loss, the
+:class:`~megadistill.trainer.Trainer` owns the loop, cadence and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megadistill.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from megadistill.errors import MegadistillError
+from megadistill.stages.config import StageConfig, default_teacher_engine
+from megadistill.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+INIT_FILE = "megadistill_init.json"
+# Keys a resume must not change: they define what the checkpoint's optimizer state means.
+RESUME_KEYS = ("stage", "data.seq_len", "engine.global_batch_size", "engine.micro_batch_size")
+
+
+def load_stage_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> StageConfig:
+    """YAML recipe + dotted overrides -> StageConfig (checkpoint_dir defaults to out_dir)."""
+    data = apply_overrides(load_yaml(path) if path else {}, overrides)
+    trainer = data.setdefault("trainer", {})
+    if isinstance(trainer, dict) and "out_dir" in data:
+        trainer.setdefault("checkpoint_dir", str(Path(data["out_dir"]) / "checkpoints"))
+    return from_dict(StageConfig, data)
+
+
+def student_fingerprint(student_dir: str | Path) -> str:
+    """The fingerprint of the initial student the folder descends from.
+
+    Converted students and stage outputs carry it in ``megadistill_init.json``; other folders
+    (e.g. a merge) are identified by the sha256 of their weight files.
+    """
+    folder = Path(student_dir)
+    init = folder / INIT_FILE
+    if init.is_file():
+        return str(json.loads(init.read_text())["fingerprint"])
+    digest = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise MegadistillError(f"student folder {folder} has no *.safetensors weights")
+    from megadistill.integrity import sha256_file
+
+    for f in files:
+        digest.update(f"{f.name}:{sha256_file(f)}".encode())
+    return digest.hexdigest()
+
+
+def _check_student(path: str) -> None:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise MegadistillError(
+            f"student {folder} is not a Hugging Face folder (no config.json); create it with "
+            "`megadistill convert` or point to a previous stage's out_dir/final"
+        )
+
+
+def _student_fn(cfg: StageConfig):
+    def build() -> torch.nn.Module:
+        from megadistill.model import HybridForCausalLM
+
+        model = HybridForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+        if cfg.stage == "align":
+            new = set(model.new_parameter_names())
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in new)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        return model
+
+    return build
+
+
+def _teacher_fn(path: str):
+    def build() -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    return build
+
+
+def align_loss_fn(engine: Any, batch: dict[str, torch.Tensor]):
+    """Stage I: the summed per-layer MSE between hybrid and teacher attention outputs."""
+    dev = engine.device
+    out = engine(
+        input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev), align=True
+    )
+    return out.loss, {"align_mse": out.loss.detach()}
+
+
+class DistillLoss:
+    """Stage II loss on one micro-batch: teacher top-k (online or offline), then the chunked
+    CE + top-k KL on the student's final hidden states (full logits are never materialised for
+    student and teacher at once)."""
+
+    def __init__(self, cfg: StageConfig, teacher_engine: Any = None, targets: Any = None) -> None:
+        self.cfg, self.teacher, self.targets = cfg, teacher_engine, targets
+
+    def teacher_targets(self, batch: dict[str, torch.Tensor], dev: Any):
+        from megadistill.stages.losses import topk_logprobs
+
+        if self.targets is not None:
+            lp, ids = self.targets.get(batch["sample_ids"])
+            return lp.to(dev), ids.to(dev)
+        with torch.no_grad():
+            logits = teacher_logits(self.teacher, batch, dev)
+            lp, ids = topk_logprobs(logits, self.cfg.distill.top_k, self.cfg.distill.chunk_size)
+            del logits
+        return lp, ids
+
+    def __call__(self, engine: Any, batch: dict[str, torch.Tensor]):
+        dev = engine.device
+        t_lp, t_ids = self.teacher_targets(batch, dev)
+        d = self.cfg.distill
+        labels = batch["labels"].to(dev)
+
+        def head_loss(hidden: torch.Tensor, head: torch.nn.Module):
+            return chunked_head_loss(
+                hidden, head, labels, t_lp, t_ids, gamma=d.gamma, beta=d.beta,
+                chunk_size=d.chunk_size,
+            )  # fmt: skip
+
+        out = engine(
+            input_ids=batch["input_ids"].to(dev),
+            position_ids=batch["position_ids"].to(dev),
+            head_loss=head_loss,
+        )
+        loss, ce, kl = out.loss
+        return loss, {"ce": ce, "kl": kl}
+
+
+def chunked_head_loss(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    t_lp: torch.Tensor,
+    t_ids: torch.Tensor,
+    *,
+    gamma: float,
+    beta: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gamma * CE + beta * top-k KL`` (see :mod:`megadistill.stages.losses`), mean over valid
+    tokens, through the head *module* one chunk at a time under activation checkpointing: at most
+    one chunk of full-vocabulary logits exists at once, forward or backward, and calling the
+    module lets ZeRO-3 gather (and in backward re-gather) its weight.
+
+    Returns:
+        ``(loss, mean CE, mean KL)``; the means are detached.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from megadistill.stages.losses import IGNORE_INDEX, _chunk_terms
+
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(h.device)
+    k = t_ids.shape[-1]
+    lp, ids = t_lp.reshape(-1, k).to(h.device), t_ids.reshape(-1, k).long().to(h.device)
+    valid = y != IGNORE_INDEX
+    n = valid.sum().clamp(min=1).float()
+
+    def part(hc, yc, lpc, idc, vc):
+        z = head(hc).float()
+        ce, kl, _, _ = _chunk_terms(z, yc, lpc, idc)
+        vc = vc.float()
+        return gamma * (ce * vc).sum() + beta * (kl * vc).sum(), (ce * vc).sum(), (kl * vc).sum()
+
+    total = ce_sum = kl_sum = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk_size):
+        sl = slice(s, s + chunk_size)
+        loss_c, ce_c, kl_c = checkpoint(
+            part, h[sl], y[sl], lp[sl], ids[sl], valid[sl], use_reentrant=False
+        )
+        total = total + loss_c
+        ce_sum = ce_sum + ce_c.detach()
+        kl_sum = kl_sum + kl_c.detach()
+    return total / n, ce_sum / n, kl_sum / n
+
+
+def teacher_logits(teacher: Any, batch: dict[str, torch.Tensor], dev: Any) -> torch.Tensor:
+    """Teacher logits on a packed batch. ``use_cache=False`` matters: without a cache,
+    transformers reads document starts from ``position_ids`` and masks attention across them."""
+    return teacher(
+        input_ids=batch["input_ids"].to(dev),
+        position_ids=batch["position_ids"].to(dev),
+        use_cache=False,
+    ).logits
+
+
+def _callbacks(cfg: StageConfig) -> list[Any]:
+    from megadistill.callbacks import JsonlLogger, ProgressBar, ThroughputMonitor, WandbLogger
+
+    out = Path(cfg.out_dir)
+    return [
+        ThroughputMonitor(),
+        JsonlLogger(out / "metrics.jsonl"),
+        ProgressBar(disable=not cfg.logging.progress_bar),
+        WandbLogger(
+            cfg.logging.wandb_project,
+            mode=cfg.logging.wandb_mode,
+            run_name=f"{cfg.stage}-{out.name}",
+            directory=out / "wandb",
+            config=to_dict(cfg),
+        ),
+    ]
+
+
+def _export_final(cfg: StageConfig, result: TrainResult) -> Path | None:
+    """Consolidate the last checkpoint into out_dir/final, carrying the init fingerprint."""
+    from megadistill.engine.distributed import barrier, rank
+    from megadistill.integrity import write_manifest
+    from megadistill.merge.merge import consolidate
+
+    final = Path(cfg.out_dir) / "final"
+    if not cfg.export_final or result.preempted or result.last_checkpoint is None:
+        return None
+    if rank() == 0:
+        consolidate(str(result.last_checkpoint), str(final), overwrite=True, tokenizer=cfg.student)
+        init = Path(cfg.student) / INIT_FILE
+        if init.is_file():
+            (final / INIT_FILE).write_text(init.read_text())
+            write_manifest(final)
+        log.info("consolidated student written to %s", final)
+    barrier()
+    return final
+
+
+def run_stage(cfg: StageConfig) -> TrainResult:
+    """Run one stage on every rank (call under torchrun / deepspeed / the SLURM entrypoint)."""
+    from transformers import AutoTokenizer
+
+    from megadistill.data.loader import build_loader
+    from megadistill.engine import CheckpointMeta, build_student_engine
+    from megadistill.engine.distributed import device_type, init_distributed
+    from megadistill.engine.ds_config import build_ds_config
+
+    _check_student(cfg.student)
+    _, world = init_distributed(cfg.timeout_s)
+    ds_cfg = build_ds_config(cfg.engine, world_size=world, device_type=device_type())
+    tok = AutoTokenizer.from_pretrained(cfg.student)
+    loader = build_loader(
+        cfg.data, tok, micro_batch=cfg.engine.micro_batch_size,
+        grad_accum=int(ds_cfg["gradient_accumulation_steps"]),
+    )  # fmt: skip
+    engine = build_student_engine(_student_fn(cfg), ds_cfg, cfg.optim, cfg.scheduler)
+    if cfg.stage == "align":
+        loss_fn: Any = align_loss_fn
+    else:
+        loss_fn = _distill_loss(cfg, loader, world)
+    meta = CheckpointMeta(
+        fingerprint=student_fingerprint(cfg.student),
+        model_config=engine.module.config.to_dict(),
+        config=to_dict(cfg),
+        tokenizer=str(Path(cfg.student).resolve()),
+        config_keys_must_match=RESUME_KEYS,
+    )
+    trainer = Trainer(engine, loss_fn, loader, cfg.trainer, meta=meta, callbacks=_callbacks(cfg))
+    result = trainer.fit()
+    _export_final(cfg, result)
+    return result
+
+
+def _distill_loss(cfg: StageConfig, loader: Any, world: int) -> DistillLoss:
+    from megadistill.engine import build_teacher_engine
+    from megadistill.engine.distributed import device_type
+    from megadistill.engine.ds_config import build_ds_config
+
+    if cfg.distill.teacher_mode == "offline":
+        from megadistill.stages.teacher_targets import TeacherTargets
+
+        targets = TeacherTargets(
+            cfg.distill.targets_dir, k=cfg.distill.top_k, seq_len=cfg.data.seq_len,
+            data_fingerprint=loader.fingerprint,
+            teacher_fingerprint=student_fingerprint(cfg.teacher) if cfg.teacher else None,
+        )  # fmt: skip
+        return DistillLoss(cfg, targets=targets)
+    assert cfg.teacher is not None
+    t_cfg = build_ds_config(
+        default_teacher_engine(cfg), world_size=world, device_type=device_type()
+    )
+    teacher = build_teacher_engine(_teacher_fn(cfg.teacher), t_cfg)
+    return DistillLoss(cfg, teacher_engine=teacher)
+
+
+def run_teacher_targets(cfg: StageConfig) -> Path:
+    """Precompute the teacher's top-k targets for cfg.data into cfg.distill.targets_dir."""
+    from transformers import AutoTokenizer
+
+    from megadistill.data.loader import build_loader
+    from megadistill.engine import build_teacher_engine
+    from megadistill.engine.distributed import device_type, init_distributed
+    from megadistill.engine.ds_config import build_ds_config
+    from megadistill.stages.teacher_targets import write_teacher_targets
+
+    if not cfg.teacher or not cfg.distill.targets_dir:
+        raise ConfigError("teacher-targets needs 'teacher' and 'distill.targets_dir'")
+    _, world = init_distributed(cfg.timeout_s)
+    t_cfg = build_ds_config(
+        default_teacher_engine(cfg), world_size=world, device_type=device_type()
+    )
+    tok = AutoTokenizer.from_pretrained(cfg.teacher)
+    loader = build_loader(
+        cfg.data, tok, micro_batch=cfg.engine.micro_batch_size, shuffle=False, drop_last=False
+    )
+    teacher = build_teacher_engine(_teacher_fn(cfg.teacher), t_cfg)
+    dev = teacher.device
+
+    def forward(batch: dict[str, torch.Tensor]):
+        from megadistill.stages.losses import topk_logprobs
+
+        with torch.no_grad():
+            logits = teacher_logits(teacher, batch, dev)
+            return topk_logprobs(logits, cfg.distill.top_k, cfg.distill.chunk_size)
+
+    return write_teacher_targets(
+        forward, loader, cfg.distill.targets_dir, cfg.distill.top_k,
+        teacher_fingerprint=student_fingerprint(cfg.teacher), tokenizer=cfg.teacher,
+    )  # fmt: skip
+
+
+def run_from_cli(path: str | None, overrides: list[str], stage: str) -> int:
+    """``megadistill align|distill RECIPE [overrides]``: exit code for the shell/SLURM."""
+    if stage == "teacher-targets":
+        run_teacher_targets(load_stage_config(path, ["stage=distill", *overrides]))
+        return 0
+    cfg = load_stage_config(path, [f"stage={stage}", *overrides])
+    return run_stage(cfg).exit_code
