@@ -5,7 +5,8 @@ The order of samples depends only on (num_samples, seed, epoch, shuffle) and the
 samples ``order[s * G:(s + 1) * G]`` whatever the number of ranks, so 1 rank with
 ``grad_accum = 2`` and 2 ranks with ``grad_accum = 1`` train on exactly the same global batches.
 Within a step, micro-step ``m`` of rank ``r`` takes the slots ``(m * world_size + r) * micro_batch
-+ [0, micro_batch)``.
++ [0, micro_batch)``: for a fixed micro_batch, micro-batch ``m * world_size + r`` of the global
+batch, so even the grouping into micro-batches is the same for every layout.
 
 With ``drop_last`` (training) the incomplete last global batch of an epoch is dropped. Without it
 (covering every sample once, e.g. for teacher targets) the last global batch is filled with ``-1``:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megadistill.data import DataConfig, SourceConfig, build_loader
+from megadistill.data.masks import document_causal_mask
 from megadistill.stages.losses import distill_loss, teacher_topk
 from megadistill.stages.teacher_targets import TargetsError, TeacherTargets, write_teacher_targets
 from megadistill.testing import run_distributed
@@ -47,7 +48,9 @@ def _teacher():
 
 def _teacher_fn(teacher, full_logits: bool = False):
     def forward(batch: dict[str, torch.Tensor]):
-        out = teacher.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        pos = batch["position_ids"]
+        mask = document_causal_mask(pos)  # the teacher sees one document at a time
+        out = teacher.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos)
         hidden = out.last_hidden_state
         if full_logits:
             return teacher.lm_head(hidden)
