@@ -21,11 +21,17 @@ if __name__ == "__main__":
     parser.add_argument("--workdir", required=True, help="scratch folder (removed unless --keep)")
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--keep", action="store_true", help="keep the experts for another run")
+    parser.add_argument("--modes", default="baseline,streaming_noverify,streaming",
+                        help="comma-separated runs")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script")
     args = parser.parse_args()
     setup_logging()
     results = run_benchmark(
-        args.workdir, args.num_experts, keep=args.keep, model_config=SMOKE if args.smoke else None
+        args.workdir,
+        args.num_experts,
+        keep=args.keep,
+        model_config=SMOKE if args.smoke else None,
+        modes=tuple(args.modes.split(",")),
     )
     print(json.dumps(results, indent=2))
     sys.exit(0)
