@@ -38,7 +38,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", "convert a teacher checkpoint into an initial hybrid student", _convert_args)
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from megadistill.teachers.convert import convert_pretrained
+    from megadistill.teachers.conversion import convert_pretrained
 
     out = convert_pretrained(args.teacher, args.out, overrides=args.overrides)
     logging.getLogger("megadistill").info("student written to %s", out)
@@ -66,7 +66,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 @command("inspect", "teacher vs student parameter counts (meta device, no weights)", _inspect_args)
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from megadistill.teachers.convert import inspect_teacher
+    from megadistill.teachers.conversion import inspect_teacher
 
     print(inspect_teacher(args.teacher, overrides=args.overrides))
     return 0
@@ -87,11 +87,11 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--wait", type=float, metavar="SECONDS", help="poll until every job ended")
     q = sub.add_parser("step", help="(in a job) run one step's commands in this rank")
     q.add_argument("run_dir")
-    q.add_argument("step", choices=("expert", "merge", "final", "eval"))
+    q.add_argument("step", choices=("convert", "expert", "merge", "final", "eval"))
     q.add_argument("--index", type=int, help="array task (default: $SLURM_ARRAY_TASK_ID)")
 
 
-@command("pipeline", "the expert -> merge -> final -> eval DAG on SLURM or locally", _pipeline_args)
+@command("pipeline", "convert -> experts -> merge -> final -> eval, on SLURM or locally", _pipeline_args)
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from megadistill.pipeline import load_recipe, local, slurm, step
 
@@ -259,7 +259,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- benchmarks
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["inference"], help="which benchmark")
+    p.add_argument("which", choices=["inference", "train"], help="which benchmark")
     p.add_argument("overrides", nargs="*", help="settings, e.g. contexts=[1024,4096] batch_size=8")
 
 
@@ -281,6 +281,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rows = run_inference_bench(cfg)
         print(format_rows(rows))
         print(json.dumps(rows))
+    elif args.which == "train":
+        from megadistill.bench.train import TrainBenchConfig, format_summary, run_train_bench
+        from megadistill.config import apply_overrides
+
+        summary = run_train_bench(from_dict(TrainBenchConfig, apply_overrides({}, args.overrides)))
+        print(format_summary(summary))
+        print(json.dumps(summary))
     return 0
 
 

@@ -29,6 +29,11 @@ class HybridCausalLMOutput(ModelOutput):
     hidden_states: torch.Tensor | None = None
 
 
+def layer_generator(seed: int, layer_idx: int) -> torch.Generator:
+    """The random generator of layer ``layer_idx``'s new parameters."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+
+
 class HybridDecoderLayer(GradientCheckpointingLayer):
     """The teacher's decoder layer with its attention replaced by :class:`HybridAttention`."""
 
@@ -183,10 +188,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def init_new_parameters(self, seed: int) -> None:
-        """Re-initialise the new parameters deterministically from ``seed``."""
-        gen = torch.Generator().manual_seed(seed)
-        for layer in self.model.layers:
-            layer.self_attn.init_new_parameters(gen)
+        """Re-initialise the new parameters deterministically from ``seed`` (one generator per
+        layer, so a layer's values do not depend on the order layers are built in)."""
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.init_new_parameters(layer_generator(seed, i))
 
     def new_cache(self) -> HybridCache:
         """An empty decoding cache."""

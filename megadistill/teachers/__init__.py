@@ -4,8 +4,8 @@ from megadistill.teachers.registry import ADAPTERS, adapter_for, supported_famil
 
 
 def convert(teacher, seed: int = 0, **hybrid):
-    """See :func:`megadistill.teachers.convert.convert`."""
-    from megadistill.teachers.convert import convert as _convert
+    """See :func:`megadistill.teachers.conversion.convert`."""
+    from megadistill.teachers.conversion import convert as _convert
 
     return _convert(teacher, seed=seed, **hybrid)
 

@@ -121,51 +121,6 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a teacher from a Hugging Face folder, with clear errors for missing/corrupt files."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"teacher folder {path} has no config.json")
-    cfg = AutoConfig.from_pretrained(path)
-    check_teacher_config(cfg)
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise CheckpointError(f"teacher folder {path} has no weight files (*.safetensors or *.bin)")
-    _check_weight_shapes(path, cfg)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"could not read the teacher weights in {path}: {exc}") from exc
-
-
-def _check_weight_shapes(path: Path, cfg: PretrainedConfig) -> None:
-    """Compare safetensors headers with the shapes config.json implies (meta device, no memory)."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        expected = {
-            k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()
-        }
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(file, framework="pt") as fh:
-                for name in fh.keys():
-                    shape = tuple(fh.get_slice(name).get_shape())
-                    if name in expected and shape != expected[name]:
-                        raise CheckpointError(
-                            f"teacher weight '{name}' in {file.name} has shape {shape} but "
-                            f"config.json implies {expected[name]}: mismatched head_dim/heads?"
-                        )
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise CheckpointError(
-                f"teacher weight file {file} is corrupt or truncated: {exc}"
-            ) from exc
-
-
 def convert_pretrained(
     teacher_path: str | Path,
     out_dir: str | Path,
@@ -173,31 +128,216 @@ def convert_pretrained(
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
-    """Convert a teacher folder into a student folder (written atomically, with checksums)."""
+    """Convert a teacher folder into a student folder, shard by shard, never holding a model.
+
+    The student's shared weights are the teacher's tensors under the same names, so the teacher's
+    safetensors shards are linked (or copied) as they are; the new parameters (a small fraction)
+    are generated layer by layer into one extra shard, and a new index maps every name. Peak
+    memory is one layer's new parameters plus one tensor while fingerprinting. The folder is
+    written atomically with checksums.
+    """
     hybrid = _parse_overrides(overrides)
     seed = int(hybrid.pop("seed", seed))
-    out_dir = Path(out_dir)
+    teacher_path, out_dir = Path(teacher_path), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise MegadistillError(
             f"output {out_dir} already exists; remove it or choose another --out"
         )
-    teacher = load_teacher(teacher_path)
+    cfg = _teacher_config(teacher_path)
     try:
-        student, fp = convert(teacher, seed=seed, **hybrid)
+        student_cfg = HybridConfig.from_teacher(cfg, **hybrid)
     except ValueError as exc:
         raise MegadistillError(str(exc)) from exc
+    teacher_files = _weight_index(teacher_path)
+    with torch.device("meta"):
+        skeleton = HybridForCausalLM(student_cfg)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    new_names = set(skeleton.new_parameter_names())
+    _check_streamed_weights(teacher_path, teacher_files, expected, new_names, student_cfg)
+    dtype = _stored_dtype(teacher_path, teacher_files)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        student.save_pretrained(tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json"):  # fmt: skip
-            src = Path(teacher_path) / name
+        new = _new_parameters(skeleton, seed, dtype)
+        _write_weights(tmp, teacher_path, teacher_files, new)
+        student_cfg.dtype = str(dtype).removeprefix("torch.")
+        student_cfg.save_pretrained(tmp)
+        for name in _SIDE_FILES:
+            src = teacher_path / name
             if src.is_file():
                 shutil.copy2(src, tmp / name)
-        meta = {"fingerprint": fp, "seed": seed, "teacher": str(Path(teacher_path).resolve()),
+        fp = _fingerprint_folder(tmp, expected, student_cfg.tie_word_embeddings)
+        meta = {"fingerprint": fp, "seed": seed, "teacher": str(teacher_path.resolve()),
                 "hybrid": hybrid}  # fmt: skip
         (tmp / INIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("converted %s -> %s (fingerprint %s)", teacher_path, out_dir, fp[:12])
     return out_dir
+
+
+_SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+)  # fmt: skip
+NEW_PARAMS_FILE = "model-hybrid-new-parameters.safetensors"
+
+
+def _teacher_config(path: Path) -> PretrainedConfig:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"teacher folder {path} has no config.json")
+    cfg = AutoConfig.from_pretrained(path)
+    check_teacher_config(cfg)
+    return cfg
+
+
+def _weight_index(path: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file of a teacher folder (index or a single file)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is corrupt: {exc}") from exc
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(
+                f"teacher weight file {path / missing[0]} listed in the index is missing"
+            )
+        return dict(weight_map)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"teacher folder {path} has no weight files (*.safetensors); convert .bin "
+            "checkpoints with `save_pretrained(..., safe_serialization=True)` first"
+        )
+    out = {}
+    for f in files:
+        for name in _safetensors_header(f):
+            out[name] = f.name
+    return out
+
+
+def _safetensors_header(file: Path) -> dict[str, Any]:
+    """The header of a safetensors file (name -> dtype, shape, offsets), validated."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"teacher weight file {file} is corrupt or truncated: {exc}") from exc
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"teacher weight file {file} is truncated ({size} bytes, its header needs {8 + n + end})"
+        )
+    return header
+
+
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+def _check_streamed_weights(
+    path: Path,
+    files: dict[str, str],
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    new_names: set[str],
+    cfg: HybridConfig,
+) -> None:
+    headers = {f: _safetensors_header(path / f) for f in sorted(set(files.values()))}
+    for name, file in files.items():
+        if name not in expected:
+            continue  # e.g. stale rotary buffers: transformers ignores them on load
+        shape = tuple(headers[file][name]["shape"])
+        if shape != expected[name][0]:
+            raise MegadistillError(
+                f"teacher weight '{name}' in {file} has shape {shape} but config.json implies "
+                f"{expected[name][0]}: mismatched head_dim/heads in config.json?"
+            )
+    tied = cfg.tie_word_embeddings
+    missing = [
+        n for n in expected
+        if n not in files and n not in new_names and not (tied and n == "lm_head.weight")
+    ]  # fmt: skip
+    if missing:
+        raise MegadistillError(f"teacher is missing weight '{missing[0]}' ({len(missing)} in all)")
+
+
+def _stored_dtype(path: Path, files: dict[str, str]) -> torch.dtype:
+    name = next(n for n in sorted(files) if n.endswith("q_proj.weight"))
+    code = _safetensors_header(path / files[name])[name]["dtype"]
+    if code not in _ST_DTYPES:
+        raise MegadistillError(
+            f"teacher weights have dtype {code}; expected one of {list(_ST_DTYPES)}"
+        )
+    return _ST_DTYPES[code]
+
+
+def _new_parameters(
+    skeleton: HybridForCausalLM, seed: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The new parameters, initialised layer by layer exactly as ``init_new_parameters`` does."""
+    from megadistill.model.attention import NEW_PARAMETER_MODULES
+    from megadistill.model.modeling import layer_generator
+
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(skeleton.model.layers):
+        attn = layer.self_attn
+        for mod in NEW_PARAMETER_MODULES:
+            getattr(attn, mod).to_empty(device="cpu")
+        attn.init_new_parameters(layer_generator(seed, i))
+        for mod in NEW_PARAMETER_MODULES:
+            for pname, p in getattr(attn, mod).named_parameters():
+                out[f"model.layers.{i}.self_attn.{mod}.{pname}"] = p.detach().to(dtype).clone()
+            getattr(attn, mod).to("meta")
+    return out
+
+
+def _write_weights(
+    tmp: Path, teacher: Path, files: dict[str, str], new: dict[str, torch.Tensor]
+) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    for f in sorted(set(files.values())):
+        try:
+            os.link(teacher / f, tmp / f)  # same filesystem: no copy, and never written to
+        except OSError:
+            shutil.copy2(teacher / f, tmp / f)
+    save_file(new, str(tmp / NEW_PARAMS_FILE), metadata={"format": "pt"})
+    weight_map = {**files, **{k: NEW_PARAMS_FILE for k in new}}
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    single = tmp / "model.safetensors"
+    if single.exists() and "model.safetensors" in files.values():
+        # transformers prefers an index over a lone model.safetensors only when the name differs.
+        os.replace(single, tmp / "model-teacher.safetensors")
+        weight_map = {k: ("model-teacher.safetensors" if v == "model.safetensors" else v)
+                      for k, v in weight_map.items()}  # fmt: skip
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _fingerprint_folder(folder: Path, expected: dict[str, Any], tied: bool) -> str:
+    """:func:`fingerprint` of the model a folder loads into, one tensor at a time."""
+    from safetensors import safe_open
+
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    digest = hashlib.sha256()
+    for name in sorted(expected):
+        src = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
+        with safe_open(folder / weight_map[src], framework="pt") as fh:
+            t = fh.get_tensor(src).contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def shipped_configs() -> dict[str, Path]:

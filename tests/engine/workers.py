@@ -28,7 +28,7 @@ FROZEN = "model.embed_tokens.weight"
 def write_models(folder: str) -> str:
     """A tiny Llama teacher in ``folder/teacher`` and its converted hybrid student in
     ``folder/student``; return the student's fingerprint."""
-    from megadistill.teachers.convert import INIT_FILE, convert_pretrained
+    from megadistill.teachers.conversion import INIT_FILE, convert_pretrained
     from megadistill.testing import tiny_teacher
 
     tiny_teacher("llama", seed=0).save_pretrained(Path(folder) / "teacher")

@@ -104,7 +104,7 @@ def _train_and_save(
 
 
 def _student() -> tuple[torch.nn.Module, str]:
-    from megadistill.teachers.convert import convert
+    from megadistill.teachers.conversion import convert
     from megadistill.testing import tiny_teacher
 
     teacher = tiny_teacher("llama", tie_word_embeddings=True)

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from megadistill.assets import byte_tokenizer
 from megadistill.cli import main
 from megadistill.integrity import verify_manifest
-from megadistill.teachers.convert import (
+from megadistill.teachers import convert
+from megadistill.teachers.conversion import (
     INIT_FILE,
     count_parameters,
     load_teacher_config,
@@ -108,3 +109,19 @@ def test_real_7b_configs_convert_on_meta(name):
     assert counts["teacher"] > 6.5e9
     assert counts["student"] == counts["teacher"] + counts["new"]
     assert 0 < counts["new"] / counts["student"] < 0.01
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_streaming_conversion_of_sharded_teacher_equals_in_memory(family, tmp_path):
+    teacher = tiny_teacher(family, tie_word_embeddings=family == "olmo2")
+    teacher.save_pretrained(tmp_path / "teacher", max_shard_size="30KB")
+    assert len(list((tmp_path / "teacher").glob("*.safetensors"))) > 3
+    out = main(["convert", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "s"),
+                "seed=5", "window=8"])  # fmt: skip
+    assert out == 0
+    in_memory, fp = convert(teacher, seed=5, window=8)
+    assert json.loads((tmp_path / "s" / INIT_FILE).read_text())["fingerprint"] == fp
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, in_memory(ids).logits, rtol=0, atol=0)

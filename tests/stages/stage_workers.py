@@ -10,7 +10,7 @@ TEXT = "/usr/share/common-licenses/GPL-3"  # real English prose, on every Debian
 def make_models(root: Path) -> None:
     """Tiny Llama teacher + byte tokenizer, and its converted student (window 16, 2 sinks)."""
     from megadistill.assets import byte_tokenizer
-    from megadistill.teachers.convert import convert_pretrained
+    from megadistill.teachers.conversion import convert_pretrained
     from megadistill.testing import tiny_teacher
 
     (root / "gpl3.txt").write_text(Path(TEXT).read_text())
