@@ -19,6 +19,7 @@ from megadistill.merge.hf_writer import INDEX_FILE, SAFETENSORS_DTYPES
 from megadistill.merge.zero_reader import TensorSpec
 
 _DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+INIT_FILE = "megadistill_init.json"
 
 
 class HFWeights:
@@ -45,8 +46,16 @@ class HFWeights:
             self.close()
             raise
 
-    name = property(lambda self: str(self.folder))
-    fingerprint = property(lambda self: None)
+    @property
+    def name(self) -> str:
+        return str(self.folder)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The initial student's fingerprint, when the folder records it (converted students and
+        stage outputs carry ``megadistill_init.json``)."""
+        init = self.folder / INIT_FILE
+        return json.loads(init.read_text()).get("fingerprint") if init.is_file() else None
 
     def _files(self) -> list[Path]:
         index = self.folder / INDEX_FILE

@@ -214,9 +214,13 @@ def test_inspect_cli_and_universal(experts: Path, tmp_path: Path) -> None:
     # The pipeline's merge step: `megadistill merge --config merge.yaml --out DIR`.
     import yaml
 
+    # An expert job leaves its stage II checkpoints in <run_dir>/experts/<name>/distill/checkpoints.
+    run_expert = tmp_path / "run" / "experts" / "e1"
+    shutil.copytree(experts / "expert_1", run_expert / "distill" / "checkpoints")
+    checkpoints = [experts / "expert_0", run_expert]
     step = {
         "experts": [
-            {"name": f"e{k}", "weight": w, "checkpoint": str(experts / f"expert_{k}")}
+            {"name": f"e{k}", "weight": w, "checkpoint": str(checkpoints[k])}
             for k, w in enumerate([0.25, 0.75])
         ],
         "merge": {"dtype": "bfloat16"},
@@ -226,6 +230,7 @@ def test_inspect_cli_and_universal(experts: Path, tmp_path: Path) -> None:
     assert main(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(out)]) == 0
     info = json.loads((out / "merge.json").read_text())
     assert info["config"]["weights"] == [0.25, 0.75] and info["config"]["dtype"] == "bfloat16"
+    assert info["experts"][1]["path"] == str(run_expert / "distill" / "checkpoints" / TAG)
     assert main(["merge", str(experts / "expert_0"), "--out", str(out)]) == 2  # exists already
     universal = to_universal(experts / "expert_0", tmp_path / "universal")
     assert (universal / "zero" / "lm_head.weight" / "fp32.pt").is_file()
