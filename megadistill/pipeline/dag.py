@@ -1,4 +1,4 @@
-"""The pipeline DAG: expert array -> merge -> final distillation -> evaluation.
+"""The pipeline DAG: convert -> expert array -> merge -> final distillation -> evaluation.
 
 :func:`build_dag` turns a recipe into :class:`Step` objects, each with the resolved argv lists it
 runs (one list of commands per array task). :func:`step_commands` is the single place where the
@@ -9,8 +9,9 @@ Run directory layout::
 
     RUN_DIR/recipe.yaml              the resolved recipe
     RUN_DIR/plan.json                the steps, their dependencies, resources and commands
-    RUN_DIR/configs/<step>.yaml      the stage settings each command reads
-    RUN_DIR/experts/<name>/          each expert's output (stage I, stage II checkpoints)
+    RUN_DIR/configs/*.yaml           the stage configs the commands read
+    RUN_DIR/student/                 the initial student (converted once, shared by all experts)
+    RUN_DIR/experts/<name>/          each expert's output: align/ (stage I), distill/ (stage II)
     RUN_DIR/merged/  final/  eval/   later steps' outputs
     RUN_DIR/logs/<step>/             job logs
     RUN_DIR/jobs.json                SLURM job ids (written by ``pipeline submit``)
@@ -19,6 +20,7 @@ Run directory layout::
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ import yaml
 from megadistill.config import to_dict
 from megadistill.errors import MegadistillError
 from megadistill.integrity import atomic_write_json, atomic_write_text
-from megadistill.pipeline.recipe import PipelineRecipe, Resources
+from megadistill.pipeline.recipe import STEP_NAMES, PipelineRecipe, Resources
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = 1
@@ -67,47 +69,94 @@ class Step:
         return self.name == "expert"
 
 
-def _megadistill() -> list[str]:
-    # The same interpreter that built the plan runs the jobs (shared filesystem on clusters).
-    return [sys.executable, "-m", "megadistill.cli"]
+def _literal(text: str) -> str:
+    """Escape braces so a literal value survives ``str.format`` in a template."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
-def default_commands(step: str) -> list[list[str]]:
-    """The ``megadistill`` stage commands of ``step`` as templates (see ``TEMPLATE_FIELDS``).
+def _override(key: str, value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)  # JSON is YAML flow syntax
+    return _literal(f"{key}={text}")
 
-    This is the wiring point to the stage CLIs: each stage reads its settings from
-    ``{run_dir}/configs/<step>.yaml`` and writes under ``{step_dir}``.
+
+def default_commands(recipe: PipelineRecipe, step: str) -> list[list[str]]:
+    """The ``megadistill`` commands of ``step`` as templates (see ``TEMPLATE_FIELDS``).
+
+    The single place where the pipeline meets the stage CLIs: ``convert`` writes the initial
+    student once, each expert runs stage I then stage II from its own stage YAML (``--resume``:
+    a requeued job continues from its newest checkpoint), ``merge`` reads the experts' ZeRO-3
+    checkpoints, ``final`` is a stage II run from the merged model, ``eval`` compares it with the
+    teacher.
     """
     md = ["{python}", "-m", "megadistill.cli"]
+    configs = "{run_dir}/configs"
+    if step == "convert":
+        hybrid = [_override(k, v) for k, v in recipe.hybrid.items()]
+        return [[*md, "convert", "--teacher", "{teacher}", "--out", "{step_dir}",
+                 "seed={seed}", *hybrid]]  # fmt: skip
     if step == "expert":
         return [
-            [*md, "align", "--config", "{config}", "--out", "{step_dir}/align"],
-            [*md, "distill", "--config", "{config}", "--init", "{step_dir}/align",
-             "--out", "{step_dir}/distill"],
-        ]  # fmt: skip
-    if step == "merge":
-        return [[*md, "merge", "--config", "{config}", "--out", "{step_dir}"]]
-    if step == "final":
-        return [[*md, "distill", "--config", "{config}", "--init", "{run_dir}/merged",
-                 "--out", "{step_dir}"]]  # fmt: skip
-    if step == "eval":
-        return [[*md, "eval", "--config", "{config}", "--student", "{run_dir}/final",
-                 "--out", "{step_dir}"]]  # fmt: skip
-    raise PipelineError(f"unknown step {step!r}; steps are expert, merge, final, eval")
-
-
-def _step_config(recipe: PipelineRecipe, step: str, run_dir: Path) -> dict[str, Any]:
-    """The settings file a step's commands read (``{config}``)."""
-    base = {"teacher": recipe.teacher, "seed": recipe.seed, "run_dir": str(run_dir)}
-    if step == "expert":
-        return {**base, "align": recipe.align, "distill": recipe.distill}
-    if step == "merge":
-        experts = [
-            {"name": e.name, "weight": w, "checkpoint": str(run_dir / "experts" / e.name)}
-            for e, w in zip(recipe.experts, recipe.weights)
+            [*md, "align", f"{configs}/expert_{{expert}}.align.yaml", "--resume"],
+            [*md, "distill", f"{configs}/expert_{{expert}}.distill.yaml", "--resume"],
         ]
-        return {**base, "experts": experts, "merge": recipe.merge}
-    return {**base, step: getattr(recipe, step)}
+    if step == "merge":
+        return [[*md, "merge", "--config", "{config}", "--out", "{step_dir}", "--overwrite"]]
+    if step == "final":
+        return [[*md, "distill", "{config}", "--resume"]]
+    if step == "eval":
+        flags = []
+        for key, value in recipe.eval.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                flags.append(flag)
+            elif isinstance(value, list):
+                flags += [flag, *(_literal(str(v)) for v in value)]
+            elif value is not False and value is not None:
+                flags += [flag, _literal(str(value))]
+        return [[*md, "eval", "--teacher", "{teacher}", "--student", "{run_dir}/final/final",
+                 "--out", "{step_dir}", *flags]]  # fmt: skip
+    raise PipelineError(f"unknown step {step!r}; steps are {', '.join(STEP_NAMES)}")
+
+
+STEP_DIRS = {"convert": "student", "merge": "merged", "final": "final", "eval": "eval"}
+"""Output folder of each single-job step inside the run directory (experts: experts/<name>)."""
+
+
+def _stage_yaml(
+    section: dict[str, Any], stage: str, student: Path, out_dir: Path, teacher: str,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A stage config: the recipe section plus the paths the DAG decides."""
+    cfg = {**section, "stage": stage, "student": str(student), "teacher": teacher,
+           "out_dir": str(out_dir)}  # fmt: skip
+    if data:
+        cfg["data"] = {**(section.get("data") or {}), **data}
+    return cfg
+
+
+def step_configs(recipe: PipelineRecipe, run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every config file the steps read, by file name under ``RUN_DIR/configs``."""
+    base = {"teacher": recipe.teacher, "seed": recipe.seed, "run_dir": str(run_dir)}
+    student0 = run_dir / STEP_DIRS["convert"]
+    out = {"convert.yaml": {**base, "hybrid": recipe.hybrid}}
+    for e in recipe.experts:
+        root = run_dir / "experts" / e.name
+        align = _stage_yaml(recipe.align, "align", student0, root / "align", recipe.teacher, e.data)
+        distill = _stage_yaml(recipe.distill, "distill", root / "align" / "final",
+                              root / "distill", recipe.teacher, e.data)  # fmt: skip
+        out[f"expert_{e.name}.align.yaml"] = align
+        out[f"expert_{e.name}.distill.yaml"] = distill
+        out[f"expert_{e.name}.yaml"] = {**base, "expert": to_dict(e), "align": align,
+                                        "distill": distill}  # fmt: skip
+    experts = [
+        {"name": e.name, "weight": w, "checkpoint": str(run_dir / "experts" / e.name)}
+        for e, w in zip(recipe.experts, recipe.weights)
+    ]
+    out["merge.yaml"] = {**base, "experts": experts, "merge": recipe.merge}
+    out["final.yaml"] = _stage_yaml(recipe.final, "distill", run_dir / STEP_DIRS["merge"],
+                                    run_dir / STEP_DIRS["final"], recipe.teacher)  # fmt: skip
+    out["eval.yaml"] = {**base, "eval": recipe.eval}
+    return out
 
 
 def step_commands(recipe: PipelineRecipe, step: str, run_dir: Path) -> list[list[list[str]]]:
@@ -115,10 +164,10 @@ def step_commands(recipe: PipelineRecipe, step: str, run_dir: Path) -> list[list
 
     Args:
         recipe: the validated recipe.
-        step: one of ``expert``, ``merge``, ``final``, ``eval``.
+        step: one of ``STEP_NAMES``.
         run_dir: absolute run directory.
     """
-    templates = getattr(recipe.commands, step) or default_commands(step)
+    templates = getattr(recipe.commands, step) or default_commands(recipe, step)
     tasks = list(enumerate(recipe.experts)) if step == "expert" else [(0, None)]
     weights = recipe.weights
     out = []
@@ -128,36 +177,33 @@ def step_commands(recipe: PipelineRecipe, step: str, run_dir: Path) -> list[list
             "python": sys.executable,
             "run_dir": str(run_dir),
             "repo": str(REPO_ROOT),
+            "teacher": recipe.teacher,
+            "seed": str(recipe.seed),
             "expert": name,
             "index": str(index),
             "weight": repr(weights[index]) if expert is not None else "",
-            "step_dir": str(run_dir / ("experts/" + name if expert is not None else _out(step))),
+            "step_dir": str(run_dir / (f"experts/{name}" if expert else STEP_DIRS[step])),
             "config": str(
-                run_dir / "configs" / (f"expert_{name}.yaml" if name else f"{step}.yaml")
+                run_dir / "configs" / (f"expert_{name}.yaml" if expert else f"{step}.yaml")
             ),
         }
         out.append([[arg.format(**fields) for arg in argv] for argv in templates])
     return out
 
 
-def _out(step: str) -> str:
-    return {"merge": "merged", "final": "final", "eval": "eval"}[step]
-
-
 def build_dag(recipe: PipelineRecipe, run_dir: str | Path) -> list[Step]:
     """The recipe's steps in dependency order (each step's ``after`` precedes it)."""
     run_dir = Path(run_dir).resolve()
-    after = {"expert": (), "merge": ("expert",), "final": ("merge",), "eval": ("final",)}
     return [
         Step(
             name=name,
-            after=after[name],
+            after=STEP_NAMES[i - 1 : i],
             resources=getattr(recipe.resources, name),
             commands=tuple(
                 tuple(tuple(argv) for argv in task) for task in step_commands(recipe, name, run_dir)
             ),
         )
-        for name in ("expert", "merge", "final", "eval")
+        for i, name in enumerate(STEP_NAMES)
     ]
 
 
@@ -165,17 +211,12 @@ def write_plan(recipe: PipelineRecipe, run_dir: str | Path) -> list[Step]:
     """Create the run directory: recipe, per-step configs, log folders and ``plan.json``."""
     run_dir = Path(run_dir).resolve()
     steps = build_dag(recipe, run_dir)
-    for sub in ("configs", "logs", "experts"):
+    shutil.rmtree(run_dir / "state", ignore_errors=True)  # a new plan redoes every command
+    for sub in ("configs", "experts", *(f"logs/{s.name}" for s in steps)):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    for step in ("merge", "final", "eval"):
-        cfg = _step_config(recipe, step, run_dir)
-        atomic_write_text(run_dir / "configs" / f"{step}.yaml", yaml.safe_dump(cfg))
-    for expert in recipe.experts:
-        cfg = {**_step_config(recipe, "expert", run_dir), "expert": to_dict(expert)}
-        atomic_write_text(run_dir / "configs" / f"expert_{expert.name}.yaml", yaml.safe_dump(cfg))
-    for step in steps:
-        (run_dir / "logs" / step.name).mkdir(parents=True, exist_ok=True)
+    for name, cfg in step_configs(recipe, run_dir).items():
+        atomic_write_text(run_dir / "configs" / name, yaml.safe_dump(cfg, sort_keys=False))
     plan = {
         "format": PLAN_FORMAT,
         "name": recipe.name,

@@ -5,14 +5,15 @@ A recipe is one YAML file (plus dotted overrides) describing a whole run::
     name: olmo3-7b
     teacher: allenai/Olmo-3-1025-7B
     seed: 0
+    hybrid: {window: 512, num_sinks: 4}  # student architecture, passed to `megadistill convert`
     experts:
       - {name: math, data: {...}}          # merge weight: uniform unless every expert sets one
       - {name: code, data: {...}, weight: 0.5}
-    align: {...}      # stage I settings for every expert (opaque here; the stage owns them)
+    align: {...}      # stage I config of every expert (a stage YAML; the stage validates it)
     distill: {...}    # stage II settings for every expert
     merge: {...}      # merge tool options
-    final: {...}      # final full-model distillation
-    eval: {...}       # evaluation
+    final: {...}      # final full-model distillation (a stage II config)
+    eval: {...}       # `megadistill eval` options (tasks, limit, ...)
     resources:
       expert: {nodes: 4, gpus_per_node: 8, time: "2-00:00:00", partition: gpu}
       ...
@@ -32,10 +33,12 @@ from typing import Any, Literal
 
 from megadistill.config import ConfigError, from_dict, load_config
 
-STEP_NAMES = ("expert", "merge", "final", "eval")
+STEP_NAMES = ("convert", "expert", "merge", "final", "eval")
 """The pipeline's steps in dependency order."""
 
-TEMPLATE_FIELDS = ("python", "run_dir", "repo", "expert", "index", "weight", "step_dir", "config")
+TEMPLATE_FIELDS = (
+    "python", "run_dir", "repo", "teacher", "seed", "expert", "index", "weight", "step_dir", "config",
+)  # fmt: skip
 """Placeholders a command template may use (``{run_dir}``, ``{expert}``, ...)."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -114,6 +117,8 @@ class Resources:
 class StepResources:
     """Resources for each step of the DAG."""
 
+    convert: Resources = field(default_factory=Resources)
+    """Teacher -> initial student conversion (one rank; needs memory for the model)."""
     expert: Resources = field(default_factory=Resources)
     """One expert array task (stage I + II of one expert)."""
     merge: Resources = field(default_factory=Resources)
@@ -152,6 +157,8 @@ class Commands:
     a site's own tooling).
     """
 
+    convert: list[list[str]] | None = None
+    """Commands of the conversion job."""
     expert: list[list[str]] | None = None
     """Commands of one expert array task."""
     merge: list[list[str]] | None = None
@@ -183,7 +190,7 @@ def _check_template(where: str, text: str) -> None:
 
 @dataclass(kw_only=True)
 class PipelineRecipe:
-    """A whole distillation run: K experts -> merge -> final distillation -> evaluation."""
+    """A whole run: convert -> K experts -> merge -> final distillation -> evaluation."""
 
     name: str
     """Run name, used for job names and the default run directory."""
@@ -191,18 +198,20 @@ class PipelineRecipe:
     """Teacher model: a Hugging Face id or local folder."""
     seed: int = 0
     """Seed of the new student parameters; every expert starts from the same initial student."""
+    hybrid: dict[str, Any] = field(default_factory=dict)
+    """Student architecture settings for ``megadistill convert`` (e.g. window, num_sinks)."""
     experts: list[Expert]
     """The experts, one SLURM array task each."""
     align: dict[str, Any] = field(default_factory=dict)
-    """Stage I (layer-wise alignment) settings shared by every expert."""
+    """Stage I config shared by every expert; each expert's ``data`` overrides its ``data`` keys."""
     distill: dict[str, Any] = field(default_factory=dict)
-    """Stage II (sparse distillation) settings shared by every expert."""
+    """Stage II config shared by every expert (same ``data`` rule)."""
     merge: dict[str, Any] = field(default_factory=dict)
     """Merge options (method, dtype, ...)."""
     final: dict[str, Any] = field(default_factory=dict)
-    """Final full-model distillation of the merged student."""
+    """Stage II config of the final full-model distillation of the merged student."""
     eval: dict[str, Any] = field(default_factory=dict)
-    """Evaluation settings (tasks, limits)."""
+    """``megadistill eval`` options, e.g. ``{tasks: "arc_easy,piqa", limit: 500}``."""
     resources: StepResources = field(default_factory=StepResources)
     """Cluster resources per step."""
     commands: Commands = field(default_factory=Commands)

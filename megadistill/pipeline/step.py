@@ -22,6 +22,8 @@ trainer's ``megadistill.engine.signals.EXIT_PREEMPTED`` (128 + SIGTERM; kept equ
 imported, because that module needs torch). ``slurm/entrypoint.sh`` requeues the job on it."""
 
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+STATE_DIR = "state"
+"""Folder of the run directory where ranks mark the commands they finished."""
 log = logging.getLogger(__name__)
 
 
@@ -66,8 +68,16 @@ def _run_forwarding(argv: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
+def _marker(run_dir: str | Path, step: str, index: int, cmd: int, rank: int) -> Path:
+    return Path(run_dir) / STATE_DIR / f"{step}_{index}" / f"cmd{cmd}.rank{rank}.done"
+
+
 def run_step(run_dir: str | Path, step: str, index: int | None = None) -> int:
     """Run the commands of one array task of ``step`` in this rank; return the exit code.
+
+    A command that every rank finished in an earlier attempt of this task (a requeued job) is
+    skipped, so a preempted expert does not redo stage I; the stages themselves resume from
+    their newest checkpoint.
 
     Args:
         run_dir: the run directory holding ``plan.json``.
@@ -76,12 +86,18 @@ def run_step(run_dir: str | Path, step: str, index: int | None = None) -> int:
     """
     idx = task_index(index)
     commands = step_task_commands(run_dir, step, idx)
-    rank = os.environ.get("RANK", "0")
-    for argv in commands:
-        log.debug("rank %s, %s[%d]: %s", rank, step, idx, " ".join(argv))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    for i, argv in enumerate(commands):
+        if all(_marker(run_dir, step, idx, i, r).exists() for r in range(world)):
+            log.info("%s[%d]: command %d finished in an earlier attempt; skipping", step, idx, i)
+            continue
+        log.debug("rank %d, %s[%d]: %s", rank, step, idx, " ".join(argv))
         code = _run_forwarding(argv)
         if code != 0:
-            if rank == "0":
-                log.error("%s[%d]: %s exited with %d", step, idx, argv[0], code)
+            if rank == 0:
+                log.error("%s[%d]: %s exited with %d", step, idx, " ".join(argv[:4]), code)
             return code
+        marker = _marker(run_dir, step, idx, i, rank)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     return 0

@@ -23,7 +23,7 @@ def slurm_cluster() -> Iterator[LocalSlurmCluster]:
 def dag_recipe(
     name: str, experts: list[str], fail: str | None = None, **extra: Any
 ) -> PipelineRecipe:
-    """2-rank all-reduce experts -> merge -> 2-rank final -> eval, writing into RUN_DIR/out."""
+    """convert -> 2-rank all-reduce experts -> merge -> 2-rank final -> eval, into RUN_DIR/out."""
     fail_args = ["--fail", fail] if fail else []
     two_ranks = {"nodes": 1, "tasks_per_node": 2, "time": "00:05:00", "signal_before_s": 60}
     one_rank = {"nodes": 1, "tasks_per_node": 1, "time": "00:05:00", "signal_before_s": 60}
@@ -33,6 +33,7 @@ def dag_recipe(
         "experts": [{"name": e, "data": {"source": e}} for e in experts],
         "resources": {"expert": two_ranks, "merge": one_rank, "final": two_ranks, "eval": one_rank},
         "commands": {
+            "convert": [[*JOBS, "convert", "{run_dir}/out", "{seed}"]],
             "expert": [[*JOBS, "expert", "{run_dir}/out", "{expert}", "{index}", *fail_args]],
             "merge": [[*JOBS, "merge", "{run_dir}/out", "{config}"]],
             "final": [[*JOBS, "final", "{run_dir}/out"]],

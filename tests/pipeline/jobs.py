@@ -4,6 +4,7 @@ Each is started in every rank by ``slurm/entrypoint.sh`` (srun or local launcher
 ``megadistill pipeline step``; the multi-rank ones form a gloo process group from the environment
 the entrypoint exports and all-reduce, so a wrong RANK/WORLD_SIZE/MASTER_* fails them.
 
+    convert OUT SEED                       writes OUT/student.json
     expert  OUT NAME INDEX [--fail NAME]   2-rank all-reduce of (rank+1)*(INDEX+1) -> OUT/NAME.json
     merge   OUT CONFIG                     weighted sum of the experts' values -> OUT/merged.json
     final   OUT                            2-rank all-reduce of the merged value -> OUT/final.json
@@ -51,11 +52,17 @@ def _allreduce(value: float) -> tuple[float, int, int]:
     return float(t.item()), rank, world
 
 
+def convert(out: Path, seed: str) -> None:
+    start = time.time()
+    _write(out / "student.json", {"start": start, "end": time.time(), "seed": int(seed)})
+
+
 def expert(out: Path, name: str, index: int, fail: str | None) -> None:
     if name == fail:
         print(f"expert {name}: failing on purpose", file=sys.stderr)
         sys.exit(3)
     start = time.time()
+    assert json.loads((out / "student.json").read_text())["seed"] == 0  # convert ran first
     rank = int(os.environ["RANK"])
     value, rank, world = _allreduce((rank + 1) * (index + 1))
     time.sleep(0.3)
@@ -136,7 +143,9 @@ def main() -> None:
     p.add_argument("--fail")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    if a.program == "expert":
+    if a.program == "convert":
+        convert(a.out, a.args[0])
+    elif a.program == "expert":
         expert(a.out, a.args[0], int(a.args[1]), a.fail)
     elif a.program == "merge":
         merge(a.out, Path(a.args[0]))

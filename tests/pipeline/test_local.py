@@ -28,6 +28,7 @@ def test_local_run_executes_the_dag_in_order(tmp_path, monkeypatch):
     assert out["math"]["world_size"] == out["final"]["world_size"] == 2  # 2 local ranks each
     assert out["math"]["job"] is None  # not a SLURM job
     assert out["merged"]["value"] == 4.5 and out["eval"]["value"] == 9.0
+    assert out["math"]["start"] >= out["student"]["end"]
     assert out["code"]["start"] >= out["math"]["end"]  # experts one after the other locally
     assert out["merged"]["start"] >= out["code"]["end"]
     assert out["final"]["start"] >= out["merged"]["end"] >= out["merged"]["start"]

@@ -15,7 +15,8 @@ from megadistill.pipeline.step import REQUEUE_EXIT_CODE, step_task_commands
 
 
 def _recipe(**kw):
-    return {"name": "r", "teacher": "t", "experts": [{"name": "a"}, {"name": "b"}], **kw}
+    experts = [{"name": "a", "data": {"source": "a"}}, {"name": "b", "data": {"source": "b"}}]
+    return {"name": "r", "teacher": "t", "experts": experts, **kw}
 
 
 def test_weights_are_uniform_by_default_and_explicit_weights_are_kept():
@@ -58,21 +59,36 @@ def test_yaml_recipe_with_overrides(tmp_path):
 
 
 def test_dag_default_commands_and_plan(tmp_path):
-    recipe = recipe_from_dict(_recipe(align={"lr": 0.01}))
+    recipe = recipe_from_dict(
+        _recipe(hybrid={"window": 16}, seed=3, align={"optim": {"lr": 0.01}, "data": {"seq_len": 64}},
+                eval={"tasks": "arc_easy", "limit": 10, "no_cache": True})
+    )  # fmt: skip
     steps = build_dag(recipe, tmp_path)
     assert [(s.name, s.after, s.num_tasks) for s in steps] == [
-        ("expert", (), 2), ("merge", ("expert",), 1), ("final", ("merge",), 1),
-        ("eval", ("final",), 1),
+        ("convert", (), 1), ("expert", ("convert",), 2), ("merge", ("expert",), 1),
+        ("final", ("merge",), 1), ("eval", ("final",), 1),
     ]  # fmt: skip
-    align, distill = steps[0].commands[1]
-    assert align[:5] == (sys.executable, "-m", "megadistill.cli", "align", "--config")
-    assert align[5] == str(tmp_path / "configs" / "expert_b.yaml")
-    assert distill[-1] == str(tmp_path / "experts" / "b" / "distill")
+    md = (sys.executable, "-m", "megadistill.cli")
+    (convert,) = steps[0].commands[0]
+    assert convert == (*md, "convert", "--teacher", "t", "--out", str(tmp_path / "student"),
+                       "seed=3", "window=16")  # fmt: skip
+    align, distill = steps[1].commands[1]
+    assert align == (*md, "align", str(tmp_path / "configs/expert_b.align.yaml"), "--resume")
+    assert distill[3:] == ("distill", str(tmp_path / "configs/expert_b.distill.yaml"), "--resume")
+    (ev,) = steps[4].commands[0]
+    assert ev[-5:] == ("--tasks", "arc_easy", "--limit", "10", "--no-cache")
 
     write_plan(recipe, tmp_path)
-    assert step_task_commands(tmp_path, "expert", 1) == [list(a) for a in steps[0].commands[1]]
-    cfg = yaml.safe_load((tmp_path / "configs" / "expert_b.yaml").read_text())
-    assert cfg["align"] == {"lr": 0.01} and cfg["expert"]["name"] == "b"
+    assert step_task_commands(tmp_path, "expert", 1) == [list(a) for a in steps[1].commands[1]]
+    cfg = yaml.safe_load((tmp_path / "configs" / "expert_b.align.yaml").read_text())
+    assert cfg["stage"] == "align" and cfg["optim"] == {"lr": 0.01} and cfg["teacher"] == "t"
+    assert cfg["student"] == str(tmp_path / "student")
+    assert cfg["out_dir"] == str(tmp_path / "experts/b/align")
+    assert cfg["data"] == {"seq_len": 64, "source": "b"}  # the expert's data over the stage's
+    cfg = yaml.safe_load((tmp_path / "configs" / "expert_b.distill.yaml").read_text())
+    assert cfg["student"] == str(tmp_path / "experts/b/align/final")
+    final = yaml.safe_load((tmp_path / "configs" / "final.yaml").read_text())
+    assert (final["stage"], final["student"]) == ("distill", str(tmp_path / "merged"))
     merge = yaml.safe_load((tmp_path / "configs" / "merge.yaml").read_text())
     assert [(e["name"], e["weight"]) for e in merge["experts"]] == [("a", 0.5), ("b", 0.5)]
     assert json.loads((tmp_path / "plan.json").read_text())["experts"] == ["a", "b"]
@@ -82,7 +98,7 @@ def test_sbatch_lines_carry_array_dependency_requeue_and_signal(tmp_path):
     res = {"nodes": 2, "gpus_per_node": 8, "time": "1-00:00:00", "partition": "gpu",
            "account": "proj", "mem": "0", "signal_before_s": 600}  # fmt: skip
     recipe = recipe_from_dict(_recipe(resources={"expert": res}))
-    expert, merge = build_dag(recipe, tmp_path)[:2]
+    expert, merge = build_dag(recipe, tmp_path)[1:3]
     argv = sbatch_args(expert, tmp_path, "r-expert")
     for flag in ("--parsable", "--array=0-1", "--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8",
                  "--requeue", "--signal=B:USR1@600", "--partition=gpu", "--account=proj",

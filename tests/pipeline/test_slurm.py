@@ -31,11 +31,13 @@ def _explain(rows: list[slurm.TaskStatus], run_dir: Path) -> str:
 
 def _preempt_recipe():
     noop = [["/bin/true"]]
+    # a first command that finishes before the preemption: the requeued job must not redo it
+    stage1 = ["/bin/sh", "-c", "mkdir -p {run_dir}/out && echo $RANK >> {run_dir}/out/stage1.log"]
     return recipe_from_dict({
         "name": "preempt", "teacher": "tiny-llama", "experts": [{"name": "long"}],
         "resources": {"expert": {"tasks_per_node": 2, "time": "00:05:00", "signal_before_s": 60}},
-        "commands": {"expert": [[*JOBS, "preemptible", "{run_dir}/out", "30"]],
-                     "merge": noop, "final": noop, "eval": noop},
+        "commands": {"expert": [stage1, [*JOBS, "preemptible", "{run_dir}/out", "30"]],
+                     "convert": noop, "merge": noop, "final": noop, "eval": noop},
     })  # fmt: skip
 
 
@@ -61,7 +63,8 @@ def _sbatch_user_script(tmp: Path) -> tuple[Path, dict]:
     """`sbatch slurm/distill_olmo7b.sh` with a no-op recipe: the DAG is submitted from a job."""
     noop = [["/bin/true"]]
     recipe = {"name": "user", "teacher": "tiny-llama", "experts": [{"name": "a"}, {"name": "b"}],
-              "commands": {"expert": noop, "merge": noop, "final": noop, "eval": noop}}  # fmt: skip
+              "commands": {"convert": noop, "expert": noop, "merge": noop, "final": noop,
+                           "eval": noop}}  # fmt: skip
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run_dir = tmp / "run"
     env = {**os.environ, "RECIPE": str(tmp / "recipe.yaml"), "RUN_DIR": str(run_dir),
@@ -85,13 +88,14 @@ def test_preempted_expert_requeues_and_resumes(runs):
     subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=30)
 
     rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
-    assert [r.state for r in rows] == ["COMPLETED"] * 4, _explain(rows, run_dir)
+    assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
     attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
     checkpoint = _load(out / "ckpt.json")["step"]
     assert 3 <= checkpoint < 30
     # the second run is SLURM's requeue of the same job and starts where the checkpoint left off
     assert attempts == [{"start_step": 0, "restart": 0}, {"start_step": checkpoint, "restart": 1}]
     assert _load(out / "done.json")["step"] == 30
+    assert sorted((out / "stage1.log").read_text().split()) == ["0", "1"]  # once per rank
     log = next((run_dir / "logs" / "expert").glob("*_0.out")).read_text()
     assert "got SIGUSR1; forwarding" in log and "requeueing job" in log
 
@@ -100,9 +104,10 @@ def test_dag_runs_in_dependency_order(runs, capsys):
     run_dir, jobs = runs["dag"]
     assert _load(run_dir / "jobs.json") == jobs
     rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
-    assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
+    assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
     assert [(r.step, r.task) for r in rows] == [
-        ("expert", "math"), ("expert", "code"), ("merge", ""), ("final", ""), ("eval", "")
+        ("convert", ""), ("expert", "math"), ("expert", "code"), ("merge", ""), ("final", ""),
+        ("eval", ""),
     ]  # fmt: skip
 
     out = run_dir / "out"
@@ -119,12 +124,14 @@ def test_dag_runs_in_dependency_order(runs, capsys):
     assert merged["value"] == 0.5 * 3.0 + 0.5 * 6.0  # uniform merge weights reached the merge
     assert final["value"] == 2 * merged["value"] and ev["value"] == final["value"]
     # afterok ordering: a step starts only after everything it depends on has ended
+    student = _load(out / "student.json")
+    assert min(math["start"], code["start"]) >= student["end"]
     assert merged["start"] >= max(math["end"], code["end"])
     assert final["start"] >= merged["end"] and ev["start"] >= final["end"]
 
     assert cli_main(["pipeline", "status", str(run_dir)]) == 0
     table = capsys.readouterr().out
-    assert table.count("COMPLETED") == 5 and "expert[code]" in table
+    assert table.count("COMPLETED") == 6 and "expert[code]" in table
 
 
 def test_failed_expert_stops_dependants_and_status_says_why(runs, capsys):
@@ -157,17 +164,17 @@ def test_user_script_submits_the_dag_from_a_job(runs, slurm_cluster):
         assert time.monotonic() < deadline
         time.sleep(0.5)
     jobs = _load(run_dir / "jobs.json")
-    assert list(jobs["steps"]) == ["eval", "expert", "final", "merge"]
+    assert sorted(jobs["steps"]) == ["convert", "eval", "expert", "final", "merge"]
     printed = info["log"].read_text()
     assert f"expert: {jobs['steps']['expert']['job_id']}" in printed
     rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
-    assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
+    assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
 
 
 def test_deepspeed_launcher_starts_the_ranks(runs):
     run_dir, _ = runs["deepspeed"]
     rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
-    assert [r.state for r in rows] == ["COMPLETED"] * 4, _explain(rows, run_dir)
+    assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
     solo = _load(run_dir / "out" / "solo.json")
     assert solo["world_size"] == 2 and solo["value"] == 3.0  # RANK/WORLD_SIZE from the launcher
     log = next((run_dir / "logs" / "expert").glob("*_0.out")).read_text()
