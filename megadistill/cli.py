@@ -72,6 +72,56 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "source",
+        metavar="RECIPE_OR_TEACHER",
+        help="stage YAML, pipeline recipe YAML, student folder, teacher folder/config.json, "
+        "or a shipped teacher name (olmo3-7b, llama3.1-8b, qwen2.5-7b-instruct)",
+    )
+    p.add_argument(
+        "hybrid", nargs="*", help="hybrid settings, e.g. chunk_size=64 mlstm_backend=triton"
+    )
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
+    p.add_argument(
+        "--cpu-mem", default=None, help="CPU memory of one node, e.g. 1TB (unchecked if unset)"
+    )
+    # Each defaults to the recipe's value, else the planner's default.
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None)
+    p.add_argument("--activation-checkpointing", choices=["on", "off"], default=None)
+
+
+@command("plan", "per-rank memory of each stage and the smallest offload that fits", _plan_args)
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from megadistill.config import parse_override
+    from megadistill.plan import format_plan, parse_size, plan_from_cli
+
+    overrides = {
+        "nodes": args.nodes,
+        "gpus_per_node": args.gpus_per_node,
+        "gpu_mem": parse_size(args.gpu_mem),
+        "cpu_mem": parse_size(args.cpu_mem) if args.cpu_mem else None,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "top_k": args.top_k,
+        "precision": args.precision,
+        "activation_checkpointing": None
+        if args.activation_checkpointing is None
+        else args.activation_checkpointing == "on",
+    }
+    keep = {"nodes", "gpus_per_node", "gpu_mem", "cpu_mem"}
+    overrides = {k: v for k, v in overrides.items() if v is not None or k in keep}
+    hybrid = {".".join(k): v for k, v in map(parse_override, args.hybrid)}
+    plan = plan_from_cli(args.source, overrides, hybrid)
+    print(format_plan(plan))
+    return 0 if all(p.fits for p in plan.stages.values()) else 1
+
+
 # ----------------------------------------------------------------------------- pipeline commands
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
