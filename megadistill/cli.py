@@ -268,7 +268,10 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         args.recipe = None
     if getattr(args, "resume", False):
         overrides.append("trainer.resume=true")
-    return run_from_cli(args.recipe, overrides, stage)
+    from megadistill.engine.distributed import collective_guard
+
+    with collective_guard():  # a dead or hung peer rank -> one clear error naming it
+        return run_from_cli(args.recipe, overrides, stage)
 
 
 @command("align", "stage I: layer-wise alignment of the new parameters (run on every rank)", _stage_args)

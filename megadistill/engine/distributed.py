@@ -7,16 +7,26 @@ used with gloo (see notes/deepspeed-on-cpu.md).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import socket
+import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
+from megadistill.errors import MegadistillError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 1800.0
+FAILURE_KEY = "megadistill/collective_failure/"
+# Texts of the errors gloo and NCCL raise when a peer died or did not answer in time.
+_COLLECTIVE_ERROR_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "timed out")
+_timeout_s = DEFAULT_TIMEOUT_S
 
 
 def device_type() -> str:
@@ -56,6 +66,8 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device())
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    global _timeout_s
+    _timeout_s = timeout_s
     rank, world = dist.get_rank(), dist.get_world_size()
     log.info(
         "process group ready: backend=%s world_size=%d timeout=%.0fs", backend, world, timeout_s
@@ -95,3 +107,76 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ----------------------------------------------------------------------------- failures
+def is_collective_error(exc: BaseException) -> bool:
+    """True for the errors a collective raises when a peer rank died or timed out."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _COLLECTIVE_ERROR_MARKERS)
+
+
+def _store() -> dist.TCPStore:
+    """A fresh client of the rendezvous store (the process group's own may be broken)."""
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=10),
+        wait_for_workers=False,
+    )
+
+
+def missing_ranks(wait_s: float) -> list[int] | None:
+    """After a failed collective: report this rank to the store and wait up to ``wait_s`` for
+    the other survivors; return the ranks that never reported (dead or hung), or None when the
+    store itself cannot be reached (its host, usually rank 0's node, is down)."""
+    me, world = rank(), world_size()
+    try:
+        store = _store()
+        store.set(f"{FAILURE_KEY}{me}", socket.gethostname())
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(world) if not store.check([f"{FAILURE_KEY}{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, KeyError, ValueError) as exc:  # DistStoreError is a RuntimeError
+        log.debug("rendezvous store unreachable: %s", exc)
+        return None
+
+
+def describe_collective_failure(exc: BaseException, wait_s: float | None = None) -> str:
+    """A message naming this rank, the ranks that stopped answering and the timeout in force."""
+    me, world = rank(), world_size()
+    wait = min(10.0, _timeout_s / 2) if wait_s is None else wait_s
+    missing = missing_ranks(wait)
+    where = f"rank {me} of {world} on {socket.gethostname()}"
+    if missing is None:
+        culprit = (
+            f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')} is unreachable, so its host (rank 0's node) is down"
+        )
+    elif missing:
+        culprit = f"rank(s) {missing} died or hung (they did not report within {wait:.0f} s)"
+    else:
+        culprit = "every rank is alive but the collective failed (a network error?)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"{where}: a collective failed: {culprit}; collective timeout_s={_timeout_s:g}. "
+        f"Look for the first error in the log of the rank(s) named. Cause: {first}"
+    )
+
+
+@contextlib.contextmanager
+def collective_guard() -> Iterator[None]:
+    """Turn a collective's failure (a peer died, or did not answer within ``timeout_s``) into a
+    :class:`MegadistillError` that names the ranks that stopped answering."""
+    try:
+        yield
+    except Exception as exc:
+        if world_size() > 1 and is_collective_error(exc):
+            raise MegadistillError(describe_collective_failure(exc)) from exc
+        raise
