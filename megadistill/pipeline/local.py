@@ -42,7 +42,9 @@ def _free_port() -> int:
     return free_port()
 
 
-def _run_task(step: Step, index: int, run_dir: Path, max_requeues: int) -> LocalResult:
+def _run_task(
+    step: Step, index: int, run_dir: Path, max_requeues: int, extra_env: dict[str, str]
+) -> LocalResult:
     """Run one array task of ``step`` through the entrypoint (local launcher), with requeues."""
     log_path = run_dir / "logs" / step.name / f"local_{index}.out"
     argv = [str(ENTRYPOINT), sys.executable, "-m", "megadistill.cli", "pipeline", "step",
@@ -50,7 +52,7 @@ def _run_task(step: Step, index: int, run_dir: Path, max_requeues: int) -> Local
     timeout_s = parse_time_s(step.resources.time)
     started = time.time()
     for attempt in range(max_requeues + 1):
-        env = job_environment(run_dir)
+        env = job_environment(run_dir, extra_env)
         env.update(
             MEGADISTILL_LAUNCHER="local",
             MEGADISTILL_NPROC=str(step.resources.num_ranks),
@@ -95,7 +97,7 @@ def run_local(
     results: list[LocalResult] = []
     for step in steps:
         for index in range(step.num_tasks):
-            res = _run_task(step, index, run_dir, max_requeues)
+            res = _run_task(step, index, run_dir, max_requeues, recipe.env)
             results.append(res)
             if res.returncode != 0:
                 raise PipelineError(

@@ -214,6 +214,8 @@ class PipelineRecipe:
     """``megadistill eval`` options, e.g. ``{tasks: "arc_easy,piqa", limit: 500}``."""
     resources: StepResources = field(default_factory=StepResources)
     """Cluster resources per step."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for every job (e.g. NCCL settings, HF_HUB_OFFLINE)."""
     commands: Commands = field(default_factory=Commands)
     """Optional command templates replacing the default stage commands."""
 
@@ -229,6 +231,9 @@ class PipelineRecipe:
         if dupes:
             raise ConfigError(f"experts: name {dupes[0]!r} is used twice; names must be unique")
         _check_weights(self.experts)
+        bad = [k for k, v in self.env.items() if not isinstance(v, str) or not k.isidentifier()]
+        if bad:
+            raise ConfigError(f"env: {bad[0]!r} must be a variable name with a string value")
 
     @property
     def weights(self) -> list[float]:

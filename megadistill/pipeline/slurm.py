@@ -84,9 +84,14 @@ def sbatch_args(
     return argv
 
 
-def job_environment(run_dir: Path) -> dict[str, str]:
-    """Environment for sbatch (exported into the jobs): run dir, entrypoint, interpreter, code."""
-    env = dict(os.environ)
+def job_environment(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for sbatch (exported into the jobs): run dir, entrypoint, interpreter, code.
+
+    Args:
+        run_dir: the run directory.
+        extra: the recipe's ``env`` (set on top of this process's environment).
+    """
+    env = {**os.environ, **(extra or {})}
     if "SLURM_JOB_ID" in env:  # submitting from a job: its allocation must not leak into the DAG
         env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
     env["MEGADISTILL_RUN_DIR"] = str(run_dir)
@@ -114,7 +119,7 @@ def submit(recipe: PipelineRecipe, run_dir: str | Path) -> dict[str, Any]:
             f"{run_dir} already holds a submitted run ({JOBS_FILE}); choose a new --run-dir"
         )
     steps = write_plan(recipe, run_dir)
-    env = job_environment(run_dir)
+    env = job_environment(run_dir, recipe.env)
     jobs: dict[str, Any] = {"name": recipe.name, "experts": [e.name for e in recipe.experts]}
     jobs["steps"] = {}
     ids: dict[str, str] = {}

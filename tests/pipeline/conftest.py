@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from megadistill.pipeline import PipelineRecipe, recipe_from_dict
 from tests.slurm_cluster import LocalSlurmCluster, local_slurm_cluster
 
 JOBS = ["{python}", "-m", "tests.pipeline.jobs"]
+TEXT = "/usr/share/common-licenses/GPL-3"  # real English prose, on every Debian machine
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +44,40 @@ def dag_recipe(
         **extra,
     }
     return recipe_from_dict(data)
+
+
+def real_tiny_recipe(root: Path) -> PipelineRecipe:
+    """The real stages on a tiny Llama teacher: convert, 2 experts x (2-rank ZeRO-3 align +
+    distill, 2 steps each), merge, 2-rank final distill, eval on 4 tiny_mc items."""
+    from megadistill.assets import byte_tokenizer
+    from megadistill.testing import tiny_teacher
+
+    root.mkdir(parents=True, exist_ok=True)
+    text = root / "gpl3.txt"
+    text.write_text(Path(TEXT).read_text())
+    tiny_teacher("llama", seed=0).save_pretrained(root / "teacher")
+    byte_tokenizer(root / "teacher")
+    stage = {
+        "data": {"sources": [{"path": str(text)}], "seq_len": 64,
+                 "cache_dir": str(root / "data-cache")},
+        "engine": {"ds_config": "student_zero3", "global_batch_size": 4, "micro_batch_size": 2,
+                   "param_persistence_threshold": 0, "precision": "fp32"},
+        "optim": {"lr": 1e-3},
+        "trainer": {"max_steps": 2, "log_every": 1},
+        "logging": {"wandb_mode": "disabled", "progress_bar": False},
+        "distill": {"top_k": 16, "chunk_size": 32},
+        "timeout_s": 300,
+    }  # fmt: skip
+    one = {"time": "00:10:00", "signal_before_s": 60}
+    two = {**one, "tasks_per_node": 2}
+    return recipe_from_dict({
+        "name": "tiny-real", "teacher": str(root / "teacher"), "seed": 0,
+        "hybrid": {"window": 16, "num_sinks": 2, "chunk_size": 16},
+        "experts": [{"name": "a", "data": {"seed": 0}}, {"name": "b", "data": {"seed": 1}}],
+        "align": {**stage, "optim": {"lr": 1e-2}}, "distill": stage, "final": stage,
+        "eval": {"tasks": "tiny_mc", "limit": 4, "batch_size": 2, "max_length": 64,
+                 "no_cache": True},
+        "resources": {"convert": one, "expert": two, "merge": one, "final": two, "eval": one},
+        "env": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"},
+    })  # fmt: skip

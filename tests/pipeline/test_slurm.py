@@ -14,7 +14,7 @@ import yaml
 
 from megadistill.cli import main as cli_main
 from megadistill.pipeline import recipe_from_dict, slurm
-from tests.pipeline.conftest import JOBS, dag_recipe
+from tests.pipeline.conftest import JOBS, dag_recipe, real_tiny_recipe
 from tests.slurm_cluster import REPO
 
 RUN_TIMEOUT_S = 240
@@ -42,8 +42,8 @@ def _preempt_recipe():
 
 
 @pytest.fixture(scope="module")
-def runs(slurm_cluster, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """Submit the three scenarios at once; they run side by side (the CPU count is virtual)."""
+def runs(slurm_cluster, tmp_path_factory, request) -> dict[str, tuple[Path, dict]]:
+    """Submit every scenario at once; they run side by side (the node's CPU count is virtual)."""
     recipes = {
         "dag": dag_recipe("dag", ["math", "code"]),
         "fail": dag_recipe("fail", ["good", "bad"], fail="bad"),
@@ -56,6 +56,9 @@ def runs(slurm_cluster, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         run_dir = tmp_path_factory.mktemp(name) / "run"
         out[name] = (run_dir, slurm.submit(recipe, run_dir))
     out["sbatch"] = _sbatch_user_script(tmp_path_factory.mktemp("sbatch"))
+    if any(item.name == "test_real_tiny_pipeline" for item in request.session.items):
+        root = tmp_path_factory.mktemp("real")
+        out["real"] = (root / "run", slurm.submit(real_tiny_recipe(root), root / "run"))
     return out
 
 
@@ -179,3 +182,28 @@ def test_deepspeed_launcher_starts_the_ranks(runs):
     assert solo["world_size"] == 2 and solo["value"] == 3.0  # RANK/WORLD_SIZE from the launcher
     log = next((run_dir / "logs" / "expert").glob("*_0.out")).read_text()
     assert "launcher=deepspeed" in log and "deepspeed.launcher.launch" in log
+
+
+@pytest.mark.slow
+def test_real_tiny_pipeline(runs):
+    """The real stage commands under SLURM: experts are 2-rank ZeRO-3 runs; outputs load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import megadistill.model  # noqa: F401 - registers the hybrid student with Auto classes
+
+    run_dir, _ = runs["real"]
+    rows = slurm.wait(run_dir, 600)
+    assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
+    for name in ("a", "b"):
+        ckpt = run_dir / "experts" / name / "distill" / "checkpoints"
+        tag = ckpt / (ckpt / "latest").read_text().strip()
+        assert {p.name for p in tag.glob("zero_pp_rank_*_optim_states.pt")} == {
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        }  # fmt: skip
+    ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
+    for folder in (run_dir / "merged", run_dir / "final" / "final"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert torch.isfinite(model(ids).logits).all(), folder
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results, "eval wrote no results"
