@@ -13,7 +13,7 @@ Student model states under ZeRO-3 (DeepSpeed ``DeepSpeedZeroOptimizer_Stage3``, 
 
 - parameters ``b*P/N`` (frozen ones too: zero.Init partitions every parameter);
 - gradient partitions ``b*Tr/N`` (``grad_partitions_flat_buffer``, in the parameter dtype);
-- fp32 master ``4*Tr/N`` (none in fp32 training: DeepSpeed then updates the partition in place);
+- fp32 master ``4*Tr/N`` (a separate copy even in fp32 training, as measured);
 - Adam moments ``8*Tr/N`` (torch AdamW ``exp_avg``, ``exp_avg_sq`` on the fp32 master);
 - at the optimizer step, an fp32 copy of the gradients of one sub-group ``4*min(Tr/N, 1e9)``;
 - working buffers: the gathered parameters and full gradients of the largest module
@@ -254,9 +254,9 @@ def zero3_model_states(
     b = 2 if precision == "bf16" else 4
     part_all = -(-num_params // world)
     part_tr = -(-num_trainable // world)
-    # In fp32 the master *is* the partition (stage3._create_fp32_partitions shares it), unless
-    # the optimizer is offloaded (then a CPU copy is made).
-    master = MASTER_BYTES * part_tr if (b != 4 or offload_optimizer) else 0
+    # Measured (tests/test_plan.py, DeepSpeed 0.19.8): a separate fp32 master partition exists
+    # in fp32 training too, although stage3._create_fp32_partitions has a shared-buffer branch.
+    master = MASTER_BYTES * part_tr
     return ModelStates(
         params=b * part_all,
         grads=b * part_tr,
