@@ -68,9 +68,10 @@ def _check_student(path: str) -> None:
 
 def _student_fn(cfg: StageConfig):
     def build() -> torch.nn.Module:
+        from megadistill.engine.loading import from_pretrained_zero3
         from megadistill.model import HybridForCausalLM
 
-        model = HybridForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+        model = from_pretrained_zero3(cfg.student, HybridForCausalLM, dtype=torch.float32)
         if cfg.stage == "align":
             new = set(model.new_parameter_names())
             for name, p in model.named_parameters():
@@ -84,9 +85,11 @@ def _student_fn(cfg: StageConfig):
 
 def _teacher_fn(path: str):
     def build() -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        from megadistill.engine.loading import from_pretrained_zero3
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # Not AutoModelForCausalLM.from_pretrained: under ZeRO-3 it reads every shard into one
+        # state dict on rank 0 (a full copy of the teacher); this reads partitions shard by shard.
+        return from_pretrained_zero3(path, dtype=torch.float32)
 
     return build
 
