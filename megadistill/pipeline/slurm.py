@@ -14,6 +14,7 @@ upstream step failed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -157,6 +158,7 @@ class TaskStatus:
     reason: str
     exit_code: str
     log: str
+    restarts: int = 0
     why: str = ""
 
     @property
@@ -225,6 +227,7 @@ def _step_rows(step: str, info: dict[str, Any], experts: list[str]) -> list[Task
                 step=step, task=name, job_id=f"{array_id}_{idx}" if array_id else job_id,
                 state=rec.get("JobState", "UNKNOWN"), reason=rec.get("Reason", ""),
                 exit_code=rec.get("ExitCode", ""), log=rec.get("StdOut", ""),
+                restarts=int(rec.get("Restarts", "0") or 0),
             ))  # fmt: skip
     return sorted(rows, key=lambda r: experts.index(r.task) if r.task in experts else 0)
 
@@ -242,9 +245,10 @@ def _explain(row: TaskStatus, rows: list[TaskStatus], after: list[str]) -> str:
         return f"never ran: dependency afterok failed ({named or 'upstream step failed'})"
     if row.state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
         return f"exit code {row.exit_code}; log {row.log}"
+    requeued = f"requeued {row.restarts} time(s); " if row.restarts else ""
     if row.state == "PENDING":
-        return f"queued ({row.reason})"
-    return ""
+        return f"{requeued}queued ({row.reason})"
+    return requeued.rstrip("; ")
 
 
 def status(run_dir: str | Path) -> list[TaskStatus]:
@@ -254,8 +258,6 @@ def status(run_dir: str | Path) -> list[TaskStatus]:
     path = run_dir / JOBS_FILE
     if not path.is_file():
         raise PipelineError(f"{run_dir} has no {JOBS_FILE}: it was not submitted to SLURM")
-    import json
-
     jobs = json.loads(path.read_text())
     rows: list[TaskStatus] = []
     for entry in plan["steps"]:  # DAG order (jobs.json keys are sorted)

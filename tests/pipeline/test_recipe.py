@@ -10,7 +10,7 @@ import yaml
 
 from megadistill.config import ConfigError
 from megadistill.pipeline import build_dag, load_recipe, recipe_from_dict, write_plan
-from megadistill.pipeline.slurm import sbatch_args
+from megadistill.pipeline.slurm import _task_indices, sbatch_args
 from megadistill.pipeline.step import REQUEUE_EXIT_CODE, step_task_commands
 
 
@@ -115,3 +115,9 @@ def test_requeue_exit_code_matches_the_trainer():
     from megadistill.engine.signals import EXIT_PREEMPTED
 
     assert REQUEUE_EXIT_CODE == EXIT_PREEMPTED
+
+
+def test_array_task_ids_expand():
+    assert _task_indices("3") == [3]
+    assert _task_indices("0-3") == [0, 1, 2, 3]
+    assert _task_indices("0,2-3%2") == [0, 2, 3]

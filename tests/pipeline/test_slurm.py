@@ -92,6 +92,7 @@ def test_preempted_expert_requeues_and_resumes(runs):
 
     rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
     assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
+    assert rows[1].restarts == 1 and "requeued 1 time(s)" in rows[1].why
     attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
     checkpoint = _load(out / "ckpt.json")["step"]
     assert 3 <= checkpoint < 30
