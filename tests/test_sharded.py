@@ -74,3 +74,64 @@ def test_sharded_weights_are_the_files_and_student_equals_teacher(sharded):
         assert r["teacher_weight_err"] == 0.0
         # gate 'swa' + a window over the whole sequence: the converted student is the teacher.
         assert r["logits_max_diff"] < 1e-4 * max(1.0, r["logits_scale"]), r["logits_max_diff"]
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+SEQ_AC = 4096
+
+
+def _saved_activation_bytes(model, ids, position_ids):
+    """Loss, gradients, and the bytes of activations autograd keeps for backward (unique
+    storages, parameters excluded): what activation checkpointing is meant to shrink."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, position_ids=position_ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), grads, sum(seen.values())
+
+
+def test_activation_checkpointing_same_gradients_less_activation_memory():
+    """Stage configs' ``activation_checkpointing`` calls this same HF switch on the student."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPUs are shared: more threads only oversubscribe them
+    try:
+        _check_activation_checkpointing()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_activation_checkpointing() -> None:
+    import torch
+
+    from megadistill.teachers import convert
+    from megadistill.testing import tiny_teacher
+
+    torch.manual_seed(0)
+    student, _ = convert(tiny_teacher("llama", max_position_embeddings=SEQ_AC), seed=0, window=512)
+    student.train()
+    ids = torch.randint(3, 256, (1, SEQ_AC))
+    # two packed documents: the second starts at 3000 (mLSTM reset, SWA masked across)
+    pos = torch.cat([torch.arange(3000), torch.arange(SEQ_AC - 3000)])[None]
+    loss0, grads0, saved0 = _saved_activation_bytes(student, ids, pos)
+    student.gradient_checkpointing_enable({"use_reentrant": False})
+    assert student.model.gradient_checkpointing
+    loss1, grads1, saved1 = _saved_activation_bytes(student, ids, pos)
+    print(f"saved activations at {SEQ_AC} tokens: {saved0 / 2**20:.1f} MiB -> {saved1 / 2**20:.1f}")
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert saved1 < saved0 / 4
