@@ -384,13 +384,14 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table plus the goal ratios."""
     head = (
-        f"{'run':<12}{'step s':>9}{'cpu s':>9}{'tok/s':>9}{'states MiB/rank':>17}"
+        f"{'run':<12}{'step s':>9}{'cpu s':>9}{'cpu/wall':>9}{'tok/s':>9}{'states MiB/rank':>17}"
         f"{'peak RSS MiB':>14}{'loss first->last':>20}"
     )
     lines = [head]
     for name, g in summary["groups"].items():
         lines.append(
-            f"{name:<12}{g['step_wall_s']:>9.3f}{g['step_cpu_s']:>9.3f}{g['tokens_per_s']:>9.0f}"
+            f"{name:<12}{g['step_wall_s']:>9.3f}{g['step_cpu_s']:>9.3f}"
+            f"{g['step_cpu_s'] / g['step_wall_s']:>9.2f}{g['tokens_per_s']:>9.0f}"
             f"{g['model_states_mib_per_rank']:>17.1f}{g['peak_rss_mib_per_rank']:>14.0f}"
             f"{g['first_loss']:>10.4f}->{g['last_loss']:<9.4f}"
         )
@@ -398,4 +399,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         goal = GOAL_STEP_RATIO if key.startswith("step") else GOAL_MEMORY_RATIO
         mark = "ok" if value <= goal else "ABOVE GOAL"
         lines.append(f"{key}: {value:.3f} (goal <= {goal}; {mark})")
+    lines.append(
+        "cpu/wall well below 1 means the ranks waited for a CPU (a shared machine): compare the "
+        "cpu ratios then; each rank runs one thread."
+    )
     return "\n".join(lines)
