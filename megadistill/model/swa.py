@@ -130,12 +130,12 @@ def swa_attention(
     scaling: float,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatch to a backend (``auto``: flex on CUDA, blocked for long CPU inputs, else reference)."""
+    """Dispatch to a backend (``auto``: flex on CUDA, blocked on CPU beyond one window, else reference)."""
     if backend == "auto":
         if q.is_cuda:
             backend = "flex"
-        elif window is not None and q.shape[2] > 2 * window:
-            backend = "blocked"
+        elif window is not None and q.shape[2] > window:
+            backend = "blocked"  # dense masks keep CPU SDPA from skipping masked blocks
         else:
             backend = "reference"
     if backend == "reference":
