@@ -344,6 +344,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- self-test
+def _selftest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", action="store_true", help="GPU kernels, stage II MFU, inference")
+    p.add_argument("--dry-run", action="store_true", help="the GPU groups' code, tiny, on CPU")
+    p.add_argument("--out", default="selftest.json", help="JSON results file")
+    p.add_argument("--budget-s", type=float, default=450.0, help="overall time budget (s)")
+
+
+@command("selftest", "kernels vs float64 references (--gpu: + MFU, inference)", _selftest_args)
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from megadistill.selftest import format_table, ok, run_selftest
+
+    results = run_selftest(args.gpu, args.out, args.budget_s, dry_run=args.dry_run)
+    print(format_table(results))
+    print(f"results written to {args.out}")
+    return 0 if ok(results) else 1
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megadistill", description=__doc__.splitlines()[0])

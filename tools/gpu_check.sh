@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 6): kernels vs float64 references, stage II MFU of a ~1.2B student,
+# teacher vs student prefill/decode at 8K-64K. Under 8 minutes on one H100; every group has its
+# own timeout and the whole run a budget. Usage: tools/gpu_check.sh [OUT_JSON]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-gpu_check.json}"
+PY="${PYTHON:-.venv/bin/python}"
+[ -x "$PY" ] || PY=python
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+"$PY" - <<'PY' || true
+import importlib
+for mod in ("torch", "triton", "deepspeed", "transformers", "mlstm_kernels", "flash_attn"):
+    try:
+        m = importlib.import_module(mod)
+        print(f"{mod:14s} {getattr(m, '__version__', '?')}")
+    except Exception as exc:  # report, do not stop: each check says what it lacks
+        print(f"{mod:14s} unavailable ({type(exc).__name__}: {exc})")
+import torch
+print("cuda", torch.cuda.is_available(), torch.version.cuda)
+PY
+timeout 470 "$PY" -m megadistill.cli selftest --gpu --budget-s 430 --out "$OUT"
+rc=$?
+echo "gpu_check exit code $rc (0: all pass/unavailable; 1: a check failed; 124: killed); JSON: $OUT"
+exit $rc
