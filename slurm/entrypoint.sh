@@ -138,10 +138,12 @@ done
 if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     log "ranks checkpointed and exited with $rc: requeueing job $SLURM_JOB_ID"
     if scontrol requeue "$SLURM_JOB_ID"; then
-        sleep 60 & # slurm kills this script as the job is requeued
-        wait $!
+        # slurm now stops this script (TERM, then KILL) and queues the job again
+        for _ in $(seq 120); do sleep 1; done
+        log "job $SLURM_JOB_ID was requeued but not stopped; exiting with $rc"
+    else
+        log "requeue of $SLURM_JOB_ID failed; exiting with $rc"
     fi
-    log "requeue of $SLURM_JOB_ID failed; exiting with $rc"
 fi
 log "ranks finished with exit code $rc"
 exit "$rc"

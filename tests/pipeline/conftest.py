@@ -46,9 +46,9 @@ def dag_recipe(
     return recipe_from_dict(data)
 
 
-def real_tiny_recipe(root: Path) -> PipelineRecipe:
-    """The real stages on a tiny Llama teacher: convert, 2 experts x (2-rank ZeRO-3 align +
-    distill, 2 steps each), merge, 2-rank final distill, eval on 4 tiny_mc items."""
+def real_tiny_recipe(root: Path, align_steps: int = 2) -> PipelineRecipe:
+    """The real stages on a tiny Llama teacher: convert, 2 experts x (2-rank ZeRO-3 align for
+    ``align_steps`` + distill for 2 steps), merge, 2-rank final distill, eval on 4 tiny_mc items."""
     from megadistill.assets import byte_tokenizer
     from megadistill.testing import tiny_teacher
 
@@ -70,11 +70,12 @@ def real_tiny_recipe(root: Path) -> PipelineRecipe:
     }  # fmt: skip
     one = {"time": "00:10:00", "signal_before_s": 60}
     two = {**one, "tasks_per_node": 2}
+    align = {**stage, "optim": {"lr": 1e-2}, "trainer": {"max_steps": align_steps, "log_every": 1}}
     return recipe_from_dict({
         "name": "tiny-real", "teacher": str(root / "teacher"), "seed": 0,
         "hybrid": {"window": 16, "num_sinks": 2, "chunk_size": 16},
         "experts": [{"name": "a", "data": {"seed": 0}}, {"name": "b", "data": {"seed": 1}}],
-        "align": {**stage, "optim": {"lr": 1e-2}}, "distill": stage, "final": stage,
+        "align": align, "distill": stage, "final": stage,
         "eval": {"tasks": "tiny_mc", "limit": 4, "batch_size": 2, "max_length": 64,
                  "no_cache": True},
         "resources": {"convert": one, "expert": two, "merge": one, "final": two, "eval": one},

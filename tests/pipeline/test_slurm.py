@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,8 +59,29 @@ def runs(slurm_cluster, tmp_path_factory, request) -> dict[str, tuple[Path, dict
     out["sbatch"] = _sbatch_user_script(tmp_path_factory.mktemp("sbatch"))
     if any(item.name == "test_real_tiny_pipeline" for item in request.session.items):
         root = tmp_path_factory.mktemp("real")
-        out["real"] = (root / "run", slurm.submit(real_tiny_recipe(root), root / "run"))
+        jobs = slurm.submit(real_tiny_recipe(root, align_steps=ALIGN_STEPS), root / "run")
+        metrics = root / "run" / "experts" / "a" / "align" / "metrics.jsonl"
+        task = f"{jobs['steps']['expert']['job_id']}_0"
+        record = {**jobs}
+        watcher = threading.Thread(target=_preempt_after_step, args=(metrics, 2, task, record))
+        watcher.start()  # the other tests run meanwhile; the real run's test joins it
+        out["real"] = (root / "run", {**record, "watcher": watcher, "record": record})
     return out
+
+
+ALIGN_STEPS = 40
+
+
+def _preempt_after_step(metrics: Path, step: int, task: str, record: dict) -> None:
+    """Send the batch script of ``task`` SIGUSR1 once ``metrics`` logs ``step`` (a thread)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(f'"step": {step},' in line for line in lines):
+            subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=30)
+            record["signalled_at_step"] = len([ln for ln in lines if '"loss"' in ln])
+            return
+        time.sleep(0.1)
 
 
 def _sbatch_user_script(tmp: Path) -> tuple[Path, dict]:
@@ -102,6 +124,7 @@ def test_preempted_expert_requeues_and_resumes(runs):
     assert sorted((out / "stage1.log").read_text().split()) == ["0", "1"]  # once per rank
     log = next((run_dir / "logs" / "expert").glob("*_0.out")).read_text()
     assert "got SIGUSR1; forwarding" in log and "requeueing job" in log
+    assert "requeue of" not in log and "not stopped" not in log
 
 
 def test_dag_runs_in_dependency_order(runs, capsys):
@@ -193,9 +216,20 @@ def test_real_tiny_pipeline(runs):
 
     import megadistill.model  # noqa: F401 - registers the hybrid student with Auto classes
 
-    run_dir, _ = runs["real"]
+    run_dir, jobs = runs["real"]
+    jobs["watcher"].join(timeout=300)
     rows = slurm.wait(run_dir, 600)
     assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
+    # expert a was signalled during stage I: the trainer checkpointed and exited 143, the job was
+    # requeued, and stage I resumed from that checkpoint (no step trained twice) to the end.
+    assert "signalled_at_step" in jobs["record"], "the watcher never saw expert a's stage I run"
+    assert [r.restarts for r in rows[1:3]] == [1, 0], _explain(rows, run_dir)
+    metrics = run_dir / "experts" / "a" / "align" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    checkpoints = [r["step"] for r in records if "checkpoint" in r]
+    assert steps == list(range(1, ALIGN_STEPS + 1)), steps
+    assert checkpoints[0] < ALIGN_STEPS and checkpoints[-1] == ALIGN_STEPS, checkpoints
     for name in ("a", "b"):
         ckpt = run_dir / "experts" / name / "distill" / "checkpoints"
         tag = ckpt / (ckpt / "latest").read_text().strip()
