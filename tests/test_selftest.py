@@ -47,3 +47,16 @@ def test_peak_flops_by_gpu_name():
     assert selftest.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert selftest.peak_bf16_flops("NVIDIA H200") == 989e12
     assert selftest.peak_bf16_flops("Some GPU") is None
+
+
+def test_gpu_groups_dry_run_on_cpu(tmp_path):
+    """The --gpu groups' code (child processes, 1-rank ZeRO-3 engine, head loss, inference timing)
+    run tiny on CPU, so the prepared GPU script is exercised before a GPU is at hand."""
+    results = selftest.run_selftest(gpu=False, out=tmp_path / "s.json", budget_s=240, dry_run=True)
+    by_name = {r.name: r for r in results}
+    assert all(r.status == "pass" for r in results), selftest.format_table(results)
+    train = by_name["stage II tokens/s + MFU (1 rank, ZeRO-3 bf16)"].metrics
+    assert train["tokens_per_s"] > 0 and train["loss"] > 0
+    rows = by_name["teacher vs student prefill/decode"].metrics["rows"]
+    assert [r["context"] for r in rows] == [512, 1024]
+    assert all(r["student_decode_tok_s"] > 0 and r["teacher_decode_tok_s"] > 0 for r in rows)
