@@ -68,7 +68,9 @@ log "launcher=$launcher nodes=$NNODES ranks=$WORLD_SIZE master=$MASTER_ADDR:$MAS
 pids=()
 case "$launcher" in
 srun)
-    srun --ntasks="$WORLD_SIZE" --kill-on-bad-exit=1 --export=ALL bash -c '
+    # srun no longer inherits --cpus-per-task from the job (Slurm >= 22.05): pass it on.
+    srun --ntasks="$WORLD_SIZE" ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+        --kill-on-bad-exit=1 --export=ALL bash -c '
         export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
         export LOCAL_WORLD_SIZE=$((SLURM_NTASKS / SLURM_NNODES)) NODE_RANK=$SLURM_NODEID
         exec "$@"' megadistill-rank "$@" &
