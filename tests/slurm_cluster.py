@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -128,7 +129,9 @@ class LocalSlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Stop the daemons (TERM, then KILL after 10 s) in reverse start order."""
+        """Cancel what still runs, then stop the daemons (TERM, then KILL after 10 s)."""
+        if self._procs.get("slurmctld") and self._procs["slurmctld"].poll() is None:
+            self._cancel_all()
         for name in reversed(list(self._procs)):
             proc = self._procs.pop(name)
             if proc.poll() is None:
@@ -179,6 +182,21 @@ class LocalSlurmCluster:
         return "\n".join(out)
 
     # ------------------------------------------------------------------ internals
+    def _cancel_all(self) -> None:
+        """Cancel every job of this private cluster so no job process outlives it."""
+        env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            user = pwd.getpwuid(os.getuid()).pw_name
+            subprocess.run(["scancel", "--full", f"--user={user}"], env=env, timeout=10,
+                           capture_output=True, check=False)  # fmt: skip
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                out = subprocess.run(["squeue", "-h"], env=env, timeout=10, capture_output=True,
+                                     text=True, check=False)  # fmt: skip
+                if out.returncode != 0 or not out.stdout.strip():
+                    return
+                time.sleep(0.5)
+
     def _munge_args(self) -> list[str]:
         m = self.root / "munge"
         return [
