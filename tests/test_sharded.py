@@ -127,7 +127,7 @@ def _check_activation_checkpointing() -> None:
     # two packed documents: the second starts at 3000 (mLSTM reset, SWA masked across)
     pos = torch.cat([torch.arange(3000), torch.arange(SEQ_AC - 3000)])[None]
     loss0, grads0, saved0 = _saved_activation_bytes(student, ids, pos)
-    student.gradient_checkpointing_enable({"use_reentrant": False})
+    student.activation_checkpointing_enable({"use_reentrant": False})
     assert student.model.gradient_checkpointing
     loss1, grads1, saved1 = _saved_activation_bytes(student, ids, pos)
     print(f"saved activations at {SEQ_AC} tokens: {saved0 / 2**20:.1f} MiB -> {saved1 / 2**20:.1f}")

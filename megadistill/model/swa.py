@@ -14,6 +14,7 @@ Backends (all exact):
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -114,9 +115,19 @@ def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling):
         return (ok & ((qi - ki < win) | (pos[b, ki] < num_sinks))) | (qi == ki)
 
     bsz, _, t, _ = q.shape
-    block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=q.device)
     rep = q.shape[1] // k.shape[1]
+    if q.is_cuda:  # uncompiled flex materialises the full score matrix; compiled it is fused
+        block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=q.device, _compile=True)
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=rep > 1)
+    block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=q.device)
     return flex_attention(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=rep > 1)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def swa_attention(

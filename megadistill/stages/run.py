@@ -77,7 +77,7 @@ def _student_fn(cfg: StageConfig):
             for name, p in model.named_parameters():
                 p.requires_grad_(name in new)
         if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
         return model
 
     return build

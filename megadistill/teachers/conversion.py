@@ -35,7 +35,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     for name, p in sorted(model.state_dict().items()):
         t = p.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -336,7 +336,7 @@ def _fingerprint_folder(folder: Path, expected: dict[str, Any], tied: bool) -> s
         with safe_open(folder / weight_map[src], framework="pt") as fh:
             t = fh.get_tensor(src).contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
     return digest.hexdigest()
 
 
