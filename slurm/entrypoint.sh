@@ -52,8 +52,9 @@ else
     NODE_RANK=${SLURM_NODEID:-0}
     NTASKS=${SLURM_NTASKS:-$NNODES}
     NPROC_PER_NODE=$((NTASKS / NNODES))
-    # One port per job, so array tasks sharing a node do not collide.
-    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
+    # One port per job, so array tasks sharing a node do not collide (a MASTER_PORT exported from
+    # the submitting shell would be shared by every job: only MEGADISTILL_MASTER_PORT overrides).
+    MASTER_PORT=${MEGADISTILL_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
 fi
 export MASTER_ADDR MASTER_PORT NNODES NODE_RANK
 WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
