@@ -207,15 +207,39 @@ def build_dag(recipe: PipelineRecipe, run_dir: str | Path) -> list[Step]:
     ]
 
 
+def validate_stage_configs(recipe: PipelineRecipe, configs: dict[str, dict[str, Any]]) -> None:
+    """Check every stage config the run will use now, not hours later on the cluster.
+
+    Only the default stage commands read these files; recipes with their own ``commands`` for a
+    step are not checked for that step.
+    """
+    from megadistill.config import ConfigError, from_dict
+    from megadistill.stages.config import StageConfig
+
+    stage_files = {"expert": [n for n in configs if n.endswith((".align.yaml", ".distill.yaml"))],
+                   "final": ["final.yaml"]}  # fmt: skip
+    for step, names in stage_files.items():
+        if getattr(recipe.commands, step):
+            continue
+        for name in names:
+            try:
+                from_dict(StageConfig, configs[name])
+            except ConfigError as exc:
+                section = "final" if name == "final.yaml" else name.split(".")[-2]
+                raise ConfigError(f"recipe section '{section}' ({name}): {exc}") from exc
+
+
 def write_plan(recipe: PipelineRecipe, run_dir: str | Path) -> list[Step]:
     """Create the run directory: recipe, per-step configs, log folders and ``plan.json``."""
     run_dir = Path(run_dir).resolve()
     steps = build_dag(recipe, run_dir)
+    configs = step_configs(recipe, run_dir)
+    validate_stage_configs(recipe, configs)
     shutil.rmtree(run_dir / "state", ignore_errors=True)  # a new plan redoes every command
     for sub in ("configs", "experts", *(f"logs/{s.name}" for s in steps)):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    for name, cfg in step_configs(recipe, run_dir).items():
+    for name, cfg in configs.items():
         atomic_write_text(run_dir / "configs" / name, yaml.safe_dump(cfg, sort_keys=False))
     plan = {
         "format": PLAN_FORMAT,

@@ -58,10 +58,29 @@ def test_yaml_recipe_with_overrides(tmp_path):
         load_recipe(path, ["sed=1"])
 
 
+_STAGE = {
+    "data": {"seq_len": 64},
+    "engine": {"ds_config": "student_zero3", "global_batch_size": 2, "micro_batch_size": 1},
+    "optim": {"lr": 1e-3},
+    "trainer": {"max_steps": 2},
+}
+
+
+def _stage(**changes):
+    return {**_STAGE, **changes}
+
+
+def _full_recipe(**kw):
+    experts = [{"name": n, "data": {"sources": [{"path": f"{n}.txt"}]}} for n in ("a", "b")]
+    stages = {"align": _stage(optim={"lr": 0.01}), "distill": _stage(),
+              "final": _stage(data={"seq_len": 64, "sources": [{"path": "f.txt"}]})}  # fmt: skip
+    return _recipe(**{**stages, "experts": experts, **kw})
+
+
 def test_dag_default_commands_and_plan(tmp_path):
     recipe = recipe_from_dict(
-        _recipe(hybrid={"window": 16}, seed=3, align={"optim": {"lr": 0.01}, "data": {"seq_len": 64}},
-                eval={"tasks": "arc_easy", "limit": 10, "no_cache": True})
+        _full_recipe(hybrid={"window": 16}, seed=3,
+                     eval={"tasks": "arc_easy", "limit": 10, "no_cache": True})
     )  # fmt: skip
     steps = build_dag(recipe, tmp_path)
     assert [(s.name, s.after, s.num_tasks) for s in steps] == [
@@ -82,9 +101,10 @@ def test_dag_default_commands_and_plan(tmp_path):
     assert step_task_commands(tmp_path, "expert", 1) == [list(a) for a in steps[1].commands[1]]
     cfg = yaml.safe_load((tmp_path / "configs" / "expert_b.align.yaml").read_text())
     assert cfg["stage"] == "align" and cfg["optim"] == {"lr": 0.01} and cfg["teacher"] == "t"
+    assert cfg["data"] == {"seq_len": 64, "sources": [{"path": "b.txt"}]}
     assert cfg["student"] == str(tmp_path / "student")
     assert cfg["out_dir"] == str(tmp_path / "experts/b/align")
-    assert cfg["data"] == {"seq_len": 64, "source": "b"}  # the expert's data over the stage's
+    assert cfg["data"]["seq_len"] == 64  # the expert's data over the stage's
     cfg = yaml.safe_load((tmp_path / "configs" / "expert_b.distill.yaml").read_text())
     assert cfg["student"] == str(tmp_path / "experts/b/align/final")
     final = yaml.safe_load((tmp_path / "configs" / "final.yaml").read_text())
@@ -121,3 +141,10 @@ def test_array_task_ids_expand():
     assert _task_indices("3") == [3]
     assert _task_indices("0-3") == [0, 1, 2, 3]
     assert _task_indices("0,2-3%2") == [0, 2, 3]
+
+
+def test_stage_sections_are_checked_when_the_plan_is_written(tmp_path):
+    bad = _full_recipe(distill=_stage(optim={"lr": 1e-3, "lrr": 2}))
+    with pytest.raises(ConfigError, match=r"recipe section 'distill' .*'optim.lrr'"):
+        write_plan(recipe_from_dict(bad), tmp_path / "run")
+    assert not (tmp_path / "run" / "plan.json").exists()
