@@ -310,6 +310,21 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- demo
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny random teacher: minutes, not ~15 min")
+    p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo)")
+
+
+@command("demo", "the whole pipeline on CPU with a real teacher and real data", _demo_args)
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from megadistill.demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(quick=args.quick, run_dir=args.run_dir))
+    print(f"report: {report}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- benchmarks
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", choices=["inference", "train"], help="which benchmark")

@@ -213,8 +213,8 @@ def validate_stage_configs(recipe: PipelineRecipe, configs: dict[str, dict[str, 
     Only the default stage commands read these files; recipes with their own ``commands`` for a
     step are not checked for that step.
     """
-    from megadistill.config import ConfigError, from_dict
-    from megadistill.stages.config import StageConfig
+    from megadistill.config import ConfigError
+    from megadistill.stages.config import stage_config_from_dict
 
     stage_files = {"expert": [n for n in configs if n.endswith((".align.yaml", ".distill.yaml"))],
                    "final": ["final.yaml"]}  # fmt: skip
@@ -223,7 +223,7 @@ def validate_stage_configs(recipe: PipelineRecipe, configs: dict[str, dict[str, 
             continue
         for name in names:
             try:
-                from_dict(StageConfig, configs[name])
+                stage_config_from_dict(configs[name])
             except ConfigError as exc:
                 section = "final" if name == "final.yaml" else name.split(".")[-2]
                 raise ConfigError(f"recipe section '{section}' ({name}): {exc}") from exc

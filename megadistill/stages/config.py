@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from megadistill.config import ConfigError
+from megadistill.config import ConfigError, from_dict
 from megadistill.data.config import DataConfig
 from megadistill.engine.ds_config import EngineConfig
 from megadistill.engine.optim import OptimizerConfig, SchedulerConfig
@@ -113,3 +114,12 @@ def default_teacher_engine(cfg: StageConfig) -> EngineConfig:
         precision=e.precision,
         param_persistence_threshold=e.param_persistence_threshold,
     )
+
+
+def stage_config_from_dict(data: dict[str, Any]) -> StageConfig:
+    """Validate a stage config mapping; ``trainer.checkpoint_dir`` defaults to out_dir/checkpoints."""
+    data = dict(data)
+    trainer = data.get("trainer")
+    if isinstance(trainer, dict) and "out_dir" in data and "checkpoint_dir" not in trainer:
+        data["trainer"] = {**trainer, "checkpoint_dir": str(Path(data["out_dir"]) / "checkpoints")}
+    return from_dict(StageConfig, data)

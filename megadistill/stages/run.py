@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from megadistill.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from megadistill.config import ConfigError, apply_overrides, load_yaml, to_dict
 from megadistill.errors import MegadistillError
-from megadistill.stages.config import StageConfig, default_teacher_engine
+from megadistill.stages.config import StageConfig, default_teacher_engine, stage_config_from_dict
 from megadistill.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,7 @@ def load_stage_config(
     path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
 ) -> StageConfig:
     """YAML recipe + dotted overrides -> StageConfig (checkpoint_dir defaults to out_dir)."""
-    data = apply_overrides(load_yaml(path) if path else {}, overrides)
-    trainer = data.setdefault("trainer", {})
-    if isinstance(trainer, dict) and "out_dir" in data:
-        trainer.setdefault("checkpoint_dir", str(Path(data["out_dir"]) / "checkpoints"))
-    return from_dict(StageConfig, data)
+    return stage_config_from_dict(apply_overrides(load_yaml(path) if path else {}, overrides))
 
 
 def student_fingerprint(student_dir: str | Path) -> str:

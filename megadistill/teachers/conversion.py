@@ -340,6 +340,14 @@ def _fingerprint_folder(folder: Path, expected: dict[str, Any], tied: bool) -> s
     return digest.hexdigest()
 
 
+# Hub ids of the shipped configs, so recipes naming the real model can be planned offline.
+HUB_IDS = {
+    "allenai/Olmo-3-1025-7B": "olmo3-7b",
+    "meta-llama/Llama-3.1-8B": "llama3.1-8b",
+    "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b-instruct",
+}
+
+
 def shipped_configs() -> dict[str, Path]:
     """Real 7B-class teacher configs shipped with the package (facts, no weights)."""
     return {p.stem: p for p in sorted(CONFIGS_DIR.glob("*.json"))}
@@ -348,8 +356,9 @@ def shipped_configs() -> dict[str, Path]:
 def load_teacher_config(name_or_path: str | Path) -> PretrainedConfig:
     """A teacher config from a shipped name, a config.json, or a model folder."""
     shipped = shipped_configs()
-    if str(name_or_path) in shipped:
-        path = shipped[str(name_or_path)]
+    name = HUB_IDS.get(str(name_or_path), str(name_or_path))
+    if name in shipped and not Path(name_or_path).exists():
+        path = shipped[name]
     else:
         path = Path(name_or_path)
         path = path / "config.json" if path.is_dir() else path
