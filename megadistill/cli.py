@@ -141,7 +141,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--index", type=int, help="array task (default: $SLURM_ARRAY_TASK_ID)")
 
 
-@command("pipeline", "convert -> experts -> merge -> final -> eval, on SLURM or locally", _pipeline_args)
+@command(
+    "pipeline", "convert -> experts -> merge -> final -> eval, on SLURM or locally", _pipeline_args
+)
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from megadistill.pipeline import load_recipe, local, slurm, step
 
@@ -274,7 +276,9 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         return run_from_cli(args.recipe, overrides, stage)
 
 
-@command("align", "stage I: layer-wise alignment of the new parameters (run on every rank)", _stage_args)
+@command(
+    "align", "stage I: layer-wise alignment of the new parameters (run on every rank)", _stage_args
+)
 def _cmd_align(args: argparse.Namespace) -> int:
     return _run_stage("align", args)
 

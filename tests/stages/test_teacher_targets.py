@@ -105,7 +105,7 @@ def test_two_ranks_union_equals_one_rank(tmp_path, teacher_fp):
 
 
 def test_online_and_offline_give_the_same_loss(tmp_path, teacher_fp):
-    from megadistill.teachers.conversion import convert  # the package attr is shadowed by the module
+    from megadistill.teachers import convert
 
     cfg, tok = _setup(tmp_path)
     teacher = _teacher()
