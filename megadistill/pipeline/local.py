@@ -51,6 +51,8 @@ def _run_task(
             str(run_dir), step.name, "--index", str(index)]  # fmt: skip
     timeout_s = parse_time_s(step.resources.time)
     started = time.time()
+    log.info("%s[%d] started on %d rank(s); follow it with: tail -f %s", step.name, index,
+             step.resources.num_ranks, log_path)  # fmt: skip
     for attempt in range(max_requeues + 1):
         env = job_environment(run_dir, extra_env)
         env.update(
