@@ -317,6 +317,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- demo
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny random teacher: minutes, not ~15 min")
+    p.add_argument("--quality", action="store_true", help="the quality benchmark (~45 min)")
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo)")
 
 
@@ -324,7 +325,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from megadistill.demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(quick=args.quick, run_dir=args.run_dir))
+    report = run_demo(DemoConfig(quick=args.quick, quality=args.quality, run_dir=args.run_dir))
     print(f"report: {report}")
     return 0
 

@@ -35,6 +35,8 @@ class DemoConfig:
 
     quick: bool = False
     """Tiny random teacher and licence texts (minutes) instead of SmolLM2 on Austen (~15 min)."""
+    quality: bool = False
+    """The quality benchmark: one expert, more tokens, 6 tasks, chapter perplexity (~45 min)."""
     run_dir: str = "runs/demo"
     """Where the run (assets, checkpoints, logs, report) goes; an existing run is replaced."""
     cache_dir: str | None = None
@@ -67,23 +69,29 @@ def _quick_assets(root: Path) -> tuple[Path, dict[str, Path], Path]:
         name: _write_jsonl(root / f"{name}.jsonl", [(LICENSES / f).read_text() for f in files])
         for name, files in _QUICK_DOMAINS.items()
     }
-    heldout = root / "heldout.txt"
-    heldout.write_text("\n\n".join((LICENSES / f).read_text() for f in _QUICK_HELDOUT))
+    heldout = _write_jsonl(
+        root / "heldout.jsonl", [(LICENSES / f).read_text() for f in _QUICK_HELDOUT]
+    )
     return teacher, data, heldout
 
 
-def _full_assets(root: Path, cache_dir: str | None) -> tuple[Path, dict[str, Path], Path]:
+def _full_assets(
+    root: Path, cache_dir: str | None, quality: bool
+) -> tuple[Path, dict[str, Path], Path]:
     from megadistill.assets import english_corpus, smollm2_teacher
 
     teacher = smollm2_teacher(cache_dir)
     train = english_corpus(cache_dir, "train")
     half = len(train) // 2  # chapters are in novel order: earlier vs later novels
-    data = {
-        "early-novels": _write_jsonl(root / "early-novels.jsonl", train[:half]),
-        "late-novels": _write_jsonl(root / "late-novels.jsonl", train[half:]),
-    }
-    heldout = root / "heldout.txt"
-    heldout.write_text("\n\n".join(english_corpus(cache_dir, "heldout")[:4]))
+    if quality:
+        data = {"austen": _write_jsonl(root / "austen.jsonl", train)}
+    else:
+        data = {
+            "early-novels": _write_jsonl(root / "early-novels.jsonl", train[:half]),
+            "late-novels": _write_jsonl(root / "late-novels.jsonl", train[half:]),
+        }
+    # Held-out chapters (2K-4K tokens each): one JSON document per chapter for perplexity.
+    heldout = _write_jsonl(root / "heldout.jsonl", english_corpus(cache_dir, "heldout")[:6])
     return teacher, data, heldout
 
 
@@ -125,8 +133,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         teacher, data, heldout = _quick_assets(assets)
         recipe_file = RECIPES / "tiny_cpu.yaml"
     else:
-        teacher, data, heldout = _full_assets(assets, cfg.cache_dir)
-        recipe_file = RECIPES / "smollm2_demo.yaml"
+        teacher, data, heldout = _full_assets(assets, cfg.cache_dir, cfg.quality)
+        recipe_file = RECIPES / ("smollm2_quality.yaml" if cfg.quality else "smollm2_demo.yaml")
     experts = [{"name": name, "data": {"sources": [{"path": str(p)}]}} for name, p in data.items()]
     sources = [{"path": str(p)} for p in data.values()]
     overrides = [

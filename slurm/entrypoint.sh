@@ -140,7 +140,18 @@ done
 
 if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     log "ranks checkpointed and exited with $rc: requeueing job $SLURM_JOB_ID"
-    if scontrol requeue "$SLURM_JOB_ID"; then
+    # scontrol can report failure although the requeue happened (its TERM to this job can reach
+    # scontrol itself, or the RPC times out under load): trust the job's state, not the exit code.
+    requeued=0
+    err=$(timeout 30 scontrol requeue "$SLURM_JOB_ID" 2>&1) && requeued=1
+    if [ "$requeued" -eq 0 ]; then
+        state=$(timeout 30 scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' || true)
+        case "$state" in
+            *REQUEUE*|*PENDING*|*COMPLETING*) requeued=1 ;;
+            *) log "scontrol requeue $SLURM_JOB_ID: ${err:-timed out} ($state)" ;;
+        esac
+    fi
+    if [ "$requeued" -eq 1 ]; then
         # slurm now stops this script (TERM, then KILL) and queues the job again
         for _ in $(seq 120); do sleep 1; done
         log "job $SLURM_JOB_ID was requeued but not stopped; exiting with $rc"

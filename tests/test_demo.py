@@ -17,7 +17,7 @@ RECIPES = sorted((Path(__file__).parents[1] / "megadistill" / "recipes").glob("*
 def test_shipped_recipes_validate_every_stage(recipe, tmp_path):
     parsed = load_recipe(recipe)
     write_plan(parsed, tmp_path / "run")  # checks every stage section as a StageConfig
-    assert abs(sum(parsed.weights) - 1) < 1e-9 and len(parsed.experts) >= 2
+    assert abs(sum(parsed.weights) - 1) < 1e-9 and len(parsed.experts) >= 1
 
 
 def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):

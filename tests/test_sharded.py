@@ -14,7 +14,9 @@ import pytest
 from megadistill.testing import run_distributed
 from tests import sharded_workers as w
 
-BUDGET = 0.75  # of the full model's bytes, per rank
+# Per rank, of the full model's bytes. A rank that ever held the whole model would grow by at
+# least 1.0x; its own ZeRO-3 partition is 0.5x, and allocator slack under load adds up to ~0.3x.
+BUDGET = 0.9
 
 
 @pytest.fixture(scope="module")
