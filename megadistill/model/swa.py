@@ -52,12 +52,20 @@ def visible(
 
 
 def _sdpa(q, k, v, mask, scaling):
-    # Enable GQA by repeating K/V heads: SDPA's enable_gqa has no CPU fast path for masks.
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling)
+    """SDPA with a boolean mask (B, Tq, Tk) shared by all heads; GQA without repeating K/V.
+
+    The ``rep`` query heads that share a K/V head are folded into the query length, so each K/V
+    head is read once (no repeat_interleave copies of the cache or the keys).
+    """
+    b, h, t, d = q.shape
+    rep = h // k.shape[1]
+    if rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling)
+    qg = q.reshape(b, k.shape[1], rep * t, d)
+    out = F.scaled_dot_product_attention(
+        qg, k, v, attn_mask=mask.repeat(1, rep, 1)[:, None], scale=scaling
+    )
+    return out.reshape(b, h, t, -1)
 
 
 def swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling):
