@@ -12,7 +12,6 @@ ever holds more than its partition plus a slice of one tensor.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -27,25 +26,10 @@ log = logging.getLogger(__name__)
 
 def weight_files(folder: str | Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a Hugging Face folder (index or single files)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is corrupt: {exc}") from exc
-        return {name: folder / f for name, f in weight_map.items()}
-    from safetensors import safe_open
+    from megadistill.teachers.conversion import weight_index
 
-    out: dict[str, Path] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            out.update({name: f for name in fh.keys()})
-    if not out:
-        raise CheckpointError(
-            f"{folder} has no *.safetensors weights; save it with save_pretrained(...) first"
-        )
-    return out
+    folder = Path(folder)
+    return {name: folder / f for name, f in weight_index(folder).items()}
 
 
 def _model_class(config: Any, model_cls: type | None) -> type:

@@ -148,7 +148,7 @@ def convert_pretrained(
         student_cfg = HybridConfig.from_teacher(cfg, **hybrid)
     except ValueError as exc:
         raise MegadistillError(str(exc)) from exc
-    teacher_files = _weight_index(teacher_path)
+    teacher_files = weight_index(teacher_path)
     with torch.device("meta"):
         skeleton = HybridForCausalLM(student_cfg)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
@@ -187,8 +187,9 @@ def _teacher_config(path: Path) -> PretrainedConfig:
     return cfg
 
 
-def _weight_index(path: Path) -> dict[str, str]:
-    """Tensor name -> safetensors file of a teacher folder (index or a single file)."""
+def weight_index(path: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name of a Hugging Face folder (index or lone files),
+    with clear errors for a corrupt index, a listed file that is missing, or no weights."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -197,14 +198,12 @@ def _weight_index(path: Path) -> dict[str, str]:
             raise CheckpointError(f"{index} is corrupt: {exc}") from exc
         missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
-            raise CheckpointError(
-                f"teacher weight file {path / missing[0]} listed in the index is missing"
-            )
+            raise CheckpointError(f"weight file {path / missing[0]} listed in the index is missing")
         return dict(weight_map)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(
-            f"teacher folder {path} has no weight files (*.safetensors); convert .bin "
+            f"folder {path} has no weight files (*.safetensors); convert .bin "
             "checkpoints with `save_pretrained(..., safe_serialization=True)` first"
         )
     out = {}
@@ -224,12 +223,12 @@ def _safetensors_header(file: Path) -> dict[str, Any]:
                 raise ValueError("header length out of range")
             header = json.loads(fh.read(n))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"teacher weight file {file} is corrupt or truncated: {exc}") from exc
+        raise CheckpointError(f"weight file {file} is corrupt or truncated: {exc}") from exc
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
-            f"teacher weight file {file} is truncated ({size} bytes, its header needs {8 + n + end})"
+            f"weight file {file} is truncated ({size} bytes, its header needs {8 + n + end})"
         )
     return header
 
