@@ -318,6 +318,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny random teacher: minutes, not ~15 min")
     p.add_argument("--quality", action="store_true", help="the quality benchmark (~45 min)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. hybrid.window=512")
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo)")
 
 
@@ -325,7 +326,13 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from megadistill.demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(quick=args.quick, quality=args.quality, run_dir=args.run_dir))
+    cfg = DemoConfig(
+        quick=args.quick,
+        quality=args.quality,
+        run_dir=args.run_dir,
+        overrides=tuple(args.overrides),
+    )
+    report = run_demo(cfg)
     print(f"report: {report}")
     return 0
 

@@ -41,6 +41,8 @@ class DemoConfig:
     """Where the run (assets, checkpoints, logs, report) goes; an existing run is replaced."""
     cache_dir: str | None = None
     """Asset cache (default: $MEGADISTILL_CACHE or ~/.cache/megadistill)."""
+    overrides: tuple[str, ...] = ()
+    """Dotted recipe overrides applied last, e.g. ``hybrid.window=512``."""
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -142,6 +144,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         f"experts={json.dumps(experts)}",
         f"final.data.sources={json.dumps(sources)}",
         f"eval.ppl_text=[{heldout}]",
+        *cfg.overrides,
     ]
     recipe = load_recipe(recipe_file, overrides)
     log.info("demo: running %s (%d experts) in %s", recipe_file.name, len(experts), run_dir)
