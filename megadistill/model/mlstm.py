@@ -52,6 +52,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _start_state(q: torch.Tensor, v: torch.Tensor, state: State | None) -> State:
+    """The given state (or zeros) in the compute dtype."""
+    dt = _compute_dtype(q)
+    state = state if state is not None else zero_state(q, v)
+    return tuple(s.to(dt) for s in state)  # type: ignore[return-value]
+
+
+def _reset_rows(state: State, reset: torch.Tensor) -> State:
+    """Zero (C, n, m) of the rows where ``reset`` (B,) is True: a document starts there."""
+    keep = (~reset).to(state[0].dtype)[:, None]
+    return state[0] * keep[..., None, None], state[1] * keep[..., None], state[2] * keep
+
+
 def mlstm_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,12 +101,11 @@ def mlstm_recurrent(
     eps: float = EPS,
 ) -> tuple[torch.Tensor, State]:
     """Reference: loop over time. q, k: (B,H,T,F); v: (B,H,T,D); gates (B,H,T); reset (B,T)."""
-    state = state if state is not None else zero_state(q, v)
+    state = _start_state(q, v, state)
     outs = []
     for t in range(q.shape[2]):
         if reset is not None:
-            keep = (~reset[:, t]).to(state[0].dtype)[:, None]
-            state = (state[0] * keep[..., None, None], state[1] * keep[..., None], state[2] * keep)
+            state = _reset_rows(state, reset[:, t])
         h, state = mlstm_step(
             q[:, :, t], k[:, :, t], v[:, :, t], i_pre[:, :, t], f_pre[:, :, t], state, eps
         )
@@ -161,8 +173,7 @@ def mlstm_chunkwise(
 ) -> tuple[torch.Tensor, State]:
     """Chunkwise-parallel mLSTM with exact document resets (any length, any device)."""
     dt = _compute_dtype(q)
-    state = state if state is not None else zero_state(q, v)
-    state = tuple(s.to(dt) for s in state)  # type: ignore[assignment]
+    state = _start_state(q, v, state)
     q, k, v, i_pre = (x.to(dt) for x in (q, k, v, i_pre))
     logf = F.logsigmoid(f_pre.to(dt))
     if reset is None:
@@ -222,13 +233,11 @@ def mlstm_kernels_forward(
     """mlstm_kernels backends. Packed rows are split at document starts (one call per document)."""
     fn = _kernel_fn(backend)
     dt = _compute_dtype(q)
-    state = state if state is not None else zero_state(q, v)
-    state = tuple(s.to(dt) for s in state)  # type: ignore[assignment]
+    state = _start_state(q, v, state)
     q, k, v, i_pre, f_pre = (x.to(dt) for x in (q, k, v, i_pre, f_pre))
     if reset is None or not bool(reset[:, 1:].any()):
         if reset is not None and bool(reset[:, 0].any()):
-            keep = (~reset[:, 0]).to(dt)[:, None]
-            state = (state[0] * keep[..., None, None], state[1] * keep[..., None], state[2] * keep)
+            state = _reset_rows(state, reset[:, 0])
         return _kernel_segment(fn, q, k, v, i_pre, f_pre, state, chunk_size, eps)
     rows, states = [], []
     for r in range(q.shape[0]):
