@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megadistill.integrity import atomic_write_text
 from megadistill.pipeline import load_recipe
 from megadistill.pipeline.local import run_local
 
@@ -97,6 +98,9 @@ def _full_assets(
     return teacher, data, heldout
 
 
+BUDGET_HEADING = "## Training budget"
+
+
 def _stage_tokens(run_dir: Path) -> dict[str, float]:
     """Training tokens each stage saw (from its metrics.jsonl)."""
     out = {}
@@ -110,7 +114,7 @@ def _stage_tokens(run_dir: Path) -> dict[str, float]:
 
 def _budget_section(run_dir: Path, quick: bool) -> str:
     tokens = _stage_tokens(run_dir)
-    lines = ["", "## Training budget (read the numbers above with this in mind)", ""]
+    lines = ["", BUDGET_HEADING + " (read the numbers above with this in mind)", ""]
     lines += [f"- {stage}: {int(n):,} tokens" for stage, n in tokens.items()]
     lines.append(f"- total: {int(sum(tokens.values())):,} tokens")
     if quick:
@@ -150,7 +154,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     log.info("demo: running %s (%d experts) in %s", recipe_file.name, len(experts), run_dir)
     run_local(recipe, run_dir / "pipeline")
     report = run_dir / "pipeline" / "eval" / "report.md"
-    with open(report, "a") as fh:
-        fh.write(_budget_section(run_dir / "pipeline", quick=cfg.quick))
+    # A resumed demo whose eval finished earlier keeps that report: replace its budget section.
+    text = report.read_text().split(BUDGET_HEADING)[0].rstrip("\n") + "\n"
+    atomic_write_text(report, text + _budget_section(run_dir / "pipeline", quick=cfg.quick))
     log.info("demo: finished in %.1f min; report: %s", (time.monotonic() - start) / 60, report)
     return report

@@ -35,6 +35,8 @@ from megadistill.pipeline.recipe import STEP_NAMES, PipelineRecipe, Resources
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = 1
+STATE_DIR = "state"
+"""Folder of the run directory where ranks mark the commands they finished."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -230,17 +232,21 @@ def validate_stage_configs(recipe: PipelineRecipe, configs: dict[str, dict[str, 
 
 
 def write_plan(recipe: PipelineRecipe, run_dir: str | Path) -> list[Step]:
-    """Create the run directory: recipe, per-step configs, log folders and ``plan.json``."""
+    """Create the run directory: recipe, per-step configs, log folders and ``plan.json``.
+
+    Writing the same recipe into a run directory that already holds it resumes that run: the
+    record of finished commands is kept, so they are skipped, and the stages continue from their
+    newest checkpoints. A different recipe over a run that has started is refused (nothing is
+    changed), since its outputs would mix two plans.
+
+    Raises:
+        PipelineError: ``run_dir`` holds a started run of a different recipe.
+    """
     run_dir = Path(run_dir).resolve()
     steps = build_dag(recipe, run_dir)
     configs = step_configs(recipe, run_dir)
     validate_stage_configs(recipe, configs)
-    shutil.rmtree(run_dir / "state", ignore_errors=True)  # a new plan redoes every command
-    for sub in ("configs", "experts", *(f"logs/{s.name}" for s in steps)):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    for name, cfg in configs.items():
-        atomic_write_text(run_dir / "configs" / name, yaml.safe_dump(cfg, sort_keys=False))
+    recipe_text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
     plan = {
         "format": PLAN_FORMAT,
         "name": recipe.name,
@@ -256,8 +262,45 @@ def write_plan(recipe: PipelineRecipe, run_dir: str | Path) -> list[Step]:
             for s in steps
         ],
     }
+    files = {"recipe.yaml": recipe_text}
+    files.update(
+        {f"configs/{name}": yaml.safe_dump(cfg, sort_keys=False) for name, cfg in configs.items()}
+    )
+    changed = _changed_files(run_dir, plan, files)
+    if not changed:
+        return steps  # the same run: keep the record of finished commands
+    started = sorted(str(p.relative_to(run_dir)) for p in (run_dir / STATE_DIR).glob("*/*.done"))
+    if started:
+        raise PipelineError(
+            f"{run_dir} holds a started run of a different recipe ({', '.join(changed[:5])} "
+            f"differ; {len(started)} command(s) finished, e.g. {started[0]}); run the same recipe "
+            "and overrides to resume it, or choose a new --run-dir"
+        )
+    shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+    for sub in ("configs", "experts", *(f"logs/{s.name}" for s in steps)):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        atomic_write_text(run_dir / name, text)
     atomic_write_json(run_dir / PLAN_FILE, plan)
     return steps
+
+
+def _changed_files(run_dir: Path, plan: dict[str, Any], files: dict[str, str]) -> list[str]:
+    """Which of the run directory's plan files differ from ``plan`` and ``files`` (all if new)."""
+    changed = [name for name, text in files.items() if _read_text(run_dir / name) != text]
+    old = _read_text(run_dir / PLAN_FILE)
+    try:
+        same_plan = old is not None and json.loads(old) == plan
+    except json.JSONDecodeError:
+        same_plan = False
+    return changed if same_plan else [PLAN_FILE, *changed]
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
 
 
 def read_plan(run_dir: str | Path) -> dict[str, Any]:

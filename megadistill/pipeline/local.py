@@ -3,7 +3,7 @@
 The same plan and the same per-rank step runner as under SLURM; only the launcher differs:
 ``slurm/entrypoint.sh`` in its local mode starts each job's ranks on this machine. Steps run in
 dependency order, expert tasks one after the other; the first failure stops the run (nothing that
-depends on it runs). A job whose ranks exit with the requeue code is started again, as SLURM would.
+depends on it runs). Running the same recipe again resumes: finished tasks are skipped. A job whose ranks exit with the requeue code is started again, as SLURM would.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from megadistill.pipeline.dag import PipelineError, Step, write_plan
 from megadistill.pipeline.recipe import PipelineRecipe, parse_time_s
 from megadistill.pipeline.slurm import ENTRYPOINT, job_environment
-from megadistill.pipeline.step import REQUEUE_EXIT_CODE
+from megadistill.pipeline.step import REQUEUE_EXIT_CODE, task_finished
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,10 @@ def run_local(
     results: list[LocalResult] = []
     for step in steps:
         for index in range(step.num_tasks):
+            commands, world = len(step.commands[index]), step.resources.num_ranks
+            if task_finished(run_dir, step.name, index, commands, world):
+                log.info("%s[%d] finished in an earlier run; skipping", step.name, index)
+                continue
             res = _run_task(step, index, run_dir, max_requeues, recipe.env)
             results.append(res)
             if res.returncode != 0:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from megadistill.pipeline.dag import PipelineError, plan_step, read_plan
+from megadistill.pipeline.dag import STATE_DIR, PipelineError, plan_step, read_plan
 
 REQUEUE_EXIT_CODE = 143
 """Exit code of a program that checkpointed on a preemption signal and wants to run again: the
@@ -22,8 +22,6 @@ trainer's ``megadistill.engine.signals.EXIT_PREEMPTED`` (128 + SIGTERM; kept equ
 imported, because that module needs torch). ``slurm/entrypoint.sh`` requeues the job on it."""
 
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-STATE_DIR = "state"
-"""Folder of the run directory where ranks mark the commands they finished."""
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +68,13 @@ def _run_forwarding(argv: list[str]) -> int:
 
 def _marker(run_dir: str | Path, step: str, index: int, cmd: int, rank: int) -> Path:
     return Path(run_dir) / STATE_DIR / f"{step}_{index}" / f"cmd{cmd}.rank{rank}.done"
+
+
+def task_finished(run_dir: str | Path, step: str, index: int, commands: int, world: int) -> bool:
+    """Whether every rank finished every command of array task ``index`` of ``step``."""
+    return all(
+        _marker(run_dir, step, index, i, r).exists() for i in range(commands) for r in range(world)
+    )
 
 
 def run_step(run_dir: str | Path, step: str, index: int | None = None) -> int:

@@ -6,6 +6,7 @@ the entrypoint exports and all-reduce, so a wrong RANK/WORLD_SIZE/MASTER_* fails
 
     convert OUT SEED                       writes OUT/student.json
     expert  OUT NAME INDEX [--fail NAME]   2-rank all-reduce of (rank+1)*(INDEX+1) -> OUT/NAME.json
+                                           (expert NAME exits 3 until OUT/NAME.fixed exists)
     merge   OUT CONFIG                     weighted sum of the experts' values -> OUT/merged.json
     final   OUT                            2-rank all-reduce of the merged value -> OUT/final.json
     eval    OUT                            copies the final value -> OUT/eval.json
@@ -58,7 +59,7 @@ def convert(out: Path, seed: str) -> None:
 
 
 def expert(out: Path, name: str, index: int, fail: str | None) -> None:
-    if name == fail:
+    if name == fail and not (out / f"{name}.fixed").exists():
         print(f"expert {name}: failing on purpose", file=sys.stderr)
         sys.exit(3)
     start = time.time()

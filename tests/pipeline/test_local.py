@@ -42,3 +42,27 @@ def test_local_failure_stops_the_run(tmp_path):
     assert "failing on purpose" in (tmp_path / "run/logs/expert/local_0.out").read_text()
     assert not (tmp_path / "run" / "out" / "never.json").exists()  # later tasks never ran
     assert not (tmp_path / "run" / "out" / "merged.json").exists()
+
+
+def test_rerunning_the_same_recipe_resumes_and_a_different_one_is_refused(tmp_path):
+    run = tmp_path / "run"
+    recipe = dag_recipe("resume", ["math", "bad"], fail="bad")
+    with pytest.raises(PipelineError, match=r"expert\[1\] exited with 3"):
+        run_local(recipe, run)
+    before = {n: (run / "out" / f"{n}.json").read_text() for n in ("student", "math")}
+
+    (run / "out" / "bad.fixed").touch()  # the user fixes the cause and runs the same command
+    results = run_local(recipe, run)
+    assert [(r.step, r.index) for r in results] == [("expert", 1), ("merge", 0), ("final", 0),
+                                                    ("eval", 0)]  # fmt: skip
+    # Finished tasks did not run again (their outputs hold the first run's timestamps).
+    assert {n: (run / "out" / f"{n}.json").read_text() for n in before} == before
+    assert json.loads((run / "out" / "eval.json").read_text())["value"] == 9.0
+    assert run_local(recipe, run) == []  # everything finished: nothing runs
+
+    plan = (run / "plan.json").read_text()
+    with pytest.raises(
+        PipelineError, match=r"different recipe \(plan.json, recipe.yaml.*new --run-dir"
+    ):
+        run_local(dag_recipe("resume", ["math", "bad"], fail="bad", seed=1), run)
+    assert (run / "plan.json").read_text() == plan  # nothing was changed
