@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -62,6 +63,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
 
     # The shm_comm op is only used by the ccl backend; building it costs ~140 s on CPU.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # DeepSpeed's ZeRO-3 calls collectives that torch >= 2.10 deprecates, hundreds of times a run;
+    # nothing a user can act on, and it buries the progress bar in the job logs.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device())

@@ -28,6 +28,7 @@ from typing import Any
 from megadistill.integrity import atomic_write_json
 from megadistill.pipeline.dag import REPO_ROOT, PipelineError, Step, read_plan, write_plan
 from megadistill.pipeline.recipe import PipelineRecipe, Resources
+from megadistill.pipeline.step import task_finished
 
 JOBS_FILE = "jobs.json"
 SLURM_DIR = REPO_ROOT / "slurm"
@@ -107,26 +108,55 @@ def job_environment(run_dir: Path, extra: dict[str, str] | None = None) -> dict[
 def submit(recipe: PipelineRecipe, run_dir: str | Path) -> dict[str, Any]:
     """Write the run directory and submit the DAG; return (and save) the job ids.
 
+    Submitting the same recipe into a run directory whose earlier jobs all ended (one failed, ran
+    out of time, was cancelled) resumes it: steps whose every task finished are not submitted
+    again (their earlier job ids stay in ``jobs.json``), finished commands inside the others are
+    skipped, and stages continue from their newest checkpoints.
+
     Args:
         recipe: the validated recipe.
-        run_dir: run directory (created; must not hold a submitted run already).
+        run_dir: run directory (created, or an ended run of the same recipe to resume).
 
     Returns:
         The ``jobs.json`` content: ``{"steps": {step: {"job_id", "after", "num_tasks"}}, ...}``.
+
+    Raises:
+        PipelineError: jobs of an earlier submission are still queued or running, or ``run_dir``
+            holds a started run of a different recipe.
     """
     run_dir = Path(run_dir).resolve()
+    previous: dict[str, Any] = {}
     if (run_dir / JOBS_FILE).exists():
-        raise PipelineError(
-            f"{run_dir} already holds a submitted run ({JOBS_FILE}); choose a new --run-dir"
-        )
+        active = [r for r in status(run_dir) if not r.done and r.state != "UNKNOWN"]
+        if active:
+            ids = ", ".join(sorted({r.job_id for r in active}))
+            raise PipelineError(
+                f"{run_dir} has jobs of an earlier submission still queued or running ({ids}); "
+                "wait for them to end (or scancel them), then submit the same recipe again to "
+                "resume, or choose a new --run-dir"
+            )
+        previous = json.loads((run_dir / JOBS_FILE).read_text())
     steps = write_plan(recipe, run_dir)
     env = job_environment(run_dir, recipe.env)
     jobs: dict[str, Any] = {"name": recipe.name, "experts": [e.name for e in recipe.experts]}
     jobs["steps"] = {}
+    if previous:
+        jobs["earlier_submissions"] = [
+            *previous.get("earlier_submissions", []),
+            {k: v for k, v in previous.items() if k != "earlier_submissions"},
+        ]
     ids: dict[str, str] = {}
     try:
         for step in steps:
-            dep = ":".join(ids[a] for a in step.after) or None
+            if not ids and previous and _step_finished(run_dir, step):
+                # not submitted again; status reports it from the run's record
+                jobs["steps"][step.name] = {
+                    **previous["steps"][step.name],
+                    "finished_earlier": True,
+                }
+                log.info("%s finished in an earlier submission; not submitted", step.name)
+                continue
+            dep = ":".join(ids[a] for a in step.after if a in ids) or None
             argv = sbatch_args(step, run_dir, f"{recipe.name}-{step.name}", dep)
             out = _slurm(argv, env={**env, "MEGADISTILL_LAUNCHER": step.resources.launcher})
             out = out.strip()
@@ -144,6 +174,14 @@ def submit(recipe: PipelineRecipe, run_dir: str | Path) -> dict[str, Any]:
         raise
     atomic_write_json(run_dir / JOBS_FILE, jobs)
     return jobs
+
+
+def _step_finished(run_dir: Path, step: Step) -> bool:
+    """Whether every rank of every array task of ``step`` finished all its commands."""
+    return all(
+        task_finished(run_dir, step.name, i, len(task), step.resources.num_ranks)
+        for i, task in enumerate(step.commands)
+    )
 
 
 # ----------------------------------------------------------------------------- status
@@ -213,6 +251,10 @@ def _task_indices(spec: str) -> list[int]:
 
 def _step_rows(step: str, info: dict[str, Any], experts: list[str]) -> list[TaskStatus]:
     job_id = info["job_id"]
+    if info.get("finished_earlier"):  # every rank marked every command done
+        names = experts if step == "expert" else [""]
+        return [TaskStatus(step, name, job_id, "COMPLETED", "", "0:0", "",
+                           why="finished in an earlier submission") for name in names]  # fmt: skip
     records = _records(job_id) or _sacct_records(job_id)
     if not records:
         return [TaskStatus(step, "", job_id, "UNKNOWN", "", "", "",
@@ -264,7 +306,7 @@ def status(run_dir: str | Path) -> list[TaskStatus]:
         rows.extend(_step_rows(entry["name"], jobs["steps"][entry["name"]], jobs["experts"]))
     out = []
     for row in rows:
-        why = _explain(row, rows, jobs["steps"][row.step]["after"])
+        why = row.why or _explain(row, rows, jobs["steps"][row.step]["after"])
         out.append(TaskStatus(**{**row.__dict__, "why": why}))
     return out
 

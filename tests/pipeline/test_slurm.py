@@ -182,6 +182,28 @@ def test_failed_expert_stops_dependants_and_status_says_why(runs, capsys):
     assert "DependencyNeverSatisfied" in table and "expert[bad] FAILED" in table
 
 
+def test_resubmitting_an_ended_run_resumes_it(runs):
+    """After the failure above: fix the cause, submit the same recipe again."""
+    run_dir, first = runs["fail"]
+    slurm.wait(run_dir, RUN_TIMEOUT_S)
+    good = (run_dir / "out" / "good.json").read_text()
+    (run_dir / "out" / "bad.fixed").touch()
+    recipe = dag_recipe("fail", ["good", "bad"], fail="bad")
+    jobs = slurm.submit(recipe, run_dir)
+    with pytest.raises(slurm.PipelineError, match="still queued or running"):
+        slurm.submit(recipe, run_dir)  # the DAG just submitted takes seconds
+    assert jobs["steps"]["convert"]["job_id"] == first["steps"]["convert"]["job_id"]  # not again
+    assert jobs["steps"]["expert"]["job_id"] != first["steps"]["expert"]["job_id"]
+    assert jobs["earlier_submissions"][0]["steps"] == first["steps"]
+    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
+    assert rows[0].why == "finished in an earlier submission"
+    assert (run_dir / "out" / "good.json").read_text() == good  # the finished expert did not rerun
+    assert _load(run_dir / "out" / "eval.json")["value"] == 9.0
+    with pytest.raises(slurm.PipelineError, match="different recipe"):
+        slurm.submit(dag_recipe("fail", ["good", "bad"], fail="bad", seed=1), run_dir)
+
+
 def test_user_script_submits_the_dag_from_a_job(runs, slurm_cluster):
     run_dir, info = runs["sbatch"]
     deadline = time.monotonic() + RUN_TIMEOUT_S
