@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megadistill.integrity import atomic_write_text
+from megadistill.eval.report import RESULTS, load_results, write_report
+from megadistill.integrity import atomic_write_json
 from megadistill.pipeline import load_recipe
 from megadistill.pipeline.local import run_local
 
@@ -98,9 +99,6 @@ def _full_assets(
     return teacher, data, heldout
 
 
-BUDGET_HEADING = "## Training budget"
-
-
 def _stage_tokens(run_dir: Path) -> dict[str, float]:
     """Training tokens each stage saw (from its metrics.jsonl)."""
     out = {}
@@ -112,20 +110,17 @@ def _stage_tokens(run_dir: Path) -> dict[str, float]:
     return out
 
 
-def _budget_section(run_dir: Path, quick: bool) -> str:
-    tokens = _stage_tokens(run_dir)
-    lines = ["", BUDGET_HEADING + " (read the numbers above with this in mind)", ""]
-    lines += [f"- {stage}: {int(n):,} tokens" for stage, n in tokens.items()]
-    lines.append(f"- total: {int(sum(tokens.values())):,} tokens")
+def _training_budget(run_dir: Path, quick: bool) -> dict[str, object]:
+    """What the run spent, for the report (``results["training_budget"]``)."""
     if quick:
-        lines.append("- teacher: a tiny *random* Llama (a pipeline check, not a quality result)")
+        note = "teacher: a tiny *random* Llama (a pipeline check, not a quality result)"
     else:
-        lines.append(
-            "- teacher: SmolLM2-135M-Instruct, 4-bit quantised (GGUF) and instruct-tuned; "
+        note = (
+            "teacher: SmolLM2-135M-Instruct, 4-bit quantised (GGUF) and instruct-tuned; "
             "the paper spends 0.65B (stage I) + 5-20B (stage II) tokens, this demo a few "
             "ten-thousand, so recovery here says little about the method's quality"
         )
-    return "\n".join(lines) + "\n"
+    return {"tokens": _stage_tokens(run_dir), "notes": [note]}
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -153,9 +148,10 @@ def run_demo(cfg: DemoConfig) -> Path:
     recipe = load_recipe(recipe_file, overrides)
     log.info("demo: running %s (%d experts) in %s", recipe_file.name, len(experts), run_dir)
     run_local(recipe, run_dir / "pipeline")
-    report = run_dir / "pipeline" / "eval" / "report.md"
-    # A resumed demo whose eval finished earlier keeps that report: replace its budget section.
-    text = report.read_text().split(BUDGET_HEADING)[0].rstrip("\n") + "\n"
-    atomic_write_text(report, text + _budget_section(run_dir / "pipeline", quick=cfg.quick))
+    eval_dir = run_dir / "pipeline" / "eval"
+    results = load_results(eval_dir)  # the budget goes into results.json: `report` keeps it
+    results["training_budget"] = _training_budget(run_dir / "pipeline", quick=cfg.quick)
+    atomic_write_json(eval_dir / RESULTS, results)
+    report = write_report(results, eval_dir)
     log.info("demo: finished in %.1f min; report: %s", (time.monotonic() - start) / 60, report)
     return report

@@ -52,3 +52,11 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     )
     name = "model.layers.0.self_attn.q_feature.weight"
     assert ((a[name] + b[name]) / 2 - merged[name]).abs().max() < 1e-6
+
+    # `report` rebuilds keep the budget section; running the demo again resumes: nothing reruns.
+    assert main(["report", str(report.parent)]) == 0
+    assert report.read_text() == text
+    final = run / "pipeline" / "final" / "final" / "checksums.json"
+    stamp = final.stat().st_mtime_ns
+    assert main(["demo", "--quick", "--run-dir", str(run)]) == 0
+    assert final.stat().st_mtime_ns == stamp and report.read_text() == text

@@ -109,7 +109,19 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["", *_summary_lines(results), "", *_window_lines(results)]
     if results.get("niah"):
         lines += ["", *_niah_lines(results["niah"])]
+    if results.get("training_budget"):
+        lines += ["", *_budget_lines(results["training_budget"])]
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(budget: dict[str, Any]) -> list[str]:
+    """The training budget a run spent (``results["training_budget"]``, written by the demo)."""
+    tokens = budget.get("tokens", {})
+    lines = ["## Training budget (read the numbers above with this in mind)", ""]
+    lines += [f"- {stage}: {int(n):,} tokens" for stage, n in tokens.items()]
+    lines.append(f"- total: {int(sum(tokens.values())):,} tokens")
+    lines += [f"- {note}" for note in budget.get("notes", [])]
+    return lines
 
 
 def _summary_lines(results: dict[str, Any]) -> list[str]:
@@ -201,6 +213,19 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def run_labels(run_dirs: list[str | Path]) -> list[str]:
+    """Column names for runs: the shortest trailing parts of their paths that tell them apart
+    (``q64/pipeline/eval`` and ``q512/pipeline/eval``, not ``eval`` twice)."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    if len(set(parts)) != len(parts):
+        raise MegadistillError(f"the same run folder is given twice: {[str(d) for d in run_dirs]}")
+    for k in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(Path(*p)) for p in parts]  # unreachable: distinct full paths differ somewhere
+
+
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
     """Rebuild every run's report; with several runs, also write a side-by-side comparison.
 
@@ -210,9 +235,8 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     """
     if not run_dirs:
         raise MegadistillError("pass at least one RUN_DIR")
-    loaded = {Path(d).name: (Path(d), load_results(d)) for d in run_dirs}
-    if len(loaded) != len(run_dirs):
-        raise MegadistillError(f"run folders must have distinct names, got {run_dirs}")
+    labels = run_labels(run_dirs)
+    loaded = {label: (Path(d), load_results(d)) for label, d in zip(labels, run_dirs, strict=True)}
     paths = [write_report(res, d) for d, res in loaded.values()]
     if len(loaded) == 1:
         return paths[0]

@@ -18,7 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from megadistill.assets import byte_tokenizer
 from megadistill.cli import main
-from megadistill.eval.report import window_fidelity
+from megadistill.errors import MegadistillError
+from megadistill.eval.report import run_labels, window_fidelity
 from megadistill.eval.tasks import TINY_MC_ITEMS
 
 MAX_LEN = 64
@@ -160,3 +161,11 @@ def test_window_fidelity_counts_tokens_beyond_w() -> None:
     assert (w["scored_tokens"], w["scored_beyond_window"]) == (69, 52)
     assert w["share_beyond_window"] == pytest.approx(52 / 69)
     assert (w["input_len_min"], w["input_len_max"]) == (20, 64)
+
+
+def test_run_labels_are_the_shortest_distinct_path_tails(tmp_path) -> None:
+    a, b = tmp_path / "q64" / "pipeline" / "eval", tmp_path / "q512" / "pipeline" / "eval"
+    assert run_labels([a, b]) == ["q64/pipeline/eval", "q512/pipeline/eval"]
+    assert run_labels([tmp_path / "run1", tmp_path / "run2"]) == ["run1", "run2"]
+    with pytest.raises(MegadistillError, match="same run folder is given twice"):
+        run_labels([a, tmp_path / "q64" / "pipeline" / ".." / "pipeline" / "eval"])
