@@ -12,6 +12,7 @@
 #
 #   sbatch slurm/distill_olmo7b.sh [OVERRIDES...]    e.g. resources.expert.partition=gpu
 #   megadistill pipeline status RUN_DIR              where each job stands, and why
+#   RUN_DIR=runs/olmo3-7b-123 sbatch slurm/distill_olmo7b.sh   resume an ended run (same overrides)
 #
 # Submit from the repository root (or set MEGADISTILL_HOME). Environment:
 #   RECIPE   the recipe (default: megadistill/recipes/olmo3_7b.yaml)
