@@ -103,6 +103,7 @@ esac
 
 forward() {
     log "got SIG$1; forwarding to the ranks"
+    [ "$1" = TERM ] && terminated=1
     local targets=("${pids[@]}")
     if [ "$launcher" = deepspeed ]; then
         # deepspeed runner -> deepspeed.launcher.launch -> ranks: signal the ranks on this node
@@ -112,6 +113,7 @@ forward() {
     fi
     [ "${#targets[@]}" -gt 0 ] && kill -s "$1" "${targets[@]}" 2>/dev/null
 }
+terminated=0
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 trap 'forward INT' INT
@@ -152,9 +154,17 @@ if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
         esac
     fi
     if [ "$requeued" -eq 1 ]; then
-        # slurm now stops this script (TERM, then KILL) and queues the job again
-        for _ in $(seq 120); do sleep 1; done
-        log "job $SLURM_JOB_ID was requeued but not stopped; exiting with $rc"
+        # slurm now stops this script (TERM, then KILL) and queues the job again; once TERM came
+        # (it also kills our `sleep`, and a step being torn down may refuse new ones), just exit.
+        for _ in $(seq 120); do
+            [ "$terminated" -eq 1 ] && break
+            sleep 1
+        done
+        if [ "$terminated" -eq 1 ]; then
+            log "job $SLURM_JOB_ID requeued; slurm stopped this attempt"
+        else
+            log "job $SLURM_JOB_ID was requeued but not stopped; exiting with $rc"
+        fi
     else
         log "requeue of $SLURM_JOB_ID failed; exiting with $rc"
     fi
