@@ -14,28 +14,16 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from megadistill.bench.synthetic import SyntheticModelConfig
 from megadistill.teachers import convert
-from megadistill.testing import tiny_teacher_config
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class InferenceBenchConfig:
-    """Settings of ``megadistill bench inference``."""
+class InferenceBenchConfig(SyntheticModelConfig):
+    """Settings of ``megadistill bench inference`` (model size: the synthetic defaults)."""
 
-    family: str = "llama"
-    """Teacher family of the synthetic model."""
-    hidden_size: int = 256
-    """Model width."""
-    num_layers: int = 4
-    """Decoder layers."""
-    num_heads: int = 4
-    """Query heads (head_dim = hidden_size / num_heads)."""
-    num_kv_heads: int = 2
-    """Key/value heads."""
-    vocab_size: int = 4096
-    """Vocabulary size."""
     contexts: tuple[int, ...] = (1024, 4096, 16384)
     """Context lengths to prefill before decoding."""
     decode_tokens: int = 32
@@ -83,17 +71,7 @@ def run_inference_bench(cfg: InferenceBenchConfig) -> list[dict[str, float]]:
     """Measure teacher and student at each context; return one row per context with ratios."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tcfg = tiny_teacher_config(
-        cfg.family,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.hidden_size * 4,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=max(cfg.contexts) + cfg.decode_tokens + 8,
-        head_dim=cfg.hidden_size // cfg.num_heads,
-    )
+    tcfg = cfg.teacher_config(max(cfg.contexts) + cfg.decode_tokens + 8)
     teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa").eval()
     student, _ = convert(teacher, seed=0, window=cfg.window, num_sinks=cfg.num_sinks)
     rows = []

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from megadistill.bench.synthetic import SyntheticModelConfig
 from megadistill.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,23 +46,16 @@ GOAL_MEMORY_RATIO = 0.6
 
 
 @dataclass(kw_only=True)
-class TrainBenchConfig:
+class TrainBenchConfig(SyntheticModelConfig):
     """Settings of ``megadistill bench train``."""
 
-    family: str = "llama"
-    """Teacher family of the synthetic model."""
+    # A larger model than the inference benchmark's, so a step is mostly compute.
     hidden_size: int = 512
-    """Model width."""
     intermediate_size: int = 1408
-    """MLP width."""
-    num_layers: int = 4
-    """Decoder layers."""
     num_heads: int = 8
-    """Query heads (head_dim = hidden_size / num_heads)."""
     num_kv_heads: int = 4
-    """Key/value heads."""
     vocab_size: int = 8192
-    """Vocabulary size."""
+
     seq_len: int = 1024
     """Tokens per sequence."""
     micro_batch_size: int = 1
@@ -92,17 +86,13 @@ class TrainBenchConfig:
     """Limit of each process group (and of its collectives)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_steps < 1 or self.num_warmup_steps < 0:
             raise ConfigError("num_steps must be >= 1 and num_warmup_steps >= 0")
         if not self.world_sizes or any(w < 1 for w in self.world_sizes):
             raise ConfigError(f"world_sizes must be positive, got {self.world_sizes}")
         if self.top_k > self.vocab_size:
             raise ConfigError(f"top_k={self.top_k} exceeds vocab_size={self.vocab_size}")
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                "hidden_size must divide by num_heads and num_heads by num_kv_heads; got "
-                f"{self.hidden_size}, {self.num_heads}, {self.num_kv_heads}"
-            )
 
 
 # ----------------------------------------------------------------------------- models
@@ -112,20 +102,8 @@ def write_models(cfg: TrainBenchConfig, root: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from megadistill.teachers.conversion import convert_pretrained
-    from megadistill.testing import tiny_teacher_config
 
-    tcfg = tiny_teacher_config(
-        cfg.family,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.seq_len,
-        head_dim=cfg.hidden_size // cfg.num_heads,
-        attention_bias=False,
-    )
+    tcfg = cfg.teacher_config(cfg.seq_len, attention_bias=False)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tcfg).save_pretrained(root / "teacher")
     hybrid = [

@@ -48,6 +48,9 @@ def save_random_expert(out: str, model_config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    # The benchmark's stdout carries its JSON result: DeepSpeed's chatter goes to stderr.
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed()
     torch.manual_seed(0)
