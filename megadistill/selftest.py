@@ -296,7 +296,7 @@ def check_train_mfu(
     from megadistill.engine.ds_config import EngineConfig, build_ds_config
     from megadistill.engine.optim import OptimizerConfig, SchedulerConfig
     from megadistill.model import HybridConfig, HybridForCausalLM
-    from megadistill.stages.run import chunked_head_loss
+    from megadistill.stages.losses import distill_loss
 
     _single_rank_env()
     init_distributed(600)
@@ -322,8 +322,8 @@ def check_train_mfu(
 
     def step() -> float:
         def head_loss(hidden, head):
-            return chunked_head_loss(hidden, head, ids, t_lp, t_ids, gamma=0.9, beta=0.1,
-                                     chunk_size=4096)  # fmt: skip
+            out = distill_loss(hidden, head, ids, t_lp, t_ids, chunk_size=4096)
+            return out.loss, out.ce, out.kl
 
         loss = engine(input_ids=ids, position_ids=pos, head_loss=head_loss).loss[0]
         engine.backward(loss)

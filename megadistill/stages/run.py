@@ -120,16 +120,17 @@ class DistillLoss:
         return lp, ids
 
     def __call__(self, engine: Any, batch: dict[str, torch.Tensor]):
+        from megadistill.stages.losses import distill_loss
+
         dev = engine.device
         t_lp, t_ids = self.teacher_targets(batch, dev)
         d = self.cfg.distill
         labels = batch["labels"].to(dev)
 
         def head_loss(hidden: torch.Tensor, head: torch.nn.Module):
-            return chunked_head_loss(
-                hidden, head, labels, t_lp, t_ids, gamma=d.gamma, beta=d.beta,
-                chunk_size=d.chunk_size,
-            )  # fmt: skip
+            out = distill_loss(hidden, head, labels, t_lp, t_ids, gamma=d.gamma, beta=d.beta,
+                               chunk_size=d.chunk_size)  # fmt: skip
+            return out.loss, out.ce, out.kl
 
         out = engine(
             input_ids=batch["input_ids"].to(dev),
@@ -138,54 +139,6 @@ class DistillLoss:
         )
         loss, ce, kl = out.loss
         return loss, {"ce": ce, "kl": kl}
-
-
-def chunked_head_loss(
-    hidden: torch.Tensor,
-    head: torch.nn.Module,
-    labels: torch.Tensor,
-    t_lp: torch.Tensor,
-    t_ids: torch.Tensor,
-    *,
-    gamma: float,
-    beta: float,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``gamma * CE + beta * top-k KL`` (see :mod:`megadistill.stages.losses`), mean over valid
-    tokens, through the head *module* one chunk at a time under activation checkpointing: at most
-    one chunk of full-vocabulary logits exists at once, forward or backward, and calling the
-    module lets ZeRO-3 gather (and in backward re-gather) its weight.
-
-    Returns:
-        ``(loss, mean CE, mean KL)``; the means are detached.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    from megadistill.stages.losses import IGNORE_INDEX, _chunk_terms
-
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1).to(h.device)
-    k = t_ids.shape[-1]
-    lp, ids = t_lp.reshape(-1, k).to(h.device), t_ids.reshape(-1, k).long().to(h.device)
-    valid = y != IGNORE_INDEX
-    n = valid.sum().clamp(min=1).float()
-
-    def part(hc, yc, lpc, idc, vc):
-        z = head(hc).float()
-        ce, kl, _, _ = _chunk_terms(z, yc, lpc, idc)
-        vc = vc.float()
-        return gamma * (ce * vc).sum() + beta * (kl * vc).sum(), (ce * vc).sum(), (kl * vc).sum()
-
-    total = ce_sum = kl_sum = h.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[0], chunk_size):
-        sl = slice(s, s + chunk_size)
-        loss_c, ce_c, kl_c = checkpoint(
-            part, h[sl], y[sl], lp[sl], ids[sl], valid[sl], use_reentrant=False
-        )
-        total = total + loss_c
-        ce_sum = ce_sum + ce_c.detach()
-        kl_sum = kl_sum + kl_c.detach()
-    return total / n, ce_sum / n, kl_sum / n
 
 
 def teacher_logits(teacher: Any, batch: dict[str, torch.Tensor], dev: Any) -> torch.Tensor:

@@ -15,6 +15,11 @@ from megadistill.stages.losses import (
 )
 
 
+def _head(weight, bias=None):
+    """The lm_head as the function of a hidden chunk that distill_loss calls."""
+    return lambda h: F.linear(h, weight, bias)
+
+
 def _problem(dtype: torch.dtype, seed: int = 0, B: int = 3, L: int = 11, H: int = 16, V: int = 97):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, L, H, generator=gen, dtype=dtype).requires_grad_()
@@ -34,8 +39,9 @@ def test_chunked_equals_unchunked_values_and_grads(dtype, tol):
     t_lp, t_ids = teacher_topk(t_hidden, weight.detach(), 13, chunk_size=5)
     for gamma, beta, chunk in ((0.9, 0.1, 4), (0.3, 2.0, 7), (1.0, 0.0, 1000)):
         got = distill_loss(
-            hidden, weight, labels, t_lp, t_ids, bias=bias, gamma=gamma, beta=beta, chunk_size=chunk
-        )
+            hidden, _head(weight, bias), labels, t_lp, t_ids, gamma=gamma, beta=beta,
+            chunk_size=chunk,
+        )  # fmt: skip
         logits = F.linear(hidden, weight, bias)
         ref = distill_loss_reference(logits, labels, t_lp, t_ids, gamma=gamma, beta=beta)
         g_got = torch.autograd.grad(3.0 * got.loss, (hidden, weight, bias))
@@ -55,13 +61,15 @@ def test_chunked_equals_unchunked_values_and_grads(dtype, tol):
 def test_kl_is_zero_when_student_matches_teacher_and_grad_flows_through_kl_only():
     hidden, weight, _, labels, _ = _problem(torch.float64, seed=1)
     t_lp, t_ids = teacher_topk(hidden.detach(), weight.detach(), 9)
-    out = distill_loss(hidden, weight, labels, t_lp, t_ids, gamma=0.0, beta=1.0, chunk_size=5)
+    out = distill_loss(
+        hidden, _head(weight), labels, t_lp, t_ids, gamma=0.0, beta=1.0, chunk_size=5
+    )
     assert abs(out.kl.item()) < 1e-12 and abs(out.loss.item()) < 1e-12
     grads = torch.autograd.grad(out.loss, (hidden, weight))
     assert all(g.abs().max() < 1e-12 for g in grads)
     # a different teacher gives a positive KL with a non-zero gradient
     t_lp2, t_ids2 = teacher_topk(hidden.detach().flip(0), weight.detach(), 9)
-    out2 = distill_loss(hidden, weight, labels, t_lp2, t_ids2, gamma=0.0, beta=1.0)
+    out2 = distill_loss(hidden, _head(weight), labels, t_lp2, t_ids2, gamma=0.0, beta=1.0)
     assert out2.kl > 0.01 and torch.autograd.grad(out2.loss, hidden)[0].abs().max() > 1e-6
 
 
@@ -69,19 +77,19 @@ def test_all_ignored_normalizer_and_bf16():
     hidden, weight, bias, labels, t_hidden = _problem(torch.float32, seed=2)
     t_lp, t_ids = teacher_topk(t_hidden, weight.detach(), 5)
     none = torch.full_like(labels, IGNORE_INDEX)
-    out = distill_loss(hidden, weight, none, t_lp, t_ids)
+    out = distill_loss(hidden, _head(weight), none, t_lp, t_ids)
     assert out.loss.item() == 0.0 and int(out.num_tokens) == 0
     assert torch.autograd.grad(out.loss, hidden)[0].abs().max() == 0
     # a global normaliser (e.g. valid tokens across ranks) divides the summed loss
-    local = distill_loss(hidden, weight, labels, t_lp, t_ids)
-    scaled = distill_loss(hidden, weight, labels, t_lp, t_ids, normalizer=100.0)
+    local = distill_loss(hidden, _head(weight), labels, t_lp, t_ids)
+    scaled = distill_loss(hidden, _head(weight), labels, t_lp, t_ids, normalizer=100.0)
     torch.testing.assert_close(scaled.loss * 100.0, local.loss * local.num_tokens.float())
     # bf16 inputs: fp32 maths, gradients in bf16 close to the fp32 ones
     hb, wb = (
         hidden.detach().bfloat16().requires_grad_(),
         weight.detach().bfloat16().requires_grad_(),
     )
-    outb = distill_loss(hb, wb, labels, t_lp, t_ids, chunk_size=8)
+    outb = distill_loss(hb, _head(wb), labels, t_lp, t_ids, chunk_size=8)
     gb = torch.autograd.grad(outb.loss, hb)[0]
     g32 = torch.autograd.grad(local.loss, hidden)[0]
     assert gb.dtype == torch.bfloat16

@@ -127,7 +127,8 @@ def test_online_and_offline_give_the_same_loss(tmp_path, teacher_fp):
         w = student.lm_head.weight
 
         def loss(t_lp, t_ids, hidden=hidden, w=w, batch=batch):
-            return distill_loss(hidden, w, batch["labels"], t_lp, t_ids, chunk_size=5).loss
+            head = student.lm_head
+            return distill_loss(hidden, head, batch["labels"], t_lp, t_ids, chunk_size=5).loss
 
         with torch.no_grad():
             online = loss(*online_fn(batch))
