@@ -98,8 +98,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 @command("plan", "per-rank memory of each stage and the smallest offload that fits", _plan_args)
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from megadistill.config import parse_override
-    from megadistill.plan import format_plan, parse_size, plan_from_cli
+    from megadistill.config import parse_override, parse_size
+    from megadistill.plan import format_plan, plan_from_cli
 
     overrides = {
         "nodes": args.nodes,
@@ -189,6 +189,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megadistill.assets import cache_root
+    from megadistill.config import parse_csv
     from megadistill.eval.lmeval import EvalSettings
     from megadistill.eval.runner import read_documents, run_eval
 
@@ -208,7 +209,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.out,
         cache_dir=cache,
         ppl_documents=read_documents(args.ppl_text),
-        niah_lengths=[int(n) for n in args.niah.split(",") if n.strip()],
+        niah_lengths=parse_csv(args.niah, int, "--niah"),
     )
     print(report)
     return 0

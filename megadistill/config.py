@@ -8,6 +8,7 @@ valid choices, and ``a.b.c=value`` overrides are applied before validation.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -162,6 +163,43 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes in a size such as ``80GB``, ``80GiB``, ``1TB``, ``512M`` (powers of 1024).
+
+    GPU and node memory are quoted in binary units in practice (an "80GB" H100 has 80 GiB).
+    """
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"size {text!r} must look like '80GB', '80GiB', '1TB', '512M' or bytes")
+    try:
+        number = float(match.group(1))
+    except ValueError as exc:
+        raise ConfigError(f"size {text!r} has no valid number") from exc
+    return int(number * 1024 ** "_KMGT".index(match.group(2).upper() or "_"))
+
+
+def parse_csv(text: str, kind: type[int] | type[float], what: str) -> list:
+    """``"1,2,3"`` -> ``[kind(1), ...]`` with an error naming ``what`` and the bad item."""
+    out = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                out.append(kind(item))
+            except ValueError:
+                name, example = (
+                    ("an integer", "256,512") if kind is int else ("a number", "0.5,0.5")
+                )
+                raise ConfigError(
+                    f"{what}: {item.strip()!r} is not {name}; give e.g. {example}"
+                ) from None
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

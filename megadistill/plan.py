@@ -48,7 +48,6 @@ context, NCCL buffers, allocator slack) is added to every GPU total.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -73,21 +72,6 @@ SWA_BLOCK = 128  # megadistill.model.swa.swa_blocked's query block
 ADAM_BYTES = 8
 MASTER_BYTES = 4
 TOPK_BYTES = 4 + 8  # fp32 log-prob + int64 id per kept token
-_SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int | float) -> int:
-    """Bytes in a size such as ``80GB``, ``80GiB``, ``1TB``, ``512M`` (powers of 1024).
-
-    GPU and node memory are quoted in binary units in practice (an "80GB" H100 has 80 GiB).
-    """
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise ConfigError(f"memory size {text!r} must look like '80GB', '80GiB', '1TB' or '512M'")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** "_KMGT".index(unit or "_"))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megadistill.config import ConfigError
+from megadistill.config import ConfigError, parse_size
 from megadistill.plan import (
     PREFETCH_BUCKET,
     REDUCE_BUCKET,
@@ -21,7 +21,6 @@ from megadistill.plan import (
     layer_activation_terms,
     make_plan,
     model_shape,
-    parse_size,
     plan_stage,
     zero3_model_states,
 )

@@ -197,10 +197,10 @@ def write_report(results: dict[str, Any], run_dir: str | Path) -> Path:
     """Write ``results.json`` (if new), ``report.md`` and ``recovery.png`` into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / RESULTS).exists():
-        atomic_write_json(run_dir / RESULTS, results)
     atomic_write_text(run_dir / REPORT, render_markdown(results))
     plot_recovery({run_dir.name: task_rows(results)}, run_dir / CHART)
+    if not (run_dir / RESULTS).exists():  # last: an eval that died before this can run again
+        atomic_write_json(run_dir / RESULTS, results)
     log.info("report written to %s", run_dir / REPORT)
     return run_dir / REPORT
 

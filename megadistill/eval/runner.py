@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,18 +14,15 @@ log = logging.getLogger(__name__)
 
 
 def read_documents(paths: Sequence[str | Path]) -> list[str]:
-    """Held-out documents: a ``.jsonl`` file gives one per line (``text`` field), else one per file."""
+    """Held-out documents: a ``.jsonl`` file gives one per line (``text`` field), any other text
+    file one document (read by the data sources, so errors name the file and line)."""
+    from megadistill.data.config import SourceConfig
+    from megadistill.data.sources import iter_documents
+
     docs: list[str] = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise MegadistillError(f"held-out text {p} not found")
-        if p.suffix == ".jsonl":
-            docs += [
-                json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip()
-            ]
-        else:
-            docs.append(p.read_text())
-    return [d for d in docs if d.strip()]
+    for p in paths:
+        docs += iter_documents(SourceConfig(path=str(p), txt_documents="file"))
+    return docs
 
 
 def run_eval(

@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from megadistill.config import ConfigError, from_dict
+from megadistill.config import ConfigError, from_dict, load_yaml, parse_csv, parse_size
 from megadistill.errors import CheckpointError
 
 # torch and the merge library are imported inside the functions: building the CLI parser stays
 # fast.
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # Where the pipeline's expert job leaves its final (stage II) checkpoint inside an expert folder.
 _EXPERT_SUBDIRS = ("", "distill", "distill/checkpoints", "checkpoints")
-
-
-def parse_size(text: str) -> int:
-    """``"2GB"``, ``"500MiB"``, ``"1048576"`` -> bytes (binary units)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ConfigError(f"size {text!r} must look like 2GB, 500MB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def add_merge_args(p: argparse.ArgumentParser, *, single: bool = False) -> None:
@@ -72,9 +61,7 @@ def merge_config_from_args(args: argparse.Namespace) -> Any:
 
     data: dict[str, Any] = {}
     if getattr(args, "config", None):
-        import yaml
-
-        step = yaml.safe_load(Path(args.config).read_text()) or {}
+        step = load_yaml(args.config)
         data.update(step.get("merge") or {})
         experts = step.get("experts") or []
         data["experts"] = [_expert_checkpoint(e["checkpoint"]) for e in experts]
@@ -85,7 +72,7 @@ def merge_config_from_args(args: argparse.Namespace) -> Any:
     elif getattr(args, "experts", None):
         data["experts"] = list(args.experts)
     if getattr(args, "weights", None):
-        data["weights"] = [float(w) for w in args.weights.split(",")]
+        data["weights"] = parse_csv(args.weights, float, "--weights")
     for key in ("method", "base", "scaling", "density", "dtype", "tokenizer"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
