@@ -40,7 +40,7 @@ class DemoConfig:
     quality: bool = False
     """The quality benchmark: one expert, more tokens, 6 tasks, chapter perplexity (~45 min)."""
     run_dir: str = "runs/demo"
-    """Where the run (assets, checkpoints, logs, report) goes; an existing run is replaced."""
+    """Where the run (assets, checkpoints, logs, report) goes; an unfinished run there resumes."""
     cache_dir: str | None = None
     """Asset cache (default: $MEGADISTILL_CACHE or ~/.cache/megadistill)."""
     overrides: tuple[str, ...] = ()

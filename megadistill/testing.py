@@ -8,7 +8,6 @@ rank failed, with that rank's traceback. ``fn`` must be importable (a module-lev
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -17,14 +16,9 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from megadistill.pipeline.local import free_port  # noqa: F401 - the test helpers' home of it
+
 DEFAULT_TIMEOUT_S = 600.0
-
-
-def free_port() -> int:
-    """A TCP port on localhost that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_distributed_env() -> None:

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from megadistill.pipeline.local import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO / ".ci" / "slurm_setup.sh"
 _BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "srun", "scancel")
@@ -85,12 +87,6 @@ def ensure_installed() -> None:
             f"{SETUP_SCRIPT} failed (exit {proc.returncode}; still missing {missing}); run it by "
             f"hand as root to see why:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalSlurmCluster:
@@ -223,8 +219,8 @@ class LocalSlurmCluster:
             _SLURM_CONF.format(
                 cluster=f"md{os.getpid()}",
                 host=self.host,
-                ctld_port=_free_port(),
-                slurmd_port=_free_port(),
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
                 munge_socket=self.munge_socket,
                 root=self.root,
                 cpus=self.cpus,

@@ -9,6 +9,7 @@ depends on it runs). Running the same recipe again resumes: finished tasks are s
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -36,10 +37,11 @@ class LocalResult:
     attempts: int
 
 
-def _free_port() -> int:
-    from megadistill.testing import free_port
-
-    return free_port()
+def free_port() -> int:
+    """A TCP port on localhost that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _run_task(
@@ -60,7 +62,7 @@ def _run_task(
             MEGADISTILL_NPROC=str(step.resources.num_ranks),
             MEGADISTILL_TASK_INDEX=str(index),
             MEGADISTILL_RESTART_COUNT=str(attempt),
-            MASTER_PORT=str(_free_port()),
+            MASTER_PORT=str(free_port()),
         )
         env.setdefault("OMP_NUM_THREADS", "1")  # ranks share this machine's cores
         env.pop("SLURM_JOB_ID", None)
