@@ -55,10 +55,6 @@ class PreemptionHandler:
         self.received = signal.Signals(signum)
         # logging from a signal handler can deadlock on the handler lock; keep it minimal
 
-    def request(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Set the flag as if ``sig`` had arrived."""
-        self.received = sig
-
     @property
     def local_flag(self) -> bool:
         """Whether this rank has seen a signal (no communication)."""

@@ -106,9 +106,6 @@ class HFWeights:
             done += got
         return out
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.read(name).view(self.specs[name].shape)
-
     def close(self) -> None:
         for fd in self._fds:
             os.close(fd)

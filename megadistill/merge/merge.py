@@ -16,7 +16,6 @@ Methods (``lambda_i >= 0``, ``sum lambda_i = 1``; ``theta_0`` = the initial weig
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -326,8 +325,3 @@ def ties_merge(taus: list[torch.Tensor], weights: list[float], density: float) -
 def consolidate(checkpoint: str | Path, out: str | Path, **options: Any) -> Path:
     """One ZeRO-3 checkpoint -> Hugging Face folder (a merge of one expert with weight 1)."""
     return merge_experts(MergeConfig(experts=[str(checkpoint)], out=str(out), **options))
-
-
-def load_merge_info(folder: str | Path) -> dict[str, Any]:
-    """The provenance a merge wrote next to the weights."""
-    return json.loads((Path(folder) / MERGE_INFO_FILE).read_text())

@@ -61,20 +61,6 @@ class LazyTensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def read(self, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """Elements ``[start, start + count)`` of the flattened tensor, as a new 1-D tensor."""
-        total = self.numel()
-        count = total - start if count is None else count
-        if start < 0 or count < 0 or start + count > total:
-            raise IndexError(
-                f"range [{start}, {start + count}) outside a tensor of {total} elements"
-            )
-        if not _is_contiguous(self.shape, self.stride):
-            return self.load().reshape(-1)[start : start + count].clone()
-        out = torch.empty(count, dtype=self.dtype)
-        self.read_into(start, out)
-        return out
-
     def read_into(self, start: int, out: torch.Tensor) -> None:
         """Fill the contiguous 1-D tensor ``out`` with elements from ``start`` on (no copy)."""
         if start < 0 or start + out.numel() > self.numel():

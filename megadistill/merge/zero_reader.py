@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from megadistill.errors import CheckpointError
-from megadistill.integrity import MANIFEST, verify_manifest
+from megadistill.integrity import verify_manifest
 from megadistill.merge.torch_file import LazyTensor, TorchFile
 
 log = logging.getLogger(__name__)
@@ -288,8 +288,3 @@ def _gather(partition: int, start: int, count: int, dtype: torch.dtype, part: An
         part(rank, local, out[pos - start : pos - start + n])
         pos += n
     return out
-
-
-def is_complete(tag_dir: Path) -> bool:
-    """A tag folder is complete once its checksum manifest exists (written last)."""
-    return (tag_dir / MANIFEST).is_file()
