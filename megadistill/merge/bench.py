@@ -79,6 +79,7 @@ def save_random_expert(out: str, model_config: dict[str, Any]) -> None:
             "tokenizer": None,
         }
         atomic_write_json(Path(out, TAG, "megadistill.json"), meta)
+    dist.barrier()  # ranks leave together: a rank torn down mid-collective can abort its peer
 
 
 def _perturbed_copy(src: Path, dst: Path, k: int) -> None:
