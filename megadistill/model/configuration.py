@@ -11,6 +11,7 @@ from megadistill.model.swa import SWA_BACKENDS
 
 GATE_MODES = ("learned", "swa", "mlstm")
 ROPE_ON = ("input", "features")
+FEATURE_MAPS = ("hedgehog", "hedgehog_pm")
 HYBRID_KEYS = (
     "window",
     "num_sinks",
@@ -20,6 +21,9 @@ HYBRID_KEYS = (
     "chunk_size",
     "feature_dim",
     "rope_on",
+    "feature_map",
+    "fgate_bias",
+    "softmax_layers",
 )
 # Teacher attributes mirrored at top level so generation, lm-eval and DeepSpeed see a normal LM.
 _MIRRORED = (
@@ -55,6 +59,12 @@ class HybridConfig(PretrainedConfig):
         rope_on: ``input`` applies the feature map to RoPE'd q/k; ``features`` applies RoPE to
             the feature-mapped q/k (then feature_dim must equal head_dim; allows folding the
             feature map into W_q/W_k when the teacher has no q/k norm).
+        feature_map: ``hedgehog`` (softmax(xW), feature_dim features) or ``hedgehog_pm``
+            ([softmax(xW), softmax(-xW)], 2 * feature_dim features; Hedgehog/LoLCATs' form).
+        fgate_bias: (low, high) of the forget-gate biases at initialisation, spread linearly over
+            the heads; sigmoid(b) = 1 - 1/(1 + e^b), so memory spans ~e^b tokens.
+        softmax_layers: layers kept as the teacher's full softmax attention (no mLSTM, no window;
+            their decoding cache grows with the context). Empty by default (the paper's setting).
     """
 
     model_type = "megadistill_hybrid"
@@ -70,6 +80,9 @@ class HybridConfig(PretrainedConfig):
         chunk_size: int = 64,
         feature_dim: int | None = None,
         rope_on: str = "input",
+        feature_map: str = "hedgehog",
+        fgate_bias: tuple[float, float] | list[float] = (3.0, 6.0),
+        softmax_layers: tuple[int, ...] | list[int] = (),
         **kwargs: Any,
     ) -> None:
         teacher_config = dict(teacher_config or {})
@@ -81,6 +94,9 @@ class HybridConfig(PretrainedConfig):
         self.swa_backend = swa_backend
         self.chunk_size = int(chunk_size)
         self.rope_on = rope_on
+        self.feature_map = feature_map
+        self.fgate_bias = [float(b) for b in fgate_bias]
+        self.softmax_layers = sorted(int(i) for i in softmax_layers)
         for key in _MIRRORED:
             if key in teacher_config and key not in kwargs:
                 kwargs[key] = teacher_config[key]
@@ -111,6 +127,7 @@ class HybridConfig(PretrainedConfig):
             ("mlstm_backend", MLSTM_BACKENDS),
             ("swa_backend", SWA_BACKENDS),
             ("rope_on", ROPE_ON),
+            ("feature_map", FEATURE_MAPS),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {choices}")
@@ -119,6 +136,24 @@ class HybridConfig(PretrainedConfig):
                 f"rope_on='features' needs feature_dim == head_dim ({self.head_dim}), "
                 f"got {self.feature_dim}"
             )
+        if self.rope_on == "features" and self.feature_map != "hedgehog":
+            raise ValueError("rope_on='features' needs feature_map='hedgehog'")
+        if len(self.fgate_bias) != 2 or self.fgate_bias[0] > self.fgate_bias[1]:
+            raise ValueError(
+                f"fgate_bias must be [low, high] with low <= high, got {self.fgate_bias}"
+            )
+        num_layers = self.teacher_config.get("num_hidden_layers")
+        bad = [i for i in self.softmax_layers if i < 0 or (num_layers and i >= num_layers)]
+        if bad or len(set(self.softmax_layers)) != len(self.softmax_layers):
+            raise ValueError(
+                f"softmax_layers={self.softmax_layers}: each must be a distinct layer index in "
+                f"[0, {num_layers})"
+            )
+
+    @property
+    def mlstm_feature_dim(self) -> int:
+        """Size of the feature-mapped q/k that the mLSTM sees."""
+        return self.feature_dim * (2 if self.feature_map == "hedgehog_pm" else 1)
 
     def teacher(self) -> PretrainedConfig:
         """The teacher's config object (for its norm/MLP/rotary classes)."""

@@ -151,7 +151,9 @@ class HybridModel(HybridPreTrainedModel):
                 cache.sinks_full = bool((cache.next_pos >= self.config.num_sinks).all())
         hidden = self.norm(x)
         if align:
-            return hidden, torch.stack(info.align_losses).sum()
+            losses = info.align_losses
+            # Softmax layers add no loss (they are the teacher); keep the graph connected.
+            return hidden, torch.stack(losses).sum() if losses else hidden.sum() * 0.0
         return hidden
 
 

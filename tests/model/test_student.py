@@ -14,7 +14,8 @@ def _student(family="llama", **hybrid):
     student, _ = convert(tiny_teacher(family), seed=0, **hybrid)
     with torch.no_grad():  # make both branches matter in the learned gate
         for layer in student.model.layers:
-            layer.self_attn.ogate.bias.fill_(0.3)
+            if not layer.self_attn.full:
+                layer.self_attn.ogate.bias.fill_(0.3)
     return student
 
 
@@ -160,3 +161,80 @@ def test_align_mode_returns_layer_mse_and_only_new_params_get_grads():
     # With the gate on SWA and a full window the alignment loss is zero.
     exact, _ = convert(tiny_teacher("qwen3"), seed=0, gate_mode="swa", window=64)
     assert exact(ids, align=True).loss.item() < 1e-10
+
+
+def test_softmax_layers_are_the_teachers_attention_beyond_the_window():
+    teacher = tiny_teacher("llama")
+    n = teacher.config.num_hidden_layers
+    student = _student("llama", softmax_layers=list(range(n)))
+    assert student.new_parameter_names() == []
+    ids = torch.randint(0, 256, (2, 40))  # 5x the window
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_softmax_layer_decode_equals_parallel_and_its_cache_grows(family):
+    student = _student(family, softmax_layers=[1]).eval()
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        full = student(ids).logits
+        cache = student.new_cache()
+        parts = [student(ids[:, :13], cache=cache).logits]
+        sizes = []
+        for i in range(13, 30):
+            parts.append(student(ids[:, i : i + 1], cache=cache).logits)
+            sizes.append([lc.k.shape[2] for lc in cache.layers])
+        torch.testing.assert_close(torch.cat(parts, 1), full)
+    assert [s[1] for s in sizes] == list(range(14, 31))  # the kept layer holds every key
+    assert len({s[0] for s in sizes}) == 1  # the hybrid layer's buffer stays S + W
+
+
+def test_softmax_layer_left_padding_matches_single_rows():
+    student = _student("llama", softmax_layers=[0]).eval()
+    long, short = torch.randint(3, 256, (1, 12)), torch.randint(3, 256, (1, 7))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        out = student.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)  # fmt: skip
+        alone = student.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[1, 5:], alone[0])
+
+
+def test_hedgehog_both_signs_doubles_the_features_and_decodes_exactly():
+    student = _student("qwen2", feature_map="hedgehog_pm").eval()
+    attn = student.model.layers[0].self_attn
+    x = torch.randn(1, attn.num_heads, 5, attn.head_dim)
+    phi = attn.q_feature(x)
+    assert phi.shape[-1] == 2 * student.config.feature_dim
+    torch.testing.assert_close(phi.sum(-1), torch.full((1, attn.num_heads, 5), 2.0))
+    ids = torch.randint(0, 256, (1, 26))
+    with torch.no_grad():
+        full = student(ids).logits
+        cache = student.new_cache()
+        steps = [student(ids[:, i : i + 1], cache=cache).logits for i in range(26)]
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+
+
+def test_forget_gate_bias_range_is_a_setting():
+    student = _student("llama", fgate_bias=[1.0, 9.0])
+    bias = student.model.layers[0].self_attn.fgate.bias
+    assert bias[0].item() == 1.0 and bias[-1].item() == 9.0
+    with pytest.raises(ValueError, match="fgate_bias"):
+        _student("llama", fgate_bias=[5.0, 1.0])
+    with pytest.raises(ValueError, match="softmax_layers"):
+        _student("llama", softmax_layers=[99])
+
+
+def test_align_mode_skips_softmax_layers():
+    teacher = tiny_teacher("qwen3")
+    n = teacher.config.num_hidden_layers
+    exact, _ = convert(teacher, seed=0, window=4, softmax_layers=list(range(n)))
+    ids = torch.randint(0, 256, (1, 24))
+    out = exact(ids, align=True)
+    assert out.loss.item() == 0.0
+    mixed = _student("qwen3", softmax_layers=[0]).train()
+    assert not any(".layers.0." in n for n in mixed.new_parameter_names())
+    assert mixed(ids, align=True).loss > 0
