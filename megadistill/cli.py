@@ -122,6 +122,45 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0 if all(p.fits for p in plan.stages.values()) else 1
 
 
+def _choose_layers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher Hugging Face folder")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        required=True,
+        help="calibration text from the training mix (.txt/.jsonl)",
+    )
+    p.add_argument("--window", type=int, required=True, help="the student's sliding window W")
+    p.add_argument("--num-sinks", type=int, default=4)
+    p.add_argument("--k", type=int, default=2, help="layers to keep as softmax attention")
+    p.add_argument("--num-docs", type=int, default=6, help="calibration documents used")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens scored per document")
+    p.add_argument("--out", default=None, help="write the per-layer measurement as JSON")
+
+
+@command(
+    "choose-layers",
+    "measure which teacher layers to keep as softmax attention (hybrid.softmax_layers)",
+    _choose_layers_args,
+)
+def _cmd_choose_layers(args: argparse.Namespace) -> int:
+    from megadistill.eval.layer_choice import format_ranking, rank_softmax_layers
+    from megadistill.eval.runner import read_documents
+    from megadistill.integrity import atomic_write_json
+
+    docs = read_documents(args.text)[: args.num_docs]
+    result = rank_softmax_layers(
+        args.teacher, docs, window=args.window, num_sinks=args.num_sinks,
+        max_length=args.max_length,
+    )  # fmt: skip
+    if args.out:
+        from pathlib import Path
+
+        atomic_write_json(Path(args.out), result)
+    print(format_ranking(result, args.k))
+    return 0
+
+
 # ----------------------------------------------------------------------------- pipeline commands
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")

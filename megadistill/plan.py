@@ -90,6 +90,9 @@ class ModelShape:
     feature_dim: int
     window: int
     num_sinks: int
+    num_softmax_layers: int
+    """Layers kept as full softmax attention (their KV cache grows with the context)."""
+    mlstm_feature_dim: int
     chunk_size: int
     qk_norm: bool
     """The family normalises q/k (adds saved tensors)."""
@@ -138,6 +141,8 @@ def model_shape(teacher_cfg: Any, **hybrid: Any) -> ModelShape:
         feature_dim=cfg.feature_dim,
         window=cfg.window,
         num_sinks=cfg.num_sinks,
+        num_softmax_layers=len(cfg.softmax_layers),
+        mlstm_feature_dim=cfg.mlstm_feature_dim,
         chunk_size=cfg.chunk_size,
         qk_norm=adapter_for(teacher_cfg.model_type).qk_norm != "none",
         mlstm_backend=cfg.mlstm_backend,
@@ -614,12 +619,44 @@ def _gib(n: int | float) -> str:
     return f"{n / GiB:8.2f}"
 
 
+def decode_cache_bytes(s: ModelShape, context: int, bytes_per_value: int = 2) -> dict[str, int]:
+    """Decoding cache of one sequence after ``context`` tokens: the teacher's KV cache, the
+    student's constant part (mLSTM state + sink/window KV of each hybrid layer, the state in fp32)
+    and the growing KV cache of its softmax layers."""
+    kv_per_token = 2 * s.num_kv_heads * s.head_dim * bytes_per_value
+    hybrid_layers = s.num_layers - s.num_softmax_layers
+    f, d = s.mlstm_feature_dim, s.head_dim
+    state = s.num_heads * (f * d + f + 1) * 4
+    window = min(context, s.window + s.num_sinks) * kv_per_token
+    return {
+        "teacher": s.num_layers * context * kv_per_token,
+        "student_constant": hybrid_layers * (state + window),
+        "student_softmax_layers": s.num_softmax_layers * context * kv_per_token,
+    }
+
+
+def format_cache(s: ModelShape, contexts: tuple[int, ...] = (8192, 32768)) -> list[str]:
+    """One line per context length: teacher vs student decoding cache (bf16 KV)."""
+    lines = []
+    for n in contexts:
+        c = decode_cache_bytes(s, n)
+        student = c["student_constant"] + c["student_softmax_layers"]
+        lines.append(
+            f"decode cache per sequence at {n // 1024}K tokens (bf16 KV): teacher "
+            f"{c['teacher'] / 2**20:,.1f} MiB, student {student / 2**20:,.1f} MiB "
+            f"({c['student_constant'] / 2**20:,.1f} constant + "
+            f"{c['student_softmax_layers'] / 2**20:,.1f} in {s.num_softmax_layers} softmax layer(s))"
+        )
+    return lines
+
+
 def format_plan(plan: Plan) -> str:
     """Human-readable per-rank tables, one per stage."""
     s, st = plan.shape, plan.settings
     lines = [
         f"teacher {s.family}: {s.teacher_params:,d} params; student {s.student_params:,d} "
         f"({s.new_params:,d} new)",
+        *format_cache(s),
         f"{st.nodes} node(s) x {st.gpus_per_node} GPU(s) = {st.world} ranks, "
         f"{st.gpu_mem / GiB:.0f} GiB per GPU"
         + (f", {st.cpu_mem / GiB:.0f} GiB CPU per node" if st.cpu_mem else "")

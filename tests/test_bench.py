@@ -31,6 +31,19 @@ def test_inference_bench_student_cache_is_constant_teacher_cache_grows(capsys):
         )
 
 
+def test_inference_bench_softmax_layer_cache_grows_with_context(capsys):
+    base = ["hidden_size=64", "vocab_size=256", "contexts=[64,128]", "decode_tokens=4", "window=32"]
+    assert main(["bench", "inference", *base]) == 0
+    hybrid = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["bench", "inference", *base, "softmax_layers=[1]"]) == 0
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # One of 4 layers keeps every key: its share of the teacher's KV cache grows per token.
+    growth = [k["student_cache_mib"] - h["student_cache_mib"] for k, h in zip(kept, hybrid)]
+    teacher_layer = [r["teacher_cache_mib"] / 4 for r in kept]
+    assert growth[1] > growth[0] > 0
+    assert teacher_layer[1] - teacher_layer[0] == pytest.approx(growth[1] - growth[0], rel=0.05)
+
+
 def test_train_bench_halves_model_states_at_two_ranks(tmp_path):
     cfg = TrainBenchConfig(
         hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,

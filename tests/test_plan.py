@@ -61,6 +61,7 @@ def _toy_shape(**kw) -> ModelShape:
     base = dict(
         family="llama", vocab=100, hidden=8, intermediate=16, num_layers=2, num_heads=2,
         num_kv_heads=1, head_dim=4, feature_dim=4, window=4, num_sinks=1, chunk_size=2,
+        num_softmax_layers=0, mlstm_feature_dim=4,
         qk_norm=False, mlstm_backend="chunkwise", swa_backend="flex", teacher_params=1000,
         student_params=1100, new_params=100, student_largest_module=400,
         teacher_largest_module=400,
@@ -341,3 +342,16 @@ def test_model_states_match_a_real_two_rank_zero3_run(tmp_path: Path) -> None:
         assert abs(ms.persistent / real - 1) < 0.15, (stage, ms, m)
         assert m["reduce_bucket"] == REDUCE_BUCKET  # the planner's working-buffer constant
     assert measured["align"]["trainable"] < measured["distill"]["trainable"]
+
+
+def test_decode_cache_counts_softmax_layers_growing_and_hybrid_layers_constant():
+    from megadistill.plan import decode_cache_bytes
+
+    shape = _toy_shape(num_layers=4, num_softmax_layers=1)
+    kv = 2 * 1 * 4 * 2  # K and V, one KV head of 4 values, bf16
+    short, long = decode_cache_bytes(shape, 100), decode_cache_bytes(shape, 1000)
+    assert long["teacher"] == 4 * 1000 * kv and short["teacher"] == 4 * 100 * kv
+    assert long["student_softmax_layers"] == 1000 * kv
+    assert short["student_constant"] == long["student_constant"]
+    state = 2 * (4 * 4 + 4 + 1) * 4  # heads * (C + n + m) in fp32
+    assert long["student_constant"] == 3 * (state + (4 + 1) * kv)

@@ -34,6 +34,8 @@ class InferenceBenchConfig(SyntheticModelConfig):
     """Student SWA window."""
     num_sinks: int = 4
     """Student sink tokens."""
+    softmax_layers: tuple[int, ...] = ()
+    """Student layers kept as full softmax attention (their KV cache grows like the teacher's)."""
     threads: int = 0
     """torch threads (0: leave torch's default)."""
 
@@ -73,7 +75,10 @@ def run_inference_bench(cfg: InferenceBenchConfig) -> list[dict[str, float]]:
         torch.set_num_threads(cfg.threads)
     tcfg = cfg.teacher_config(max(cfg.contexts) + cfg.decode_tokens + 8)
     teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa").eval()
-    student, _ = convert(teacher, seed=0, window=cfg.window, num_sinks=cfg.num_sinks)
+    student, _ = convert(
+        teacher, seed=0, window=cfg.window, num_sinks=cfg.num_sinks,
+        softmax_layers=list(cfg.softmax_layers),
+    )  # fmt: skip
     rows = []
     for ctx in cfg.contexts:
         ids = torch.randint(3, cfg.vocab_size, (cfg.batch_size, ctx))
