@@ -17,6 +17,7 @@ from torch import nn
 
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
+from megadistill.model import shared_norm as sn
 from megadistill.model.mlstm import PAD_F, PAD_I, mlstm_forward
 from megadistill.model.swa import _sdpa, swa_attention
 
@@ -102,8 +103,10 @@ class HybridAttention(nn.Module):
         self.k_feature = FeatureMap(self.num_kv, self.head_dim, fdim, both_signs=pm)
         self.igate = nn.Linear(hidden, self.num_heads)
         self.fgate = nn.Linear(hidden, self.num_heads)
-        qkv_dim = (self.num_heads + 2 * self.num_kv) * self.head_dim
-        self.ogate = nn.Linear(qkv_dim, self.num_heads)
+        self.shared = config.mix == "shared_norm"
+        if not self.shared:  # the shared normaliser needs no output gate
+            qkv_dim = (self.num_heads + 2 * self.num_kv) * self.head_dim
+            self.ogate = nn.Linear(qkv_dim, self.num_heads)
 
     @torch.no_grad()
     def init_new_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -112,7 +115,7 @@ class HybridAttention(nn.Module):
             return
         self.q_feature.reset_parameters(generator)
         self.k_feature.reset_parameters(generator)
-        for lin in (self.igate, self.fgate, self.ogate):
+        for lin in (self.igate, self.fgate) + (() if self.shared else (self.ogate,)):
             std = 1.0 / math.sqrt(lin.in_features)
             w = torch.randn(lin.weight.shape, generator=generator, dtype=torch.float32) * std * 0.1
             lin.weight.copy_(w.to(lin.weight.dtype))
@@ -120,7 +123,8 @@ class HybridAttention(nn.Module):
         # Forget-gate biases spread over heads: sigmoid(3..6) keeps memory over ~20..400 tokens.
         low, high = self.config.fgate_bias
         self.fgate.bias.copy_(torch.linspace(low, high, self.num_heads, dtype=torch.float32))
-        self.ogate.bias.fill_(0.0)
+        if not self.shared:
+            self.ogate.bias.fill_(0.0)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         bsz, t, _ = x.shape
@@ -148,6 +152,10 @@ class HybridAttention(nn.Module):
             full = self._full(q_r, k_r, v, info, lc)
             return self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
         mode = self.config.gate_mode
+        if mode == "learned" and self.shared:
+            mixed = self._shared_norm(x, q_r, k_r, v, info, lc)
+            out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
+            return self._align(out, q_r, k_r, v, info)
         swa = self._swa(q_r, k_r, v, info, lc)
         if mode == "swa":
             mixed = swa
@@ -161,8 +169,13 @@ class HybridAttention(nn.Module):
         if lc is not None and lc.k is None:
             self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
         out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
+        return self._align(out, q_r, k_r, v, info)
+
+    def _align(self, out, q_r, k_r, v, info: SeqInfo) -> torch.Tensor:
+        """Stage I: record the MSE to the teacher's attention output and pass the teacher's on."""
         if info.align_losses is None:
             return out
+        bsz, t = out.shape[:2]
         with torch.no_grad():
             full = swa_attention(
                 q_r, k_r, v, info.reset, info.valid, None, 0, self.scaling, "reference"
@@ -173,6 +186,87 @@ class HybridAttention(nn.Module):
         info.align_losses.append((err * w).sum() / w.sum().clamp(min=1))
         return target
 
+    def _gates(self, x: torch.Tensor, info: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and forget gate pre-activations (B,H,T); padding steps are exact no-ops."""
+        i_pre = self.igate(x).transpose(1, 2)
+        f_pre = self.fgate(x).transpose(1, 2)
+        pad = ~info.valid[:, None, :]
+        if bool(pad.any()):
+            i_pre = i_pre.masked_fill(pad, PAD_I)
+            f_pre = f_pre.masked_fill(pad, PAD_F)
+        return i_pre, f_pre
+
+    def _shared_norm(self, x, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
+        cfg = self.config
+        fq, fk = self.q_feature(q_r), self.k_feature(k_r)
+        fk = fk.repeat_interleave(self.num_heads // self.num_kv, dim=1)
+        i_pre, f_pre = self._gates(x, info)
+        args = (info.reset, info.valid, cfg.window, cfg.num_sinks, self.scaling)
+        if lc is None:
+            return sn.shared_norm_parallel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
+        if lc.k is None:  # prefill into an empty cache: parallel, then the state it leaves
+            out = sn.shared_norm_parallel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
+            lc.mlstm, gate_i, decay = sn.prefill_state(
+                fk, v, i_pre, f_pre, info.pos, info.valid, cfg.window, cfg.num_sinks
+            )
+            self._write_kv(k_r, v, info, lc)
+            n = lc.k.shape[2]
+            lc.gate_i = gate_i.new_zeros(*gate_i.shape[:2], n)
+            lc.decay = decay.new_zeros(*decay.shape[:2], n)
+            t = k_r.shape[2]
+            keep = slice(max(0, t - cfg.window), t)
+            slots = cfg.num_sinks + info.abs_idx[keep] % cfg.window
+            lc.gate_i.index_copy_(2, slots, gate_i[..., keep])
+            lc.decay.index_copy_(2, slots, decay[..., keep])
+            return out
+        outs = []  # tokens after a cache: one step each (exact; prefill is the fast path)
+        for j in range(q_r.shape[2]):
+            one = SeqInfo(
+                reset=info.reset[:, j : j + 1], valid=info.valid[:, j : j + 1],
+                pos=info.pos[:, j : j + 1], abs_idx=info.abs_idx[j : j + 1], cache=info.cache,
+            )  # fmt: skip
+            outs.append(
+                self._shared_step(
+                    q_r[:, :, j],
+                    k_r[:, :, j : j + 1],
+                    v[:, :, j : j + 1],
+                    fq[:, :, j],
+                    i_pre[:, :, j],
+                    f_pre[:, :, j],
+                    one,
+                    lc,
+                )  # fmt: skip
+            )
+        return torch.stack(outs, dim=2).to(v.dtype)
+
+    def _shared_step(self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache):
+        """One decoding step of the shared_norm mix (see model/shared_norm.py)."""
+        w, s = self.config.window, self.config.num_sinks
+        t = int(info.abs_idx[0])
+        slot = s + t % w
+        logf = torch.nn.functional.logsigmoid(f1.float())
+        # The token leaving the window now sits in the slot this token is about to take.
+        idx = lc.idx[:, slot]
+        leaves = (idx == t - w) & lc.ok[:, slot]
+        if s:
+            leaves &= ~(lc.idx[:, :s] == idx[:, None]).any(-1)  # sinks never leave
+        log_w = (lc.gate_i[:, :, slot] + lc.decay[:, :, slot] + logf).masked_fill(
+            ~leaves[:, None], sn.NEG
+        )
+        rep = self.num_heads // self.num_kv
+        fk_s = self.k_feature(lc.k[:, :, slot, None])[:, :, 0].repeat_interleave(rep, dim=1)
+        v_s = lc.v[:, :, slot].repeat_interleave(rep, dim=1)
+        lc.mlstm = sn.absorb(lc.mlstm, fk_s.float(), v_s.float(), log_w, logf)
+        lc.decay += logf[..., None]
+        self._write_kv(k1, v1, info, lc)
+        lc.gate_i[:, :, slot] = i1.float()
+        lc.decay[:, :, slot] = 0.0
+        is_sink = torch.arange(s + w, device=q1.device) < s
+        age = t - lc.idx
+        mask = lc.ok & torch.where(is_sink, age >= w, age < w)
+        mask |= (lc.idx == t) & ~is_sink
+        return sn.shared_norm_step(q1, lc.k, lc.v, mask, fq1, lc.mlstm, self.scaling)
+
     def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
         if self.config.rope_on == "input":
             fq, fk = self.q_feature(q_r), self.k_feature(k_r)
@@ -182,12 +276,7 @@ class HybridAttention(nn.Module):
         if rep > 1:
             fk = fk.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        i_pre = self.igate(x).transpose(1, 2)
-        f_pre = self.fgate(x).transpose(1, 2)
-        pad = ~info.valid[:, None, :]
-        if bool(pad.any()):
-            i_pre = i_pre.masked_fill(pad, PAD_I)
-            f_pre = f_pre.masked_fill(pad, PAD_F)
+        i_pre, f_pre = self._gates(x, info)
         state = lc.mlstm if lc is not None else None
         h, state = mlstm_forward(
             fq, fk, v, i_pre, f_pre, info.reset, state,

@@ -28,9 +28,15 @@ class LayerCache:
     v: torch.Tensor | None = None
     idx: torch.Tensor | None = None  # (B, S + W) token index held in each slot, -1 if empty
     ok: torch.Tensor | None = None  # (B, S + W) slot holds a real (non-padding) token
+    # ``shared_norm`` mix only: per slot, the token's input gate and the log-decay it has
+    # accumulated since it entered (it joins the mLSTM state with both when it leaves the window).
+    gate_i: torch.Tensor | None = None  # (B, H, S + W)
+    decay: torch.Tensor | None = None  # (B, H, S + W)
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [t for t in (self.k, self.v, self.idx, self.ok) if t is not None]
+        out = [
+            t for t in (self.k, self.v, self.idx, self.ok, self.gate_i, self.decay) if t is not None
+        ]
         return out + list(self.mlstm or ())
 
 

@@ -12,6 +12,7 @@ from megadistill.model.swa import SWA_BACKENDS
 GATE_MODES = ("learned", "swa", "mlstm")
 ROPE_ON = ("input", "features")
 FEATURE_MAPS = ("hedgehog", "hedgehog_pm")
+MIXES = ("gate", "shared_norm")
 HYBRID_KEYS = (
     "window",
     "num_sinks",
@@ -24,6 +25,7 @@ HYBRID_KEYS = (
     "feature_map",
     "fgate_bias",
     "softmax_layers",
+    "mix",
 )
 # Teacher attributes mirrored at top level so generation, lm-eval and DeepSpeed see a normal LM.
 _MIRRORED = (
@@ -65,6 +67,10 @@ class HybridConfig(PretrainedConfig):
             the heads; sigmoid(b) = 1 - 1/(1 + e^b), so memory spans ~e^b tokens.
         softmax_layers: layers kept as the teacher's full softmax attention (no mLSTM, no window;
             their decoding cache grows with the context). Empty by default (the paper's setting).
+        mix: how the branches combine with ``gate_mode='learned'``: ``gate`` (the paper's
+            per-head sigmoid gate between the two normalised outputs) or ``shared_norm`` (exact
+            softmax inside the window, the mLSTM's keys beyond it, one normaliser; see
+            ``model/shared_norm.py``).
     """
 
     model_type = "megadistill_hybrid"
@@ -83,6 +89,7 @@ class HybridConfig(PretrainedConfig):
         feature_map: str = "hedgehog",
         fgate_bias: tuple[float, float] | list[float] = (3.0, 6.0),
         softmax_layers: tuple[int, ...] | list[int] = (),
+        mix: str = "gate",
         **kwargs: Any,
     ) -> None:
         teacher_config = dict(teacher_config or {})
@@ -97,6 +104,7 @@ class HybridConfig(PretrainedConfig):
         self.feature_map = feature_map
         self.fgate_bias = [float(b) for b in fgate_bias]
         self.softmax_layers = sorted(int(i) for i in softmax_layers)
+        self.mix = mix
         for key in _MIRRORED:
             if key in teacher_config and key not in kwargs:
                 kwargs[key] = teacher_config[key]
@@ -128,6 +136,7 @@ class HybridConfig(PretrainedConfig):
             ("swa_backend", SWA_BACKENDS),
             ("rope_on", ROPE_ON),
             ("feature_map", FEATURE_MAPS),
+            ("mix", MIXES),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {choices}")
@@ -136,6 +145,8 @@ class HybridConfig(PretrainedConfig):
                 f"rope_on='features' needs feature_dim == head_dim ({self.head_dim}), "
                 f"got {self.feature_dim}"
             )
+        if self.mix == "shared_norm" and self.rope_on != "input":
+            raise ValueError("mix='shared_norm' needs rope_on='input'")
         if self.rope_on == "features" and self.feature_map != "hedgehog":
             raise ValueError("rope_on='features' needs feature_map='hedgehog'")
         if len(self.fgate_bias) != 2 or self.fgate_bias[0] > self.fgate_bias[1]:

@@ -14,8 +14,10 @@ def _student(family="llama", **hybrid):
     student, _ = convert(tiny_teacher(family), seed=0, **hybrid)
     with torch.no_grad():  # make both branches matter in the learned gate
         for layer in student.model.layers:
-            if not layer.self_attn.full:
+            if hasattr(layer.self_attn, "ogate"):
                 layer.self_attn.ogate.bias.fill_(0.3)
+            elif hasattr(layer.self_attn, "igate"):  # shared_norm: make the far past weigh
+                layer.self_attn.igate.bias.fill_(2.0)
     return student
 
 
@@ -238,3 +240,78 @@ def test_align_mode_skips_softmax_layers():
     mixed = _student("qwen3", softmax_layers=[0]).train()
     assert not any(".layers.0." in n for n in mixed.new_parameter_names())
     assert mixed(ids, align=True).loss > 0
+
+
+# ----------------------------------------------------------------------------- shared_norm mix
+def test_shared_norm_is_the_teacher_while_the_window_holds_the_context():
+    teacher = tiny_teacher("llama")
+    student = _student("llama", window=64, mix="shared_norm")
+    assert not any("ogate" in n for n in student.new_parameter_names())
+    ids = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits)
+        short = _student("llama", window=8, mix="shared_norm")
+        assert (short(ids).logits - teacher(ids).logits).abs().max() > 1e-3  # beyond W it differs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_shared_norm_decode_equals_parallel(family):
+    student = _student(family, mix="shared_norm").eval()
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        full = student(ids).logits
+        cache = student.new_cache()
+        parts = [student(ids[:, :13], cache=cache).logits]
+        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(13, 30)]
+        torch.testing.assert_close(torch.cat(parts, 1), full)
+        cache = student.new_cache()
+        steps = [student(ids[:, i : i + 1], cache=cache).logits for i in range(30)]
+        torch.testing.assert_close(torch.cat(steps, 1), full)
+        cache = student.new_cache()  # a chunk after a non-empty cache
+        chunks = [
+            student(ids[:, :5], cache=cache).logits,
+            student(ids[:, 5:30], cache=cache).logits,
+        ]
+        torch.testing.assert_close(torch.cat(chunks, 1), full)
+
+
+def test_shared_norm_cache_is_constant_and_packing_is_exact():
+    student = _student("olmo2", mix="shared_norm").eval()
+    a, b = torch.randint(0, 256, (1, 19)), torch.randint(0, 256, (1, 14))
+    pos = torch.cat([torch.arange(19), torch.arange(14)])[None]
+    with torch.no_grad():
+        packed = student(torch.cat([a, b], 1), position_ids=pos).logits
+        torch.testing.assert_close(packed[:, :19], student(a).logits)
+        torch.testing.assert_close(packed[:, 19:], student(b).logits)
+        short, long = student.new_cache(), student.new_cache()
+        student(torch.randint(0, 256, (1, 12)), cache=short)
+        student(torch.randint(0, 256, (1, 300)), cache=long)
+    assert short.nbytes() == long.nbytes() > 0
+
+
+def test_shared_norm_left_padding_and_generate():
+    student = _student("llama", mix="shared_norm").eval()
+    long, short = torch.randint(3, 256, (1, 12)), torch.randint(3, 256, (1, 7))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        both = student(batch, attention_mask=mask).logits
+        torch.testing.assert_close(both[1, 5:], student(short).logits[0])
+        out = student.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                               pad_token_id=0)  # fmt: skip
+        alone = student.generate(short, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[1, 5:], alone[0])
+
+
+def test_shared_norm_align_gradients_reach_only_new_parameters():
+    student = _student("qwen3", mix="shared_norm").train()
+    new = set(student.new_parameter_names())
+    for name, p in student.named_parameters():
+        p.requires_grad_(name in new)
+    out = student(torch.randint(0, 256, (2, 24)), align=True)
+    out.loss.backward()
+    grads = {n for n, p in student.named_parameters() if p.grad is not None}
+    assert grads == new
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    assert any(p.grad.abs().sum() > 0 for n, p in student.named_parameters() if "igate" in n)

@@ -1,0 +1,124 @@
+"""The ``shared_norm`` mix: exact softmax inside the window, the mLSTM's keys beyond it, one
+normaliser for both (LoLCATs' sliding-window + linear attention, with the mLSTM's gates).
+
+For query ``t`` the keys it sees split into the window set ``V_t`` (the last W tokens and the
+document's sinks, scored exactly by softmax attention) and the older keys ``O_t``, scored through
+the feature maps with the mLSTM's gates:
+
+    a_ts = q_t . k_s / sqrt(d)                                       s in V_t
+    b_ts = i_s + sum_{r=s+1..t} log f_r + log(phi(q_t) . phi(k_s)) + max_{s' in V_t} a_ts'   s in O_t
+    y_t  = sum_s softmax_s([a_t | b_t]) v_s
+
+The linear terms are measured against the largest window weight (as LoLCATs does), so the input
+gate ``i`` sets how much the far past weighs relative to the best key in the window. Unlike the
+gated mix, a query whose window holds all its context is exactly the teacher's, whatever the new
+parameters are: the mLSTM can only add what the window misses.
+
+Decoding keeps O(1) state: the window's ring buffer (keys, values, plus each slot's input gate and
+the log-decay accumulated since it entered) and the mLSTM-like state (C, n, m) of the keys that
+have left the window. A token joins the state when it leaves the window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megadistill.model.swa import document_layout, visible
+
+NEG = -1.0e30
+
+
+def _window_masks(reset, valid, window, num_sinks):
+    t = reset.shape[1]
+    seg, pos = document_layout(reset)
+    idx = torch.arange(t, device=reset.device).expand_as(seg)
+    causal = visible(idx, idx, seg, seg, pos, None, 0) & valid[:, None, :]
+    eye = torch.eye(t, dtype=torch.bool, device=reset.device)
+    win = (visible(idx, idx, seg, seg, pos, window, num_sinks) & valid[:, None, :]) | eye
+    return win, causal & ~win
+
+
+def shared_norm_parallel(q, k, v, fq, fk, i_pre, f_pre, reset, valid, window, num_sinks, scaling):
+    """Quadratic reference form (training and prefill).
+
+    Args:
+        q: (B,H,T,d) RoPE'd queries; k, v: (B,KV,T,d) RoPE'd keys and values.
+        fq, fk: (B,H,T,F) feature-mapped queries and keys (keys already repeated to H heads).
+        i_pre, f_pre: (B,H,T) input/forget gate pre-activations (padding: PAD_I / PAD_F).
+        reset, valid: (B,T) document starts and real tokens.
+        window, num_sinks, scaling: the SWA branch's settings.
+
+    Returns:
+        (B,H,T,d) in v's dtype.
+    """
+    rep = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
+    win, out = _window_masks(reset, valid, window, num_sinks)
+    a = (q.float() @ kr.transpose(-1, -2)) * scaling  # (B,H,T,T)
+    a_win = a.masked_fill(~win[:, None], NEG)
+    top = a_win.amax(-1, keepdim=True)
+    cum = F.logsigmoid(f_pre.float()).cumsum(-1)
+    g = cum[..., :, None] - cum[..., None, :] + i_pre.float()[..., None, :]
+    lin = (fq.float() @ fk.float().transpose(-1, -2)).clamp_min(1e-30).log()
+    b = (g + lin + top).masked_fill(~out[:, None], NEG)
+    logits = torch.where(win[:, None], a_win, b)
+    return (torch.softmax(logits, dim=-1) @ vr).to(v.dtype)
+
+
+def prefill_state(fk, v, i_pre, f_pre, pos, valid, window, num_sinks):
+    """The (C, n, m) state after a prefill of T tokens (one document per row, left padding
+    allowed): the keys that have left the window of the last query, i.e. index <= T-1-W, minus
+    sinks and padding. Also the per-token (input gate, log-decay to the last token)."""
+    rep = fk.shape[1] // v.shape[1]
+    vr = v.repeat_interleave(rep, 1).float()
+    t = fk.shape[2]
+    cum = F.logsigmoid(f_pre.float()).cumsum(-1)  # (B,H,T)
+    decay = cum[..., -1:] - cum  # log f summed over s+1..T-1
+    w = i_pre.float() + decay
+    left = torch.arange(t, device=fk.device) <= t - 1 - window
+    ok = (left[None] & valid & (pos >= num_sinks))[:, None, :]  # (B,1,T)
+    w = w.masked_fill(~ok, NEG)
+    m = w.amax(-1).clamp_min(NEG)  # (B,H)
+    e = torch.exp(w - m[..., None]) * ok
+    c = torch.einsum("bht,bhtf,bhtd->bhfd", e, fk.float(), vr)
+    n = torch.einsum("bht,bhtf->bhf", e, fk.float())
+    return (c, n, m), i_pre.float(), decay
+
+
+def shared_norm_step(q, win_k, win_v, win_mask, fq, state, scaling):
+    """Output of one query over the window buffer plus the state (already updated).
+
+    Args:
+        q: (B,H,d) RoPE'd query; win_k, win_v: (B,KV,N,d) buffer; win_mask: (B,N) visible slots.
+        fq: (B,H,F); state: (C (B,H,F,d), n (B,H,F), m (B,H)).
+    """
+    c, n, m = state
+    rep = q.shape[1] // win_k.shape[1]
+    kr = win_k.repeat_interleave(rep, 1).float()
+    vr = win_v.repeat_interleave(rep, 1).float()
+    a = torch.einsum("bhd,bhnd->bhn", q.float(), kr) * scaling
+    a = a.masked_fill(~win_mask[:, None, :], NEG)
+    top = a.amax(-1, keepdim=True)
+    pw = torch.exp(a - top)  # window weights, the largest is 1
+    z = m.clamp_min(0.0)  # common scale of window (<= 1) and state (e^m) terms
+    scale_w = torch.exp(-z)[..., None]
+    scale_s = torch.exp(m - z)[..., None]
+    fqf = fq.float()
+    num = scale_w * torch.einsum("bhn,bhnd->bhd", pw, vr) + scale_s * torch.einsum(
+        "bhf,bhfd->bhd", fqf, c
+    )
+    den = scale_w * pw.sum(-1, keepdim=True) + scale_s * (fqf * n).sum(-1, keepdim=True)
+    return num / den
+
+
+def absorb(state, fk_s, v_s, log_w, logf_t):
+    """Decay the state by ``logf_t`` and add the key leaving the window with log weight
+    ``log_w`` (NEG when none leaves). fk_s: (B,H,F); v_s: (B,H,d); log_w, logf_t: (B,H)."""
+    c, n, m = state
+    m_new = torch.maximum(logf_t + m, log_w)
+    old = torch.exp(logf_t + m - m_new)
+    new = torch.exp(log_w - m_new)
+    c = old[..., None, None] * c + new[..., None, None] * (fk_s[..., :, None] * v_s[..., None, :])
+    n = old[..., None] * n + new[..., None] * fk_s
+    return c, n, m_new
