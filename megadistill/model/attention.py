@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
-from megadistill.model import shared_norm as sn
 from megadistill.model.mlstm import PAD_F, PAD_I, mlstm_forward
 from megadistill.model.swa import _sdpa, swa_attention
 
