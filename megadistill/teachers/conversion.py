@@ -287,10 +287,11 @@ def _new_parameters(
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(skeleton.model.layers):
         attn = layer.self_attn
-        for mod in NEW_PARAMETER_MODULES:
+        mods = [m for m in NEW_PARAMETER_MODULES if hasattr(attn, m)]  # softmax layers: none
+        for mod in mods:
             getattr(attn, mod).to_empty(device="cpu")
         attn.init_new_parameters(layer_generator(seed, i))
-        for mod in NEW_PARAMETER_MODULES:
+        for mod in mods:
             for pname, p in getattr(attn, mod).named_parameters():
                 out[f"model.layers.{i}.self_attn.{mod}.{pname}"] = p.detach().to(dtype).clone()
             getattr(attn, mod).to("meta")

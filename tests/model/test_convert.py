@@ -111,15 +111,24 @@ def test_real_7b_configs_convert_on_meta(name):
     assert 0 < counts["new"] / counts["student"] < 0.01
 
 
-@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
-def test_streaming_conversion_of_sharded_teacher_equals_in_memory(family, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "hybrid"),
+    [
+        ("qwen3", {}),
+        ("olmo2", {}),
+        ("llama", {"mix": "shared_norm", "feature_map": "hedgehog_pm"}),
+        ("llama", {"softmax_layers": [1], "fgate_bias": [2.0, 8.0]}),
+    ],
+)
+def test_streaming_conversion_of_sharded_teacher_equals_in_memory(family, hybrid, tmp_path):
     teacher = tiny_teacher(family, tie_word_embeddings=family == "olmo2")
     teacher.save_pretrained(tmp_path / "teacher", max_shard_size="30KB")
     assert len(list((tmp_path / "teacher").glob("*.safetensors"))) > 3
+    settings = [f"{k}={json.dumps(v)}" for k, v in hybrid.items()]
     out = main(["convert", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "s"),
-                "seed=5", "window=8"])  # fmt: skip
+                "seed=5", "window=8", *settings])  # fmt: skip
     assert out == 0
-    in_memory, fp = convert(teacher, seed=5, window=8)
+    in_memory, fp = convert(teacher, seed=5, window=8, **hybrid)
     assert json.loads((tmp_path / "s" / INIT_FILE).read_text())["fingerprint"] == fp
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     ids = torch.randint(0, 256, (2, 24))
