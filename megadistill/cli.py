@@ -254,6 +254,44 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_positions_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher Hugging Face folder")
+    p.add_argument("students", nargs="+", metavar="NAME=DIR", help="student folders to compare")
+    p.add_argument(
+        "--heldout", nargs="+", required=True, metavar="NAME:in|out:PATH",
+        help="held-out sets (.txt/.jsonl), labelled in- or out-of-domain for the training mix",
+    )  # fmt: skip
+    p.add_argument("--max-length", type=int, default=2048, help="tokens scored per document")
+    p.add_argument("--cache-dir", default=None, help="teacher/floor loss cache (default: assets)")
+    p.add_argument("--out", required=True, help="folder for positions.json and positions.md")
+
+
+@command(
+    "compare-positions",
+    "students vs teacher and SWA floor by position, side by side (stage I choices)",
+    _compare_positions_args,
+)
+def _cmd_compare_positions(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megadistill.assets import cache_root
+    from megadistill.errors import MegadistillError
+    from megadistill.eval.levers import compare_students, parse_heldout, write_comparison
+
+    students = {}
+    for item in args.students:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise MegadistillError(f"student {item!r} must look like NAME=DIR")
+        students[name] = path
+    result = compare_students(
+        args.teacher, students, parse_heldout(args.heldout), max_length=args.max_length,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else cache_root() / "eval-teacher",
+    )  # fmt: skip
+    print(write_comparison(result, args.out).read_text())
+    return 0
+
+
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by eval")
     p.add_argument("--out", default=None, help="folder for comparison.md (several runs)")
@@ -361,6 +399,13 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     size.add_argument("--quality", action="store_true", help="the quality benchmark (~50 min)")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. hybrid.window=512")
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument(
+        "--keep-softmax",
+        type=int,
+        default=None,
+        metavar="K",
+        help="keep K layers as softmax attention, chosen by measurement (`choose-layers`)",
+    )
 
 
 @command("demo", "the whole pipeline on CPU with a real teacher and real data", _demo_args)
@@ -372,6 +417,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         quality=args.quality,
         run_dir=args.run_dir,
         overrides=tuple(args.overrides),
+        keep_softmax=args.keep_softmax,
     )
     report = run_demo(cfg)
     print(f"report: {report}")

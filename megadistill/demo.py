@@ -45,6 +45,9 @@ class DemoConfig:
     """Asset cache (default: $MEGADISTILL_CACHE or ~/.cache/megadistill)."""
     overrides: tuple[str, ...] = ()
     """Dotted recipe overrides applied last, e.g. ``hybrid.window=512``."""
+    keep_softmax: int | None = None
+    """Keep this many layers as softmax attention, chosen by ``choose-layers`` on the training
+    text (None: the recipe's ``hybrid.softmax_layers``)."""
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -81,14 +84,21 @@ def _quick_assets(root: Path) -> tuple[Path, dict[str, Path], Path]:
 
 def _full_assets(
     root: Path, cache_dir: str | None, quality: bool
-) -> tuple[Path, dict[str, Path], Path]:
-    from megadistill.assets import english_corpus, smollm2_teacher
+) -> tuple[Path, dict[str, Path | list[Path]], Path]:
+    from megadistill.assets import english_corpus, lambada_passages, smollm2_teacher
 
     teacher = smollm2_teacher(cache_dir)
     train = english_corpus(cache_dir, "train")
     half = len(train) // 2  # chapters are in novel order: earlier vs later novels
     if quality:
-        data = {"austen": _write_jsonl(root / "austen.jsonl", train)}
+        # A fiction mix: Austen's chapters (long documents) and LAMBADA's passages of modern
+        # fiction by many authors. Scripture, legal text and code stay out: held-out domains.
+        data: dict[str, Path | list[Path]] = {
+            "fiction": [
+                _write_jsonl(root / "austen.jsonl", train),
+                _write_jsonl(root / "lambada.jsonl", lambada_passages()),
+            ]
+        }
     else:
         data = {
             "early-novels": _write_jsonl(root / "early-novels.jsonl", train[:half]),
@@ -97,6 +107,44 @@ def _full_assets(
     # Held-out chapters (2K-4K tokens each): one JSON document per chapter for perplexity.
     heldout = _write_jsonl(root / "heldout.jsonl", english_corpus(cache_dir, "heldout")[:6])
     return teacher, data, heldout
+
+
+def _heldout_sets(root: Path, cache_dir: str | None) -> list[str]:
+    """The quality benchmark's held-out sets as ``name:domain:path`` (in = the training mix has
+    such text): Austen's held-out chapters (in), and three domains the mix lacks (out): KJV
+    scripture in verse, Debian's licence texts and Python source (torch.nn)."""
+    from megadistill.assets import code_texts, english_corpus, kjv_books, license_texts
+
+    sets = {
+        ("austen", "in"): english_corpus(cache_dir, "heldout")[:8],
+        ("kjv", "out"): kjv_books(cache_dir),
+        ("licenses", "out"): license_texts(),
+        ("code", "out"): code_texts(),
+    }
+    return [
+        f"{name}:{domain}:{_write_jsonl(root / f'heldout_{name}.jsonl', docs)}"
+        for (name, domain), docs in sets.items()
+    ]
+
+
+def _choose_layers(
+    root: Path, teacher: Path, sources: list[dict[str, str]], k: int, recipe_file: Path, cfg
+) -> list[int]:
+    """Measure which k layers to keep as softmax attention (cached in the run's assets)."""
+    from megadistill.eval.layer_choice import format_ranking, rank_softmax_layers
+    from megadistill.eval.runner import read_documents
+
+    hybrid = load_recipe(recipe_file, list(cfg.overrides)).hybrid
+    window, sinks = int(hybrid.get("window", 512)), int(hybrid.get("num_sinks", 4))
+    cache = root / f"layer_choice_w{window}_s{sinks}.json"
+    if cache.is_file():
+        result = json.loads(cache.read_text())
+    else:
+        docs = read_documents([sources[0]["path"]])[:6]
+        result = rank_softmax_layers(teacher, docs, window=window, num_sinks=sinks, max_length=1024)
+        atomic_write_json(cache, result)
+    log.info("demo: layer choice\n%s", format_ranking(result, k))
+    return sorted(result["ranking"][:k])
 
 
 def _stage_tokens(run_dir: Path) -> dict[str, float]:
@@ -136,15 +184,26 @@ def run_demo(cfg: DemoConfig) -> Path:
     else:
         teacher, data, heldout = _full_assets(assets, cfg.cache_dir, cfg.quality)
         recipe_file = RECIPES / ("smollm2_quality.yaml" if cfg.quality else "smollm2_demo.yaml")
-    experts = [{"name": name, "data": {"sources": [{"path": str(p)}]}} for name, p in data.items()]
-    sources = [{"path": str(p)} for p in data.values()]
+    paths = {name: p if isinstance(p, list) else [p] for name, p in data.items()}
+    experts = [
+        {"name": name, "data": {"sources": [{"path": str(p)} for p in ps]}}
+        for name, ps in paths.items()
+    ]
+    sources = [{"path": str(p)} for ps in paths.values() for p in ps]
     overrides = [
         f"teacher={teacher}",
         f"experts={json.dumps(experts)}",
         f"final.data.sources={json.dumps(sources)}",
-        f"eval.ppl_text=[{heldout}]",
-        *cfg.overrides,
     ]
+    if cfg.quality:
+        sets = _heldout_sets(assets, cfg.cache_dir)
+        overrides.append(f"eval.heldout={json.dumps(sets)}")
+    else:
+        overrides.append(f"eval.ppl_text=[{heldout}]")
+    if cfg.keep_softmax:
+        layers = _choose_layers(assets, teacher, sources, cfg.keep_softmax, recipe_file, cfg)
+        overrides.append(f"hybrid.softmax_layers={json.dumps(layers)}")
+    overrides += cfg.overrides
     recipe = load_recipe(recipe_file, overrides)
     log.info("demo: running %s (%d experts) in %s", recipe_file.name, len(experts), run_dir)
     run_local(recipe, run_dir / "pipeline")

@@ -1,0 +1,207 @@
+"""Several students against one teacher and its SWA floor, by position, in one table.
+
+``megadistill compare-positions`` is the quick loop for stage I choices (feature maps, gates,
+softmax layers, ...): each student folder (e.g. a stage's ``final/``) is scored on the same held-out
+documents as the teacher and the floor (the teacher cut to the students' window), and the report
+puts the headline numbers side by side: the relative NLL gap to the teacher at positions >= 4W and
+the share of the floor's gap each student wins back, per held-out set, with standard errors.
+Teacher and floor losses are cached by content (model fingerprint, documents, settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from megadistill.errors import MegadistillError
+from megadistill.eval.positions import (
+    HeldoutSet,
+    _mean_se,
+    bucket_edges,
+    bucket_stats,
+    token_ids,
+    token_nll,
+)
+from megadistill.integrity import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def parse_heldout(specs: Sequence[str]) -> list[HeldoutSet]:
+    """``name:in|out:path`` (a .txt file or a .jsonl of documents) -> held-out sets."""
+    from megadistill.eval.runner import read_documents
+
+    sets = []
+    for spec in specs:
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or parts[1] not in ("in", "out"):
+            raise MegadistillError(
+                f"held-out set {spec!r} must look like NAME:in:PATH or NAME:out:PATH "
+                "(in = the training mix has such text)"
+            )
+        name, domain, path = parts
+        docs = tuple(read_documents([path]))
+        sets.append(HeldoutSet(name=name, domain=domain, documents=docs, description=path))  # type: ignore[arg-type]
+    if len({s.name for s in sets}) != len(sets):
+        raise MegadistillError(f"held-out set names repeat: {[s.name for s in sets]}")
+    return sets
+
+
+def _doc_key(windows: Mapping[str, list[list[int]]]) -> str:
+    return hashlib.sha256(json.dumps(windows, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _scored(model_dir: str, role: str, windows, settings, cache_dir: Path | None):
+    """Per-set per-document token NLLs of one model, cached for the teacher and the floor."""
+    from megadistill.eval.lmeval import load_model, model_fingerprint
+
+    cache = None
+    if cache_dir is not None and role in ("teacher", "floor"):
+        key = hashlib.sha256(
+            json.dumps([model_fingerprint(model_dir), role, settings, _doc_key(windows)]).encode()
+        ).hexdigest()[:24]
+        cache = cache_dir / f"positions-{role}-{key}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
+    model, _ = load_model(model_dir)
+    if role == "floor":
+        from megadistill.teachers.conversion import convert
+
+        model, _ = convert(
+            model, window=settings["window"], num_sinks=settings["num_sinks"], gate_mode="swa"
+        )
+    out = {}
+    for name, w in windows.items():
+        log.info("positions: %s on %s (%d documents)", role, name, len(w))
+        out[name] = token_nll(model, w)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache, out)
+    return out
+
+
+def compare_students(
+    teacher: str,
+    students: Mapping[str, str],
+    sets: Sequence[HeldoutSet],
+    *,
+    max_length: int = 2048,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Score teacher, floor and every student; returns the comparison (see module docstring)."""
+    from transformers import AutoTokenizer
+
+    if not students:
+        raise MegadistillError("pass at least one student NAME=DIR")
+    configs = {n: json.loads((Path(d) / "config.json").read_text()) for n, d in students.items()}
+    hybrid = {(c.get("window"), c.get("num_sinks")) for c in configs.values()}
+    if len(hybrid) != 1 or None in next(iter(hybrid)):
+        raise MegadistillError(
+            f"students must be hybrids with one window and sink count, got {sorted(hybrid)}"
+        )
+    window, sinks = next(iter(hybrid))
+    tok = AutoTokenizer.from_pretrained(teacher)
+    windows = {s.name: token_ids(tok, s.documents, max_length) for s in sets}
+    settings = {"window": window, "num_sinks": sinks, "max_length": max_length}
+    nll = {
+        "teacher": _scored(teacher, "teacher", windows, settings, cache_dir),
+        "floor": _scored(teacher, "floor", windows, settings, cache_dir),
+    }
+    for name, path in students.items():
+        if name in nll:
+            raise MegadistillError(f"student name {name!r} is reserved; pick another")
+        nll[name] = _scored(path, "student", windows, settings, None)
+    edges = bucket_edges(window, max_length)
+    out: dict[str, Any] = {**settings, "students": dict(students), "sets": {}}
+    for s in sets:
+        per = {m: nll[m][s.name] for m in nll}
+        rows = bucket_stats(per, edges)
+        out["sets"][s.name] = {
+            "domain": s.domain,
+            "num_docs": len(windows[s.name]),
+            "buckets": rows,
+            "beyond": _beyond(per, 4 * window, list(students)),
+        }
+    return out
+
+
+def _beyond(per: Mapping[str, list[list[float]]], start: int, students: list[str]):
+    """Per student, at positions >= start: relative gap to the teacher and recovered share of the
+    floor's gap, each with a standard error over documents."""
+    docs = range(len(per["teacher"]))
+
+    def mean(name, d):
+        tail = per[name][d][start:]
+        return sum(tail) / len(tail) if tail else None
+
+    ok = [d for d in docs if mean("teacher", d) is not None]
+    t = {d: mean("teacher", d) for d in ok}
+    f = {d: mean("floor", d) for d in ok}
+    out: dict[str, Any] = {"from": start, "num_docs": len(ok)}
+    out["teacher"] = sum(t.values()) / len(ok) if ok else None
+    for name in ["floor", *students]:
+        rel = [(mean(name, d) - t[d]) / t[d] for d in ok]
+        m, se = _mean_se(rel) if rel else (float("nan"), float("nan"))
+        out[name] = {"rel_gap": m, "rel_gap_se": se}
+        if name != "floor":
+            gaps = sum(f[d] - t[d] for d in ok)
+            won = sum(f[d] - mean(name, d) for d in ok)
+            out[name]["recovered"] = won / gaps if gaps > 0 else None
+    return out
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The side-by-side table (relative gap at >= 4W, recovered share) per held-out set."""
+    names = list(result["students"])
+    w = result["window"]
+    lines = [
+        f"# Students by position (W = {w}, {result['num_sinks']} sinks, first "
+        f"{result['max_length']} tokens of each document)",
+        "",
+        f"Relative NLL gap to the teacher at positions >= {4 * w} (+- SE over documents), and the "
+        "share of the SWA floor's gap the student wins back (1.0 = the teacher, 0 = the floor).",
+        "",
+        "| set (domain, docs) | teacher NLL | floor | " + " | ".join(names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for set_name, s in result["sets"].items():
+        b = s["beyond"]
+        cells = [f"{b['floor']['rel_gap']:+.1%}"]
+        for n in names:
+            rec = b[n]["recovered"]
+            cells.append(
+                f"{b[n]['rel_gap']:+.1%} +- {b[n]['rel_gap_se']:.1%} "
+                f"(won {'n/a' if rec is None else f'{rec:.0%}'})"
+            )
+        lines.append(
+            f"| {set_name} ({s['domain']}-domain, {s['num_docs']}) | {b['teacher']:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "Per bucket (student - teacher NLL, nats):", ""]
+    for set_name, s in result["sets"].items():
+        lines += [f"**{set_name}** ({s['domain']}-domain)", ""]
+        lines.append("| positions | teacher | floor | " + " | ".join(names) + " |")
+        lines.append("|---|---:|---:|" + "---:|" * len(names))
+        for r in s["buckets"]:
+            cells = [f"{r['floor_gap']:+.3f}"] + [
+                f"{r[f'{n}_gap']:+.3f} +- {r[f'{n}_gap_se']:.3f}" for n in names
+            ]
+            lines.append(
+                f"| [{r['lo']}, {r['hi']}) | {r['teacher']:.3f} | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_comparison(result: dict[str, Any], out_dir: str | Path) -> Path:
+    """``positions.json`` and ``positions.md`` into ``out_dir``; returns the markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "positions.json", result)
+    atomic_write_text(out / "positions.md", render_markdown(result))
+    return out / "positions.md"

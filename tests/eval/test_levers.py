@@ -1,0 +1,72 @@
+"""compare-positions: students vs teacher and SWA floor by position, on real (tiny) models."""
+
+import json
+
+import pytest
+
+from megadistill.assets import byte_tokenizer
+from megadistill.cli import main
+from megadistill.teachers import convert
+from megadistill.testing import tiny_teacher
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be."
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("levers")
+    teacher = tiny_teacher("llama", seed=0)
+    teacher.save_pretrained(root / "teacher")
+    byte_tokenizer(root / "teacher")
+    n = teacher.config.num_hidden_layers
+    students = {
+        # the floor itself: nothing beyond the window is won back
+        "swa": convert(teacher, window=8, num_sinks=2, gate_mode="swa")[0],
+        # every layer kept as softmax attention: the teacher, everything won back
+        "kept": convert(teacher, window=8, num_sinks=2, softmax_layers=list(range(n)))[0],
+        "hybrid": convert(teacher, window=8, num_sinks=2, seed=1)[0],
+    }
+    for name, model in students.items():
+        model.save_pretrained(root / name)
+        byte_tokenizer(root / name)
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": TEXT[i:] + TEXT}) + "\n" for i in (0, 7, 19)))
+    return root, docs
+
+
+def test_compare_positions_measures_recovered_share(models, capsys):
+    root, docs = models
+    args = [
+        "compare-positions", "--teacher", str(root / "teacher"),
+        *(f"{n}={root / n}" for n in ("swa", "kept", "hybrid")),
+        "--heldout", f"prose:out:{docs}", "--max-length", "128", "--out", str(root / "cmp"),
+        "--cache-dir", str(root / "cache"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    md = capsys.readouterr().out
+    assert "prose (out-domain, 3)" in md
+    result = json.loads((root / "cmp" / "positions.json").read_text())
+    beyond = result["sets"]["prose"]["beyond"]
+    assert beyond["from"] == 32 and beyond["num_docs"] == 3
+    assert beyond["floor"]["rel_gap"] > 0  # cutting attention to 8 tokens costs something
+    assert beyond["swa"]["recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert beyond["kept"]["recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert beyond["kept"]["rel_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert beyond["hybrid"]["recovered"] != pytest.approx(0.0, abs=1e-6)
+    buckets = result["sets"]["prose"]["buckets"]
+    assert [(b["lo"], b["hi"]) for b in buckets] == [(0, 8), (8, 16), (16, 32), (32, 64),
+                                                     (64, 128)]  # fmt: skip
+    assert buckets[0]["floor_gap"] == pytest.approx(0.0, abs=1e-6)  # inside W: exact
+    # Teacher and floor losses are cached: a second run reads them back.
+    assert len(list((root / "cache").glob("positions-*.json"))) == 2
+
+
+def test_compare_positions_bad_heldout_spec_is_one_line(models, capsys):
+    root, docs = models
+    args = ["compare-positions", "--teacher", str(root / "teacher"), f"a={root / 'swa'}",
+            "--heldout", f"prose:maybe:{docs}", "--out", str(root / "x")]  # fmt: skip
+    assert main(args) == 2
+    assert "NAME:in:PATH" in capsys.readouterr().err
