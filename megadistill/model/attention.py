@@ -34,6 +34,7 @@ class SeqInfo:
     abs_idx: torch.Tensor  # (T,) index of each new token in the row's stream
     cache: HybridCache | None = None
     align_losses: list[torch.Tensor] | None = None
+    single_doc: bool = False  # every row holds one document (no reset after its first token)
 
 
 class FeatureMap(nn.Module):
@@ -201,11 +202,16 @@ class HybridAttention(nn.Module):
         fq, fk = self.q_feature(q_r), self.k_feature(k_r)
         fk = fk.repeat_interleave(self.num_heads // self.num_kv, dim=1)
         i_pre, f_pre = self._gates(x, info)
-        args = (info.reset, info.valid, cfg.window, cfg.num_sinks, self.scaling)
+        if info.single_doc and q_r.shape[2] > 2 * cfg.window:  # O(T W), not O(T^2)
+            args = (info.valid, info.pos, cfg.window, cfg.num_sinks, self.scaling)
+            kernel = sn.shared_norm_blocked
+        else:
+            args = (info.reset, info.valid, cfg.window, cfg.num_sinks, self.scaling)
+            kernel = sn.shared_norm_parallel
         if lc is None:
-            return sn.shared_norm_parallel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
-        if lc.k is None:  # prefill into an empty cache: parallel, then the state it leaves
-            out = sn.shared_norm_parallel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
+            return kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
+        if lc.k is None:  # prefill into an empty cache: the sequence, then the state it leaves
+            out = kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
             lc.mlstm, gate_i, decay = sn.prefill_state(
                 fk, v, i_pre, f_pre, info.pos, info.valid, cfg.window, cfg.num_sinks
             )

@@ -118,7 +118,11 @@ class HybridModel(HybridPreTrainedModel):
         reset = (position_ids == 0) & valid
         seen = cache.seen if cache is not None else 0
         abs_idx = torch.arange(seen, seen + t, device=dev)
-        return SeqInfo(reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx, cache=cache)
+        single = self.config.mix == "shared_norm" and bool((reset.sum(-1) <= 1).all())
+        return SeqInfo(
+            reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx, cache=cache,
+            single_doc=single,
+        )  # fmt: skip
 
     def forward(
         self,

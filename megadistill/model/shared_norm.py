@@ -122,3 +122,83 @@ def absorb(state, fk_s, v_s, log_w, logf_t):
     c = old[..., None, None] * c + new[..., None, None] * (fk_s[..., :, None] * v_s[..., None, :])
     n = old[..., None] * n + new[..., None] * fk_s
     return c, n, m_new
+
+
+def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, valid, pos, window, num_sinks, scaling):
+    """The same function in query blocks of W tokens: each block scores its window (the previous
+    block and itself) and the document's sinks exactly, and every older key through the state
+    (C, n, m) that the blocks before it have built. O(T * (2W + S)) time and memory instead of
+    O(T^2). One document per row (left padding allowed): the caller checks that no document
+    starts inside a row. Arguments as :func:`shared_norm_parallel`, plus ``pos`` (B,T), the
+    position in the document (sinks are the first ``num_sinks``).
+    """
+    bsz, h, t, d = q.shape
+    w, dev = window, q.device
+    rep = h // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
+    qf, fqf, fkf = q.float(), fq.float(), fk.float()
+    cum = F.logsigmoid(f_pre.float()).cumsum(-1)
+    sink = valid & (pos < num_sinks)  # (B,T)
+    enters = (valid & ~sink)[:, None, :]  # keys that can join the state
+    i_key = i_pre.float().masked_fill(~enters, NEG)
+    sink_idx = torch.where(sink, torch.arange(t, device=dev), t).sort(-1).values[:, :num_sinks]
+    c = qf.new_zeros(bsz, h, fqf.shape[-1], d)
+    n = qf.new_zeros(bsz, h, fqf.shape[-1])
+    m = qf.new_full((bsz, h), NEG)
+    zero = qf.new_zeros(bsz, h)
+    end = 0  # the state holds the keys before ``end``, weighted as seen from ``end - 1``
+    outs = []
+    for j in range(0, t, w):
+        e = min(j + w, t)
+        new_end = max(0, j - w)
+        if new_end > end:  # keys [end, new_end) leave every window from this block on
+            ref = cum[..., new_end - 1]
+            decay = ref - (cum[..., end - 1] if end > 0 else zero)
+            wt = i_key[..., end:new_end] + ref[..., None] - cum[..., end:new_end]
+            m_new = torch.maximum(m + decay, wt.amax(-1))
+            old, new = torch.exp(m + decay - m_new), torch.exp(wt - m_new[..., None])
+            c = old[..., None, None] * c + torch.einsum(
+                "bhs,bhsf,bhsd->bhfd", new, fkf[..., end:new_end, :], vr[..., end:new_end, :]
+            )
+            n = old[..., None] * n + torch.einsum("bhs,bhsf->bhf", new, fkf[..., end:new_end, :])
+            m, end = m_new, new_end
+        # Explicit keys: the sinks before this span, then the span [j - W, e).
+        lo = max(0, j - w)
+        tq = torch.arange(j, e, device=dev)[:, None]
+        span = torch.arange(lo, e, device=dev).expand(bsz, -1)
+        keys = torch.cat([sink_idx.clamp(max=t - 1), span], 1)
+        sink_ok = (sink_idx < lo) & (sink_idx < t)  # sinks inside the span come with it
+        k_ok = valid.gather(1, keys) & torch.cat(
+            [sink_ok, torch.ones_like(span, dtype=torch.bool)], 1
+        )
+        gather = keys[:, None, :, None].expand(-1, h, -1, d)
+        kb, vb = kr.gather(2, gather), vr.gather(2, gather)
+        causal = keys[:, None, :] <= tq[None]
+        near = (tq[None] - keys[:, None, :]) < w
+        k_sink = sink.gather(1, keys)[:, None, :]
+        in_span = torch.arange(keys.shape[1], device=dev) >= sink_idx.shape[1]
+        itself = (keys[:, None, :] == tq[None]) & in_span  # keeps padded rows finite
+        win = (causal & (near | k_sink) & k_ok[:, None, :]) | itself
+        out_m = causal & ~win & (enters[:, 0].gather(1, keys) & k_ok)[:, None, :]
+        a = torch.einsum("bhld,bhkd->bhlk", qf[:, :, j:e], kb) * scaling
+        a_win = a.masked_fill(~win[:, None], NEG)
+        top = a_win.amax(-1, keepdim=True)  # (B,H,L,1)
+        ck = cum.gather(2, keys[:, None, :].expand(-1, h, -1))
+        ik = i_pre.float().gather(2, keys[:, None, :].expand(-1, h, -1))
+        g = cum[..., j:e, None] - ck[..., None, :] + ik[..., None, :]
+        fkb = fkf.gather(2, keys[:, None, :, None].expand(-1, h, -1, fkf.shape[-1]))
+        lin = torch.einsum("bhlf,bhkf->bhlk", fqf[:, :, j:e], fkb).clamp_min(1e-30).log()
+        logits = torch.where(win[:, None], a_win, (g + lin + top).masked_fill(~out_m[:, None], NEG))
+        # The state's keys, as one weight per query: exp(cum_t - cum_ref + m + top).
+        ref = cum[..., end - 1] if end > 0 else zero
+        st = cum[..., j:e] - ref[..., None] + m[..., None] + top[..., 0]  # (B,H,L)
+        z = torch.maximum(logits.amax(-1), st)
+        p = torch.exp(logits - z[..., None])
+        ps = torch.exp(st - z)[..., None]
+        num = p @ vb + ps * torch.einsum("bhlf,bhfd->bhld", fqf[:, :, j:e], c)
+        den = (
+            p.sum(-1, keepdim=True)
+            + ps * torch.einsum("bhlf,bhf->bhl", fqf[:, :, j:e], n)[..., None]
+        )
+        outs.append(num / den)
+    return torch.cat(outs, dim=2).to(v.dtype)
