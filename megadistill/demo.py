@@ -29,6 +29,8 @@ _QUICK_DOMAINS = {
     "permissive": ("Apache-2.0", "MPL-2.0", "Artistic"),
 }
 _QUICK_HELDOUT = ("LGPL-2.1",)
+QUALITY_KEEP_SOFTMAX = 4
+"""Softmax layers the quality benchmark keeps (chosen by measurement; README: what was tried)."""
 
 
 @dataclass(kw_only=True)
@@ -47,7 +49,8 @@ class DemoConfig:
     """Dotted recipe overrides applied last, e.g. ``hybrid.window=512``."""
     keep_softmax: int | None = None
     """Keep this many layers as softmax attention, chosen by ``choose-layers`` on the training
-    text (None: the recipe's ``hybrid.softmax_layers``)."""
+    text (None: QUALITY_KEEP_SOFTMAX for --quality, else the recipe's ``hybrid.softmax_layers``;
+    0: none)."""
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -200,8 +203,11 @@ def run_demo(cfg: DemoConfig) -> Path:
         overrides.append(f"eval.heldout={json.dumps(sets)}")
     else:
         overrides.append(f"eval.ppl_text=[{heldout}]")
-    if cfg.keep_softmax:
-        layers = _choose_layers(assets, teacher, sources, cfg.keep_softmax, recipe_file, cfg)
+    keep = cfg.keep_softmax
+    if keep is None and cfg.quality:
+        keep = QUALITY_KEEP_SOFTMAX
+    if keep:
+        layers = _choose_layers(assets, teacher, sources, keep, recipe_file, cfg)
         overrides.append(f"hybrid.softmax_layers={json.dumps(layers)}")
     overrides += cfg.overrides
     recipe = load_recipe(recipe_file, overrides)
