@@ -1,0 +1,40 @@
+"""choose-layers: each layer's measured gain when it alone gets its full attention back."""
+
+import json
+
+from megadistill.assets import byte_tokenizer
+from megadistill.cli import main
+from megadistill.eval.layer_choice import rank_softmax_layers
+from megadistill.testing import tiny_teacher
+
+DOC = "Call me Ishmael. Some years ago, never mind how long precisely, having little money. " * 3
+
+
+def test_gains_rank_layers_and_the_cli_prints_the_choice(tmp_path, capsys):
+    teacher = tiny_teacher("llama", seed=0)
+    teacher.save_pretrained(tmp_path / "t")
+    byte_tokenizer(tmp_path / "t")
+    result = rank_softmax_layers(tmp_path / "t", [DOC, DOC[9:]], window=8, num_sinks=2)
+    n = teacher.config.num_hidden_layers
+    assert len(result["gains"]) == n and sorted(result["ranking"]) == list(range(n))
+    gains = result["gains"]
+    assert [gains[i] for i in result["ranking"]] == sorted(gains, reverse=True)
+    assert result["floor"] != result["teacher"]  # cutting attention to 8 tokens changes the loss
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": DOC}) + "\n")
+    out = tmp_path / "choice.json"
+    args = ["choose-layers", "--teacher", str(tmp_path / "t"), "--text", str(tmp_path / "d.jsonl"),
+            "--window", "8", "--num-sinks", "2", "--k", "1", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    best = json.loads(out.read_text())["ranking"][0]
+    assert f"softmax_layers for k = 1: [{best}]" in capsys.readouterr().out
+
+
+def test_documents_shorter_than_the_window_are_refused(tmp_path):
+    import pytest
+
+    from megadistill.errors import MegadistillError
+
+    tiny_teacher("llama", seed=0).save_pretrained(tmp_path / "t")
+    byte_tokenizer(tmp_path / "t")
+    with pytest.raises(MegadistillError, match="longer than the window"):
+        rank_softmax_layers(tmp_path / "t", ["short"], window=64)
