@@ -210,14 +210,25 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher Hugging Face folder")
     p.add_argument("--student", required=True, help="student Hugging Face folder")
-    p.add_argument("--tasks", required=True, help="e.g. offline:arc_easy,piqa | arc_easy | tiny_mc")
+    p.add_argument(
+        "--tasks", required=True, help="e.g. offline:arc_easy@5,piqa | arc_easy | tiny_mc"
+    )
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
-    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--num-fewshot", type=int, default=0, help="tasks without their own @k")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=2048, help="longest model input (tokens)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--ppl-text", nargs="*", default=[], help="held-out text: .txt or .jsonl files")
     p.add_argument("--niah", default="", help="needle-in-a-haystack lengths, e.g. 256,512,1024")
+    p.add_argument("--niah-trials", type=int, default=None, help="needles per depth (default: 20+)")
+    p.add_argument(
+        "--heldout", nargs="*", default=[], help="loss by position: NAME:in|out:PATH (.txt/.jsonl)"
+    )
+    p.add_argument("--positions-max-length", type=int, default=None, help="default: --max-length")
+    p.add_argument("--positions-window", type=int, default=None, help="default: the student's W")
+    floor = p.add_mutually_exclusive_group()
+    floor.add_argument("--floor", action="store_true", help="add the SWA floor (default: hybrid)")
+    floor.add_argument("--no-floor", action="store_true", help="no SWA floor")
     p.add_argument("--cache-dir", default=None, help="teacher result cache (default: asset cache)")
     p.add_argument("--no-cache", action="store_true", help="always re-run the teacher")
     p.add_argument("--out", required=True, help="new folder for results.json, report.md, PNG")
@@ -229,6 +240,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from megadistill.assets import cache_root
     from megadistill.config import parse_csv
+    from megadistill.eval.heldout import parse_heldout
     from megadistill.eval.lmeval import EvalSettings
     from megadistill.eval.runner import read_documents, run_eval
 
@@ -249,6 +261,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cache_dir=cache,
         ppl_documents=read_documents(args.ppl_text),
         niah_lengths=parse_csv(args.niah, int, "--niah"),
+        niah_trials=args.niah_trials,
+        heldout=parse_heldout(args.heldout),
+        positions_max_length=args.positions_max_length,
+        positions_window=args.positions_window,
+        floor=True if args.floor else False if args.no_floor else None,
     )
     print(report)
     return 0
@@ -276,7 +293,8 @@ def _cmd_compare_positions(args: argparse.Namespace) -> int:
 
     from megadistill.assets import cache_root
     from megadistill.errors import MegadistillError
-    from megadistill.eval.levers import compare_students, parse_heldout, write_comparison
+    from megadistill.eval.heldout import parse_heldout
+    from megadistill.eval.levers import compare_students, write_comparison
 
     students = {}
     for item in args.students:

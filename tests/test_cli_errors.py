@@ -17,8 +17,10 @@ EVAL = ["eval", "--teacher", "t", "--student", "s", "--tasks", "offline:piqa", "
         (["merge", "--config", "{tmp}/none.yaml", "--out", "{tmp}/m"], "none.yaml does not exist"),
         ([*EVAL, "--niah", "256,a"], "--niah: 'a' is not an integer"),
         ([*EVAL, "--ppl-text", "{tmp}/bad.jsonl"], "bad.jsonl: line 1 is not JSON"),
+        ([*EVAL, "--heldout", "kjv:{tmp}/a.jsonl"], "--heldout 'kjv:"),
+        ([*EVAL, "--tasks", "offline:piqa@x"], "'piqa@x' needs a number of few-shot examples"),
     ],
-    ids=["merge-weights", "merge-config", "eval-niah", "eval-ppl-text"],
+    ids=["merge-weights", "merge-config", "eval-niah", "eval-ppl-text", "eval-heldout", "eval-@k"],
 )
 def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{not json\n")

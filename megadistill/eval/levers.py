@@ -31,26 +31,6 @@ from megadistill.integrity import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def parse_heldout(specs: Sequence[str]) -> list[HeldoutSet]:
-    """``name:in|out:path`` (a .txt file or a .jsonl of documents) -> held-out sets."""
-    from megadistill.eval.runner import read_documents
-
-    sets = []
-    for spec in specs:
-        parts = spec.split(":", 2)
-        if len(parts) != 3 or parts[1] not in ("in", "out"):
-            raise MegadistillError(
-                f"held-out set {spec!r} must look like NAME:in:PATH or NAME:out:PATH "
-                "(in = the training mix has such text)"
-            )
-        name, domain, path = parts
-        docs = tuple(read_documents([path]))
-        sets.append(HeldoutSet(name=name, domain=domain, documents=docs, description=path))  # type: ignore[arg-type]
-    if len({s.name for s in sets}) != len(sets):
-        raise MegadistillError(f"held-out set names repeat: {[s.name for s in sets]}")
-    return sets
-
-
 def _doc_key(windows: Mapping[str, list[list[int]]]) -> str:
     return hashlib.sha256(json.dumps(windows, sort_keys=True).encode()).hexdigest()[:16]
 

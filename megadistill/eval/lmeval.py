@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from megadistill.errors import MegadistillError
-from megadistill.eval.tasks import TaskSet, build_task_set, primary_metric
+from megadistill.eval.tasks import TaskSet, build_task_set, parse_task_spec, primary_metric
 from megadistill.integrity import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: standard errors, per-document scores and chance levels are kept
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
 
 
@@ -32,11 +32,11 @@ class EvalSettings:
     """Everything besides the model that decides an lm-eval score (all part of the cache key)."""
 
     tasks: str
-    """Task spec, e.g. ``offline:arc_easy,piqa`` (see :mod:`megadistill.eval.tasks`)."""
+    """Task spec, e.g. ``offline:arc_easy@5,piqa`` (see :mod:`megadistill.eval.tasks`)."""
     limit: int | None = None
     """Documents per task (None: all)."""
     num_fewshot: int = 0
-    """Few-shot examples per prompt."""
+    """Few-shot examples per prompt of the tasks without their own ``@k``."""
     batch_size: int = 8
     """lm-eval batch size."""
     max_length: int = 2048
@@ -49,6 +49,9 @@ class EvalSettings:
             raise MegadistillError(f"limit must be >= 1 or None, got {self.limit}")
         if self.max_length < 2:
             raise MegadistillError(f"max_length must be >= 2, got {self.max_length}")
+        if self.num_fewshot < 0:
+            raise MegadistillError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+        parse_task_spec(self.tasks)  # a bad spec fails here, before any model is loaded
 
 
 def offline_env() -> None:
@@ -117,7 +120,9 @@ def _task_manager(task_set: TaskSet) -> Any:
     from lm_eval.tasks import TaskManager
 
     include = str(task_set.include_path) if task_set.include_path is not None else None
-    return TaskManager(include_path=include)
+    # Generated task files include lm-eval's own by absolute path: no need to index (slowly)
+    # the thousands of built-in task files unless hub tasks are run by name.
+    return TaskManager(include_path=include, include_defaults=task_set.source == "hub")
 
 
 def run_lm_eval(
@@ -126,9 +131,13 @@ def run_lm_eval(
     """One real ``lm_eval.simple_evaluate`` run of an in-memory model.
 
     Returns:
-        ``{"scores": {task: {metric: value}}, "primary": {task: value}, "requests": {task:
+        ``{"scores": {task: {metric: value}}, "stderr": {task: {metric: se}}, "primary": {task:
+        value}, "per_doc": {task: [primary metric per document, by doc_id]}, "chance": {task:
+        expected accuracy of a uniform guess}, "num_fewshot": {task: k}, "requests": {task:
         [[context_tokens, scored_tokens], ...]}, "seconds": float}``; ``requests`` records the
-        length of every scored request so a report can say how much lies beyond a window.
+        length of every scored request so a report can say how much lies beyond a window;
+        ``per_doc`` lets a report pair teacher and student item by item; ``chance`` is given
+        for multiple-choice tasks (1 / number of choices, averaged over the documents).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -146,7 +155,9 @@ def run_lm_eval(
         model=lm,
         tasks=list(task_set.names),
         task_manager=task_manager or _task_manager(task_set),
-        num_fewshot=settings.num_fewshot,
+        # Generated task files carry each task's own num_fewshot; a global value would override
+        # them (lm-eval 0.4 applies simple_evaluate's num_fewshot to every task but those at 0).
+        num_fewshot=None if task_set.source != "hub" else settings.num_fewshot,
         limit=settings.limit,
         log_samples=True,
         random_seed=settings.seed,
@@ -156,18 +167,58 @@ def run_lm_eval(
     )
     seconds = time.perf_counter() - start
     scores: dict[str, dict[str, float]] = {}
+    stderr: dict[str, dict[str, float]] = {}
     for task in task_set.names:
         raw = out["results"].get(task)
         if raw is None:
             raise MegadistillError(f"lm-eval returned no result for task {task!r}")
-        scores[task] = {
-            k.split(",")[0]: float(v)
-            for k, v in raw.items()
-            if "," in k and "_stderr" not in k and isinstance(v, (int, float))
+        numeric = {k: float(v) for k, v in raw.items() if "," in k and _is_number(v)}
+        scores[task] = {k.split(",")[0]: v for k, v in numeric.items() if "_stderr" not in k}
+        stderr[task] = {
+            k.split(",")[0].removesuffix("_stderr"): v for k, v in numeric.items() if "_stderr" in k
         }
     primary = {t: scores[t][primary_metric(t)] for t in task_set.names}
+    samples = {t: sorted(out["samples"][t], key=lambda s: s["doc_id"]) for t in task_set.names}
+    per_doc = {t: _per_doc(samples[t], primary_metric(t)) for t in task_set.names}
+    configs = out.get("configs", {})
+    chance = {
+        t: _chance(samples[t])
+        for t in task_set.names
+        if configs.get(t, {}).get("output_type") == "multiple_choice"
+    }
+    fewshot = {t: int(configs.get(t, {}).get("num_fewshot") or 0) for t in task_set.names}
     requests = {t: _request_lengths(out["samples"][t], lm) for t in task_set.names}
-    return {"scores": scores, "primary": primary, "requests": requests, "seconds": seconds}
+    return {
+        "scores": scores,
+        "stderr": stderr,
+        "primary": primary,
+        "per_doc": {t: v for t, v in per_doc.items() if v is not None},
+        "chance": chance,
+        "num_fewshot": fewshot,
+        "requests": requests,
+        "seconds": seconds,
+    }
+
+
+def _is_number(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _per_doc(samples: list[dict[str, Any]], metric: str) -> list[float] | None:
+    """The metric of each document (None when it is not a per-document number, e.g. perplexity's
+    (loglikelihood, words) pairs)."""
+    values = [s.get(metric) for s in samples]
+    if not values or not all(_is_number(v) for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def _chance(samples: list[dict[str, Any]]) -> float:
+    """Expected accuracy of a uniform guess: mean over documents of 1 / number of choices (one
+    loglikelihood request per choice in a multiple-choice sample)."""
+    return sum(1 / len(s["arguments"]) for s in samples) / len(samples)
 
 
 def _request_lengths(samples: list[dict[str, Any]], lm: Any) -> list[list[int]]:
@@ -257,7 +308,7 @@ def evaluate_pair(
     """
     offline_env()
     with tempfile.TemporaryDirectory(prefix="megadistill-tasks-") as tmp:
-        task_set = build_task_set(settings.tasks, Path(tmp), ppl_documents)
+        task_set = build_task_set(settings.tasks, Path(tmp), ppl_documents, settings.num_fewshot)
         manager = _task_manager(task_set)
         t = evaluate_model_cached(teacher, task_set, settings, cache_dir, manager)
         s = evaluate_model_cached(student, task_set, settings, None, manager)

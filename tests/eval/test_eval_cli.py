@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from megadistill.assets import byte_tokenizer
 from megadistill.cli import main
 from megadistill.errors import MegadistillError
-from megadistill.eval.report import run_labels, window_fidelity
+from megadistill.eval.metrics import near_chance
+from megadistill.eval.report import run_labels, task_rows, window_fidelity
 from megadistill.eval.tasks import TINY_MC_ITEMS
 
 MAX_LEN = 64
@@ -122,8 +124,24 @@ def test_eval_report_cache_and_rebuild(models: dict[str, Path], tmp_path: Path) 
     report = (tmp_path / "run1" / "report.md").read_text()
     assert "| heldout_ppl (not in C_alpha) | word_perplexity |" in report
     assert f"{t_ppl / s_ppl:.4f}" in report  # perplexity recovery = teacher / student
-    assert "SWA window W: n/a" in report and "alpha* =" in report
+    assert "SWA window W: n/a" in report
+    # Standard errors and per-item scores kept; lm-eval's SE of a mean is stdev / sqrt(n).
+    for role in ("teacher", "student"):
+        items = first[role]["per_doc"]["tiny_mc"]
+        assert statistics.mean(items) == pytest.approx(first[role]["primary"]["tiny_mc"])
+        assert first[role]["stderr"]["tiny_mc"]["acc"] == pytest.approx(
+            statistics.stdev(items) / math.sqrt(len(TINY_MC_ITEMS))
+        )
+    assert first["teacher"]["chance"]["tiny_mc"] == pytest.approx(1 / 3)  # 3 choices per item
+    (row,) = [r for r in task_rows(first) if r["task"] == "tiny_mc"]
+    t = first["teacher"]["primary"]["tiny_mc"]
+    at_chance = near_chance(t, first["teacher"]["stderr"]["tiny_mc"]["acc"], 1 / 3)
+    assert row["at_chance"] is at_chance and row["recovery_se_method"] == "paired"
+    assert ("alpha* =" in report) is not at_chance  # a random teacher may well be at chance
     assert "Needle in a haystack" in report and len(first["niah"]["rows"]) == 2
+    assert [r["num_probes"] for r in first["niah"]["rows"]] == [21, 21]
+    lo, hi = first["niah"]["rows"][0]["teacher_acc_lo"], first["niah"]["rows"][0]["teacher_acc_hi"]
+    assert lo <= first["niah"]["rows"][0]["teacher_acc"] <= hi and f"[{lo:.2f}, {hi:.2f}]" in report
 
     # Second run: the teacher comes from the cache. Plant a marker in the cache file to prove it.
     (entry,) = cache.glob("*.json")

@@ -69,4 +69,4 @@ def test_compare_positions_bad_heldout_spec_is_one_line(models, capsys):
     args = ["compare-positions", "--teacher", str(root / "teacher"), f"a={root / 'swa'}",
             "--heldout", f"prose:maybe:{docs}", "--out", str(root / "x")]  # fmt: skip
     assert main(args) == 2
-    assert "NAME:in:PATH" in capsys.readouterr().err
+    assert "NAME:in|out:PATH" in capsys.readouterr().err
