@@ -26,7 +26,9 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     report = run / "pipeline" / "eval" / "report.md"
     assert capsys.readouterr().out.strip().endswith(f"report: {report.resolve()}")
     text = report.read_text()
-    assert "| tiny_mc | acc |" in text and "alpha*" in text and "SWA window W: 16" in text
+    assert "| tiny_mc" in text and "SWA window W: 16" in text
+    # A random teacher may sit at chance on tiny_mc: then the report says so instead of C_alpha.
+    assert "alpha*" in text or "tiny_mc (teacher at chance: not in C_alpha) | acc |" in text
     assert "## Training budget" in text and "random" in text
     assert (report.parent / "recovery.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((report.parent / "results.json").read_text())
