@@ -10,7 +10,6 @@ Teacher and floor losses are cached by content (model fingerprint, documents, se
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -23,45 +22,10 @@ from megadistill.eval.positions import (
     _mean_se,
     bucket_edges,
     bucket_stats,
-    token_ids,
-    token_nll,
 )
 from megadistill.integrity import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def _doc_key(windows: Mapping[str, list[list[int]]]) -> str:
-    return hashlib.sha256(json.dumps(windows, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _scored(model_dir: str, role: str, windows, settings, cache_dir: Path | None):
-    """Per-set per-document token NLLs of one model, cached for the teacher and the floor."""
-    from megadistill.eval.lmeval import load_model, model_fingerprint
-
-    cache = None
-    if cache_dir is not None and role in ("teacher", "floor"):
-        key = hashlib.sha256(
-            json.dumps([model_fingerprint(model_dir), role, settings, _doc_key(windows)]).encode()
-        ).hexdigest()[:24]
-        cache = cache_dir / f"positions-{role}-{key}.json"
-        if cache.is_file():
-            return json.loads(cache.read_text())
-    model, _ = load_model(model_dir)
-    if role == "floor":
-        from megadistill.teachers.conversion import convert
-
-        model, _ = convert(
-            model, window=settings["window"], num_sinks=settings["num_sinks"], gate_mode="swa"
-        )
-    out = {}
-    for name, w in windows.items():
-        log.info("positions: %s on %s (%d documents)", role, name, len(w))
-        out[name] = token_nll(model, w)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache, out)
-    return out
 
 
 def compare_students(
@@ -75,6 +39,9 @@ def compare_students(
     """Score teacher, floor and every student; returns the comparison (see module docstring)."""
     from transformers import AutoTokenizer
 
+    from megadistill.eval.heldout import _floor, _score_role, _tokenize
+    from megadistill.eval.lmeval import load_model, model_fingerprint
+
     if not students:
         raise MegadistillError("pass at least one student NAME=DIR")
     configs = {n: json.loads((Path(d) / "config.json").read_text()) for n, d in students.items()}
@@ -84,17 +51,23 @@ def compare_students(
             f"students must be hybrids with one window and sink count, got {sorted(hybrid)}"
         )
     window, sinks = next(iter(hybrid))
-    tok = AutoTokenizer.from_pretrained(teacher)
-    windows = {s.name: token_ids(tok, s.documents, max_length) for s in sets}
+    windows = _tokenize(AutoTokenizer.from_pretrained(teacher), sets, max_length)
     settings = {"window": window, "num_sinks": sinks, "max_length": max_length}
+    fp = model_fingerprint(teacher)
+    # The same cache entries as `megadistill eval --heldout` (teacher and floor only).
     nll = {
-        "teacher": _scored(teacher, "teacher", windows, settings, cache_dir),
-        "floor": _scored(teacher, "floor", windows, settings, cache_dir),
-    }
+        "teacher": _score_role(
+            "teacher", f"teacher:{fp}", lambda: load_model(teacher)[0], windows, cache_dir
+        )[0],
+        "floor": _score_role(
+            "floor", f"floor:{fp}:{window}:{sinks}", lambda: _floor(teacher, window, sinks),
+            windows, cache_dir,
+        )[0],
+    }  # fmt: skip
     for name, path in students.items():
         if name in nll:
             raise MegadistillError(f"student name {name!r} is reserved; pick another")
-        nll[name] = _scored(path, "student", windows, settings, None)
+        nll[name] = _score_role(name, None, lambda p=path: load_model(p)[0], windows, None)[0]
     edges = bucket_edges(window, max_length)
     out: dict[str, Any] = {**settings, "students": dict(students), "sets": {}}
     for s in sets:
