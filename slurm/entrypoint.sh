@@ -67,6 +67,27 @@ log "launcher=$launcher nodes=$NNODES ranks=$WORLD_SIZE master=$MASTER_ADDR:$MAS
 
 # ---------------------------------------------------------------- start the ranks
 pids=()
+# Traps first: a signal while the ranks start is forwarded to those already started.
+forward() { # SIGNAL [AS]: forward a signal to the ranks (as another one)
+    log "got SIG$1; forwarding to the ranks${2:+ as SIG$2}"
+    [ "$1" = TERM ] && terminated=1
+    local targets=("${pids[@]}")
+    if [ "$launcher" = deepspeed ]; then
+        # deepspeed runner -> deepspeed.launcher.launch -> ranks: signal the ranks on this node
+        # (the launchers die on SIGUSR1; ranks on other nodes are out of reach over pdsh).
+        targets=()
+        for launch in $(pgrep -P "${pids[0]}"); do targets+=($(pgrep -P "$launch")); done
+    fi
+    pending=${2:-$1}
+    [ "${#targets[@]}" -gt 0 ] && kill -s "${2:-$1}" "${targets[@]}" 2>/dev/null
+}
+terminated=0
+pending=
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+# Ranks started in the background ignore SIGINT (POSIX), so Ctrl-C reaches them as SIGTERM:
+# checkpoint and stop.
+trap 'forward INT TERM' INT
 case "$launcher" in
 srun)
     # srun no longer inherits --cpus-per-task from the job (Slurm >= 22.05): pass it on.
@@ -101,24 +122,8 @@ local)
     ;;
 esac
 
-forward() { # SIGNAL [AS]: forward a signal to the ranks (as another one)
-    log "got SIG$1; forwarding to the ranks${2:+ as SIG$2}"
-    [ "$1" = TERM ] && terminated=1
-    local targets=("${pids[@]}")
-    if [ "$launcher" = deepspeed ]; then
-        # deepspeed runner -> deepspeed.launcher.launch -> ranks: signal the ranks on this node
-        # (the launchers die on SIGUSR1; ranks on other nodes are out of reach over pdsh).
-        targets=()
-        for launch in $(pgrep -P "${pids[0]}"); do targets+=($(pgrep -P "$launch")); done
-    fi
-    [ "${#targets[@]}" -gt 0 ] && kill -s "${2:-$1}" "${targets[@]}" 2>/dev/null
-}
-terminated=0
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-# Ranks started in the background ignore SIGINT (POSIX), so Ctrl-C reaches them as SIGTERM:
-# checkpoint and stop.
-trap 'forward INT TERM' INT
+# A signal that came while the ranks were starting reaches every rank.
+if [ -n "$pending" ] && [ "$launcher" != deepspeed ]; then kill -s "$pending" "${pids[@]}" 2>/dev/null; fi
 
 # ---------------------------------------------------------------- wait; first failure wins
 # Every rank's exit status is read exactly once. `wait -n PIDS` answers "no such job" (127, at
@@ -136,6 +141,13 @@ tree() { # PID and all its descendants, children first
 
 ended() { # a rank PID ended with CODE: record it, kill the others on a crash
     local pid=$1 code=$2 left=() p
+    if [ -n "$pending" ] && [ "$code" -eq $((128 + $(kill -l "$pending"))) ]; then
+        # killed by the preemption signal before it could handle it (still starting up):
+        # nothing was lost since its last checkpoint, so the job runs again
+        [ "$code" -ne "$REQUEUE_EXIT_CODE" ] &&
+            log "a rank ended by SIG$pending before it could checkpoint; counting it as $REQUEUE_EXIT_CODE"
+        code=$REQUEUE_EXIT_CODE
+    fi
     for p in "${running[@]}"; do [ "$p" != "$pid" ] && left+=("$p"); done
     running=("${left[@]}")
     if [ "$code" -ne 0 ] && [ "$rc" -eq 0 ]; then

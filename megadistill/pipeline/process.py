@@ -90,9 +90,11 @@ def kill_group(pgid: int, timeout_s: float = 10.0) -> list[int]:
     """SIGKILL group ``pgid`` until it is empty; return the pids that were still alive (if any)."""
     left = group_pids(pgid)
     deadline = time.monotonic() + timeout_s
-    while left and time.monotonic() < deadline:
+    while left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
         time.sleep(0.05)
         left = group_pids(pgid)
+        if time.monotonic() > deadline:
+            break
     return left

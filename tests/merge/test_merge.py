@@ -235,3 +235,21 @@ def test_inspect_cli_and_universal(experts: Path, tmp_path: Path) -> None:
     universal = to_universal(experts / "expert_0", tmp_path / "universal")
     assert (universal / "zero" / "lm_head.weight" / "fp32.pt").is_file()
     assert (universal / "megadistill.json").is_file()
+
+
+def test_a_half_pruned_tag_is_listed_as_incomplete(experts: Path, tmp_path: Path) -> None:
+    """A prune killed mid-rmtree leaves a tag without its model states: inspect shows it."""
+    ckpt = _copy(experts, "frozen_0", tmp_path)
+    half = ckpt / "step_00000001"
+    shutil.copytree(ckpt / TAG, half)
+    for path in half.glob("*model_states.pt"):
+        path.unlink()
+    (half / "checksums.json").unlink()
+    report = inspect_checkpoint(ckpt)
+    tags = {t["tag"]: t for t in report["tags"]}
+    assert set(tags) == {TAG, "step_00000001"}
+    assert tags["step_00000001"]["integrity"].startswith("incomplete (no model states")
+    assert "error" in tags["step_00000001"] and "error" not in tags[TAG]
+    merge = MergeConfig(experts=[str(ckpt)], out=str(tmp_path))  # an existing output folder
+    with pytest.raises(CheckpointError, match="remove it or pass --overwrite"):
+        merge_experts(merge)

@@ -114,3 +114,15 @@ def test_signals_are_forwarded_and_a_checkpointed_exit_keeps_the_requeue_code(tm
     assert f"got SIG{name}; forwarding to the ranks" in log.read_text()
     assert (sig == signal.SIGINT) == ("as SIGTERM" in log.read_text())
     assert sorted((tmp_path / "got").read_text().split()) == ["0", "1"]
+
+
+def test_a_rank_killed_by_the_preemption_signal_while_starting_asks_to_run_again(tmp_path):
+    """A rank that has no handler yet (still importing) dies of SIGUSR1 (138): nothing since its
+    last checkpoint is lost, so the launcher exits with the requeue code instead of failing."""
+    proc, log = _start(tmp_path, 2, "sh", "-c", f"touch {tmp_path}/up.$RANK; exec sleep 600")
+    for rank in (0, 1):
+        _wait_for(tmp_path / f"up.{rank}", proc, log)
+    time.sleep(0.2)  # let `exec sleep` replace the shells (either way USR1 kills them)
+    proc.send_signal(signal.SIGUSR1)
+    assert _finish(proc, log) == 143, log.read_text()
+    assert "ended by SIGUSR1 before it could checkpoint; counting it as 143" in log.read_text()
