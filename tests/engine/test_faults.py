@@ -48,4 +48,6 @@ def test_startup_signal_and_full_disk(tmp_path, small_disk):
     assert "the disk is full (" in error and " free of 64.0 MiB)" in error
     assert f"the previous checkpoint {small_disk / 'ckpt' / 'step_00000001'} is intact" in error
     assert report["latest"] == "step_00000001"
-    assert report["left"] == ["latest", "step_00000001"]  # no partial folder left behind
+    left = report["left"]  # (beside DeepSpeed's zero_to_fp32.py helpers)
+    assert "step_00000001" in left and "step_00000002" not in left
+    assert not [name for name in left if name.startswith(".")], left  # no partial folder
