@@ -105,6 +105,15 @@ def _job_pid(run: Path, key: str = "expert[0]") -> int:
     return json.loads((run / "local.json").read_text())["tasks"][key]["pid"]
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for init to reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def _assert_nothing_left(*groups: int) -> None:
     for pgid in groups:
         left = group_pids(pgid)
@@ -178,7 +187,7 @@ def test_time_limit_signals_then_terminates_then_kills_the_whole_job(tmp_path, c
     for rank in (0, 1):
         assert (run / f"got.{rank}").read_text().split() == ["USR1", "TERM"]
         child = int((run / f"child.{rank}").read_text())
-        assert not Path(f"/proc/{child}").exists()
+        assert not _alive(child)
     _assert_nothing_left(_job_pid(run))
     assert cli_main(["pipeline", "status", str(run)]) == 0
     assert re.search(r"expert\[sh\]\s+\d+\s+TIMEOUT", capsys.readouterr().out)
