@@ -72,7 +72,7 @@ def test_a_stage_run_by_hand_fails_in_one_line(tmp_path, teacher, message):
     env = {k: v for k, v in os.environ.items()
            if k not in LAUNCHER_VARIABLES + MPI_VARIABLES}  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "megadistill.cli", "distill", *argv], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+                          capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("megadistill distill: error: ") and message in err[-1], err
