@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import yaml
 
 from megadistill.cli import main as cli_main
 from megadistill.pipeline import slurm
+from megadistill.pipeline.recipe import STEP_NAMES
 from tests.pipeline.conftest import dag_recipe, preempt_recipe, real_tiny_recipe, shell_recipe
 from tests.slurm_cluster import REPO
 
@@ -91,6 +93,13 @@ def runs(slurm_cluster, tmp_path_factory, request) -> dict[str, tuple[Path, dict
         "startup": shell_recipe("startup", STARTUP_SCRIPT),
     }
     recipes["deepspeed"].resources.expert.launcher = "deepspeed"
+    # job time limits from the measured start-up too: a loaded machine must not time jobs out
+    limit = max(300, math.ceil(10 * _stall_s()))
+    for recipe in recipes.values():
+        for step in STEP_NAMES:
+            getattr(
+                recipe.resources, step
+            ).time = f"{limit // 3600:02d}:{limit // 60 % 60:02d}:{limit % 60:02d}"
     out = {}
     for name, recipe in recipes.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
