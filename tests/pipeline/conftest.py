@@ -52,7 +52,8 @@ def preempt_recipe(name: str = "preempt", **expert_resources: Any) -> PipelineRe
     noop = [["/bin/true"]]
     # a first command that finishes before the preemption: the requeued job must not redo it
     stage1 = ["/bin/sh", "-c", "mkdir -p {run_dir}/out && echo $RANK >> {run_dir}/out/stage1.log"]
-    resources = {"tasks_per_node": 2, "time": "00:05:00", "signal_before_s": 60, **expert_resources}
+    # a time limit no test reaches by accident on a loaded machine (one test sets its own)
+    resources = {"tasks_per_node": 2, "time": "02:00:00", "signal_before_s": 60, **expert_resources}
     return recipe_from_dict({
         "name": name, "teacher": "tiny-llama", "experts": [{"name": "long"}],
         "resources": {"expert": resources},
@@ -64,7 +65,8 @@ def preempt_recipe(name: str = "preempt", **expert_resources: Any) -> PipelineRe
 def shell_recipe(name: str, script: str, **expert_resources: Any) -> PipelineRecipe:
     """One 2-rank expert running ``sh -c SCRIPT`` (placeholders allowed); other steps no-ops."""
     noop = [["/bin/true"]]
-    resources = {"tasks_per_node": 2, "time": "00:05:00", "signal_before_s": 60, **expert_resources}
+    # a time limit no test reaches by accident on a loaded machine (one test sets its own)
+    resources = {"tasks_per_node": 2, "time": "02:00:00", "signal_before_s": 60, **expert_resources}
     return recipe_from_dict({
         "name": name, "teacher": "tiny-llama", "experts": [{"name": "sh"}],
         "resources": {"expert": resources},
