@@ -136,7 +136,7 @@ class LocalSlurmCluster:
         """
         if self._procs.get("slurmctld") and self._procs["slurmctld"].poll() is None:
             self._cancel_all()
-            self._wait_jobs_gone(timeout_s=60)
+            self._wait_jobs_gone(timeout_s=300)  # ends as soon as they are gone
         self._stop_daemons()
         leftovers = self.job_processes()
         for pid in leftovers:

@@ -69,6 +69,15 @@ def _wait(run_dir: Path, stall_s: float | None = None) -> list[slurm.TaskStatus]
         time.sleep(1.0)
 
 
+def _with_time_limits(recipe):
+    """Job time limits from the measured start-up too: a loaded machine must not time jobs out."""
+    limit = max(300, math.ceil(10 * _stall_s()))
+    for step in STEP_NAMES:
+        resources = getattr(recipe.resources, step)
+        resources.time = f"{limit // 3600:02d}:{limit // 60 % 60:02d}:{limit % 60:02d}"
+    return recipe
+
+
 def _explain(rows: list[slurm.TaskStatus], run_dir: Path) -> str:
     logs = "\n".join(f"--- {p} ---\n{p.read_text()[-1500:]}" for p in run_dir.rglob("*.out"))
     return slurm.format_status(rows) + "\n" + logs
@@ -93,13 +102,8 @@ def runs(slurm_cluster, tmp_path_factory, request) -> dict[str, tuple[Path, dict
         "startup": shell_recipe("startup", STARTUP_SCRIPT),
     }
     recipes["deepspeed"].resources.expert.launcher = "deepspeed"
-    # job time limits from the measured start-up too: a loaded machine must not time jobs out
-    limit = max(300, math.ceil(10 * _stall_s()))
     for recipe in recipes.values():
-        for step in STEP_NAMES:
-            getattr(
-                recipe.resources, step
-            ).time = f"{limit // 3600:02d}:{limit // 60 % 60:02d}:{limit % 60:02d}"
+        _with_time_limits(recipe)
     out = {}
     for name, recipe in recipes.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
@@ -236,7 +240,7 @@ def test_resubmitting_an_ended_run_resumes_it(runs):
     _wait(run_dir)
     good = (run_dir / "out" / "good.json").read_text()
     (run_dir / "out" / "bad.fixed").touch()
-    recipe = dag_recipe("fail", ["good", "bad"], fail="bad")
+    recipe = _with_time_limits(dag_recipe("fail", ["good", "bad"], fail="bad"))
     jobs = slurm.submit(recipe, run_dir)
     with pytest.raises(slurm.PipelineError, match="still queued or running"):
         slurm.submit(recipe, run_dir)  # the DAG just submitted takes seconds
