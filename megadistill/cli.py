@@ -171,7 +171,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
         q.add_argument("--run-dir", help="run directory (default: runs/<recipe name>)")
         if name == "run":
             q.add_argument("--local", action="store_true", help="on this machine, without SLURM")
-    q = sub.add_parser("status", help="where each SLURM job of a run stands, and why")
+    q = sub.add_parser("status", help="where each job of a run (SLURM or local) stands, and why")
     q.add_argument("run_dir")
     q.add_argument("--wait", type=float, metavar="SECONDS", help="poll until every job ended")
     q = sub.add_parser("step", help="(in a job) run one step's commands in this rank")
@@ -190,7 +190,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     if action == "step":
         return step.run_step(args.run_dir, args.step, args.index)
     if action == "status":
-        rows = slurm.wait(args.run_dir, args.wait) if args.wait else slurm.status(args.run_dir)
+        status_fn = local.status if local.is_local_run(args.run_dir) else slurm.status
+        rows = (
+            slurm.wait(args.run_dir, args.wait, status_fn=status_fn)
+            if args.wait
+            else status_fn(args.run_dir)
+        )
         print(slurm.format_status(rows))
         return 0 if all(r.state == "COMPLETED" for r in rows) or not args.wait else 1
     recipe = load_recipe(args.recipe, args.overrides)
@@ -202,7 +207,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         return 0
     if not args.local:
         raise slurm.PipelineError("pipeline run needs --local; use `pipeline submit` for SLURM")
-    local.run_local(recipe, run_dir)
+    try:
+        local.run_local(recipe, run_dir)
+    except local.RunStopped as exc:  # SIGTERM / SIGINT: the shell's code for that signal
+        print(f"megadistill pipeline: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
@@ -358,6 +367,10 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_stage(stage: str, args: argparse.Namespace) -> int:
+    if stage != "teacher-targets":  # a trainer: preemption signals from here on are kept
+        from megadistill.engine.signals import catch_early
+
+        catch_early()
     from megadistill.stages.run import run_from_cli
 
     overrides = list(args.overrides)
@@ -508,7 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow flags (`distill R.yaml --resume optim.lr=1e-5`): argparse leaves the
+    # positionals after an option unparsed, so they are taken here.
+    if extra and hasattr(args, "overrides") and all("=" in a and a[0] != "-" for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from megadistill.logs import setup_logging
 
     setup_logging(debug=args.verbose)
@@ -520,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, (ConfigError, MegadistillError)):
             print(f"megadistill {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return int(getattr(exc, "exit_code", 2))  # a stopped local run: 128 + the signal
         raise
 
 

@@ -224,3 +224,15 @@ def load_config(
     """Load ``cls`` from an optional YAML file and dotted overrides."""
     data = load_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
+
+
+def missing_local_path(ref: str) -> bool:
+    """Whether a model reference names a local path (not a Hugging Face hub id) that is missing.
+
+    A hub id is ``name`` or ``org/name``; an absolute, relative (``./``, ``../``), home (``~``) or
+    deeper reference is a path. Checked up front: a missing folder would otherwise reach the hub
+    client and fail minutes later with "Repo id must be in the form 'repo_name'".
+    """
+    if Path(ref).expanduser().exists():
+        return False
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or ref.endswith("/")

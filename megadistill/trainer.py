@@ -244,13 +244,15 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         handler = PreemptionHandler()
-        preempted = False
+        first_step = self.step
         with handler if self.cfg.handle_signals else contextlib.nullcontext():
-            while self.step < self.cfg.max_steps:
+            # a signal during start-up (model load, resume) was recorded by catch_early: every
+            # rank agrees on it before the first step and stops (nothing new to checkpoint)
+            preempted = self.cfg.handle_signals and handler.should_stop(device=self._device())
+            while not preempted and self.step < self.cfg.max_steps:
                 preempted = self._one_step(handler)
-                if preempted:
-                    break
-        if self.cfg.checkpoint_dir and self._last_ckpt_step != self.step:
+        trained = self.step != first_step or not preempted
+        if self.cfg.checkpoint_dir and self._last_ckpt_step != self.step and trained:
             self.save()
         result = TrainResult(step=self.step, preempted=preempted, last_checkpoint=self._last_ckpt)
         for cb in self.callbacks:

@@ -13,8 +13,8 @@
 #              signals then reach only the batch node's ranks: prefer srun for preemptible jobs)
 #   local      MEGADISTILL_NPROC ranks on this machine, no SLURM (`megadistill pipeline run --local`)
 #
-# Preemption: SIGUSR1 / SIGTERM / SIGINT reaching this script (e.g. `sbatch --signal=B:USR1@300`
-# or `scancel --signal=USR1 --batch`) are forwarded to the ranks. A program that checkpoints and
+# Preemption: SIGUSR1 / SIGTERM reaching this script (e.g. `sbatch --signal=B:USR1@300` or
+# `scancel --signal=USR1 --batch`) are forwarded to the ranks, SIGINT as SIGTERM. A program that checkpoints and
 # exits with MEGADISTILL_REQUEUE_EXIT_CODE (default 143,
 # megadistill.engine.signals.EXIT_PREEMPTED) gets its SLURM job requeued; it resumes
 # from its checkpoint when the job runs again (SLURM_RESTART_COUNT > 0).
@@ -67,6 +67,27 @@ log "launcher=$launcher nodes=$NNODES ranks=$WORLD_SIZE master=$MASTER_ADDR:$MAS
 
 # ---------------------------------------------------------------- start the ranks
 pids=()
+# Traps first: a signal while the ranks start is forwarded to those already started.
+forward() { # SIGNAL [AS]: forward a signal to the ranks (as another one)
+    log "got SIG$1; forwarding to the ranks${2:+ as SIG$2}"
+    [ "$1" = TERM ] && terminated=1
+    local targets=("${pids[@]}")
+    if [ "$launcher" = deepspeed ]; then
+        # deepspeed runner -> deepspeed.launcher.launch -> ranks: signal the ranks on this node
+        # (the launchers die on SIGUSR1; ranks on other nodes are out of reach over pdsh).
+        targets=()
+        for launch in $(pgrep -P "${pids[0]}"); do targets+=($(pgrep -P "$launch")); done
+    fi
+    pending=${2:-$1}
+    [ "${#targets[@]}" -gt 0 ] && kill -s "${2:-$1}" "${targets[@]}" 2>/dev/null
+}
+terminated=0
+pending=
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+# Ranks started in the background ignore SIGINT (POSIX), so Ctrl-C reaches them as SIGTERM:
+# checkpoint and stop.
+trap 'forward INT TERM' INT
 case "$launcher" in
 srun)
     # srun no longer inherits --cpus-per-task from the job (Slurm >= 22.05): pass it on.
@@ -101,42 +122,70 @@ local)
     ;;
 esac
 
-forward() {
-    log "got SIG$1; forwarding to the ranks"
-    [ "$1" = TERM ] && terminated=1
-    local targets=("${pids[@]}")
-    if [ "$launcher" = deepspeed ]; then
-        # deepspeed runner -> deepspeed.launcher.launch -> ranks: signal the ranks on this node
-        # (the launchers die on SIGUSR1; ranks on other nodes are out of reach over pdsh).
-        targets=()
-        for launch in $(pgrep -P "${pids[0]}"); do targets+=($(pgrep -P "$launch")); done
-    fi
-    [ "${#targets[@]}" -gt 0 ] && kill -s "$1" "${targets[@]}" 2>/dev/null
-}
-terminated=0
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-trap 'forward INT' INT
+# A signal that came while the ranks were starting reaches every rank.
+if [ -n "$pending" ] && [ "$launcher" != deepspeed ]; then kill -s "$pending" "${pids[@]}" 2>/dev/null; fi
 
 # ---------------------------------------------------------------- wait; first failure wins
+# Every rank's exit status is read exactly once. `wait -n PIDS` answers "no such job" (127, at
+# once) for a rank that bash has already reaped and reported, e.g. when ranks die together: such a
+# rank is found dead with `kill -0` and its status read with a plain `wait PID` (bash keeps it). A
+# round that learns nothing sleeps, so the loop can never spin.
 rc=0
 running=("${pids[@]}")
-while [ "${#running[@]}" -gt 0 ]; do
-    unset done_pid
-    wait -n -p done_pid "${running[@]}"
-    code=$?
-    [ -z "${done_pid:-}" ] && continue # interrupted by a forwarded signal: keep waiting
-    left=()
-    for pid in "${running[@]}"; do [ "$pid" != "$done_pid" ] && left+=("$pid"); done
+
+tree() { # PID and all its descendants, children first
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do tree "$child"; done
+    echo "$1"
+}
+
+ended() { # a rank PID ended with CODE: record it, kill the others on a crash
+    local pid=$1 code=$2 left=() p
+    if [ -n "$pending" ] && [ "$code" -eq $((128 + $(kill -l "$pending"))) ]; then
+        # killed by the preemption signal before it could handle it (still starting up):
+        # nothing was lost since its last checkpoint, so the job runs again
+        [ "$code" -ne "$REQUEUE_EXIT_CODE" ] &&
+            log "a rank ended by SIG$pending before it could checkpoint; counting it as $REQUEUE_EXIT_CODE"
+        code=$REQUEUE_EXIT_CODE
+    fi
+    for p in "${running[@]}"; do [ "$p" != "$pid" ] && left+=("$p"); done
     running=("${left[@]}")
     if [ "$code" -ne 0 ] && [ "$rc" -eq 0 ]; then
         rc=$code
-        # A crash kills the other ranks (they would wait in a collective until its timeout);
-        # a checkpointed exit lets them finish their own checkpoint.
+        # A crash kills the other ranks with everything they started (they would wait in a
+        # collective until its timeout); a checkpointed exit lets them finish their checkpoint.
         if [ "$code" -ne "$REQUEUE_EXIT_CODE" ] && [ "${#running[@]}" -gt 0 ]; then
             log "a rank exited with $code; killing the others"
-            kill -s KILL "${running[@]}" 2>/dev/null
+            for p in "${running[@]}"; do kill -s KILL $(tree "$p") 2>/dev/null; done
         fi
+    fi
+}
+
+idle_rounds=0
+while [ "${#running[@]}" -gt 0 ]; do
+    unset done_pid
+    wait -n -p done_pid "${running[@]}" 2>/dev/null
+    waited=$?
+    if [ -n "${done_pid:-}" ]; then
+        ended "$done_pid" "$waited"
+        idle_rounds=0
+        continue
+    fi
+    # Interrupted by a forwarded signal (code > 128), or some rank is no longer bash's job.
+    progress=0
+    for pid in "${running[@]}"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid" 2>/dev/null
+            code=$?
+            [ "$code" -eq 127 ] && { log "exit status of rank pid $pid is lost; counting it as 1"; code=1; }
+            ended "$pid" "$code"
+            progress=1
+        fi
+    done
+    if [ "$progress" -eq 0 ] && [ "$waited" -le 128 ]; then
+        idle_rounds=$((idle_rounds + 1))
+        [ "$idle_rounds" -eq 1 ] && log "wait returned $waited with ${#running[@]} rank(s) alive; polling"
+        sleep 1
     fi
 done
 

@@ -2,7 +2,8 @@
 
 Settings come from ``/work/shared/notes/slurm-local-cluster.md``. All state, logs, pid files and
 the munge key and socket live under one folder; the daemons run in the foreground as children of
-the test process and are stopped (TERM, then KILL) at the end. Clients find the cluster through
+the test process and are stopped (TERM, then KILL) at the end, after every job process ended:
+a process of the cluster that outlives it (slurmstepd, srun, an entrypoint, a rank) fails the stop. Clients find the cluster through
 ``SLURM_CONF``, which this helper sets in ``os.environ`` while the cluster runs (sbatch passes it
 on into jobs).
 
@@ -16,6 +17,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -24,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from megadistill.pipeline.local import free_port
+from megadistill.pipeline.process import describe, matching_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO / ".ci" / "slurm_setup.sh"
@@ -125,9 +128,38 @@ class LocalSlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Cancel what still runs, then stop the daemons (TERM, then KILL after 10 s)."""
+        """Cancel what still runs, then stop the daemons (TERM, then KILL after 10 s).
+
+        Raises:
+            SlurmClusterError: a process of this cluster (slurmstepd, srun, a job script, a rank)
+                outlived it; it was killed, and the error lists it.
+        """
         if self._procs.get("slurmctld") and self._procs["slurmctld"].poll() is None:
             self._cancel_all()
+            self._wait_jobs_gone(timeout_s=300)  # ends as soon as they are gone
+        self._stop_daemons()
+        leftovers = self.job_processes()
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if leftovers:
+            raise SlurmClusterError(
+                f"processes of the test cluster outlived it (killed now): {describe(leftovers)}"
+            )
+
+    def job_processes(self) -> list[int]:
+        """Live processes this cluster started, other than its daemons: slurmstepd, srun, job
+        scripts, ranks (found by the ``SLURM_CONF`` that names this cluster's config)."""
+        own = {os.getpid(), *(p.pid for p in self._procs.values())}
+        conf = str(self.conf)
+        return matching_pids(lambda pid, env: env.get("SLURM_CONF") == conf and pid not in own)
+
+    def _wait_jobs_gone(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.job_processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def _stop_daemons(self) -> None:
         for name in reversed(list(self._procs)):
             proc = self._procs.pop(name)
             if proc.poll() is None:

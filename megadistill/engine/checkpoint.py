@@ -16,6 +16,7 @@ updates ``latest``. A crash at any point leaves the previous checkpoint and ``la
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -172,7 +173,8 @@ def _publish(root: Path, partial: Path, tag: str) -> Path:
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete tags and stale partial folders.
+    """Delete all but the newest ``keep_last`` complete tags, stale partial folders and temporary
+    ``latest`` files.
 
     Returns:
         The tags removed.
@@ -180,6 +182,8 @@ def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> list[str]:
     root = Path(ckpt_dir)
     for stale in root.glob(".step_*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{LATEST_FILE}.*.tmp"):  # a write of `latest` cut short
+        stale.unlink(missing_ok=True)
     if keep_last <= 0:
         return []
     tags = complete_tags(root)
@@ -221,24 +225,70 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     barrier()
-    engine.save_checkpoint(
-        str(root), tag=partial.name, client_state={"megadistill_step": step}, save_latest=False
-    )
-    torch.save(
-        {"step": step, "data_state": data_state, "rng": rng_state(), "extra": extra or {}},
-        partial / f"rank_state_{rank():05d}.pt",
-    )
+    try:
+        engine.save_checkpoint(
+            str(root), tag=partial.name, client_state={"megadistill_step": step}, save_latest=False
+        )
+        torch.save(
+            {"step": step, "data_state": data_state, "rng": rng_state(), "extra": extra or {}},
+            partial / f"rank_state_{rank():05d}.pt",
+        )
+        if rank() == 0:
+            _write_meta(partial, tag, step, meta)
+        barrier()
+        _distributed_manifest(partial)
+        final = root / tag
+        if rank() == 0:
+            final = _publish(root, partial, tag)
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc, root):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # give the space back
+        raise CheckpointError(_disk_full_message(root, tag)) from None
     if rank() == 0:
-        _write_meta(partial, tag, step, meta)
-    barrier()
-    _distributed_manifest(partial)
-    final = root / tag
-    if rank() == 0:
-        final = _publish(root, partial, tag)
         removed = prune_checkpoints(root, keep_last)
         log.info("checkpoint %s written%s", final, f" (removed {removed})" if removed else "")
     barrier()
     return final
+
+
+_DISK_FULL_TEXT = ("No space left", "Disk quota exceeded", "unexpected pos", "file write failed")
+"""How a full disk shows in the RuntimeErrors of torch.save (PyTorchFileWriter) and DeepSpeed."""
+
+
+def _disk_full(exc: BaseException, root: Path) -> bool:
+    """Whether ``exc`` (raised while writing a checkpoint under ``root``) means the disk is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(text in str(exc) for text in _DISK_FULL_TEXT):
+        return True
+    try:  # an error of another kind while the disk has (almost) no room left
+        return shutil.disk_usage(root).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _disk_full_message(root: Path, tag: str) -> str:
+    usage = shutil.disk_usage(root)
+    previous = latest_tag(root)
+    kept = (
+        f"the previous checkpoint {root / previous} is intact"
+        if previous
+        else "no earlier checkpoint"
+    )
+    return (
+        f"checkpoint {tag} could not be written to {root}: the disk is full "
+        f"({_size(usage.free)} free of {_size(usage.total)}); {kept}; free space or set "
+        "trainer.checkpoint_dir to a larger disk, then resume"
+    )
+
+
+def _size(num: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num < 1024 or unit == "TiB":
+            return f"{num:.1f} {unit}" if unit != "B" else f"{int(num)} B"
+        num /= 1024
+    return f"{num:.1f} TiB"
 
 
 # ----------------------------------------------------------------------------- load

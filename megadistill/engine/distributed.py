@@ -42,6 +42,25 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+MPI_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+"""Set by mpirun-style launchers, whose ranks DeepSpeed discovers through mpi4py."""
+
+
+def check_launcher_environment() -> None:
+    """Refuse, with how to launch, a rank started without a launcher (DeepSpeed would go looking
+    for mpi4py and fail with ``ModuleNotFoundError``)."""
+    missing = [v for v in LAUNCHER_VARIABLES if v not in os.environ]
+    if missing and not any(v in os.environ for v in MPI_VARIABLES):
+        raise MegadistillError(
+            f"no launcher environment ({', '.join(missing)} unset): start every rank through a "
+            "launcher, e.g. `torchrun --nproc_per_node N -m megadistill.cli distill CFG.yaml`, "
+            "`deepspeed --module megadistill.cli distill CFG.yaml`, or "
+            "`MEGADISTILL_LAUNCHER=local MEGADISTILL_NPROC=N bash slurm/entrypoint.sh "
+            "megadistill distill CFG.yaml`"
+        )
+
+
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     """Initialise the default process group once, with a finite timeout.
 
@@ -58,6 +77,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    check_launcher_environment()
     import deepspeed
     import deepspeed.ops
 

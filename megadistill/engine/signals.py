@@ -4,6 +4,11 @@ SLURM sends SIGTERM (or the signal chosen with ``--signal=USR1@90``) before it k
 handler only records the signal; the trainer asks :meth:`PreemptionHandler.should_stop`, which
 all-reduces the flag, so every rank stops after the same step even if only one was signalled.
 The process then exits with :data:`EXIT_PREEMPTED` so a wrapper can requeue the job.
+
+A signal may come while the process is still starting (imports, model load: minutes for a 7B).
+:func:`catch_early` records it from the first line of the stage command on (this module imports
+nothing heavy); the :class:`PreemptionHandler` that takes over inherits it, and the trainer agrees
+on it before its first step, so a job preempted while loading exits with the requeue code.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-
-from megadistill.engine.distributed import any_rank
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +28,28 @@ EXIT_PREEMPTED = 143
 """Exit code after a preemption checkpoint (128 + SIGTERM, what SLURM and shells expect)."""
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_early: dict[str, signal.Signals | None] = {"received": None}
+
+
+def _record_early(signum: int, frame: FrameType | None) -> None:
+    del frame
+    _early["received"] = signal.Signals(signum)
+
+
+def catch_early(signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> None:
+    """Record preemption signals from now on, until a :class:`PreemptionHandler` takes over.
+
+    Call it first thing in a process that will train (main thread only). A recorded signal is
+    handed to the next handler, and the handlers it replaced get this one back on exit.
+    """
+    for sig in signals:
+        signal.signal(sig, _record_early)
+
+
+def early_signal() -> signal.Signals | None:
+    """The preemption signal :func:`catch_early` recorded, if any."""
+    return _early["received"]
 
 
 class PreemptionHandler:
@@ -43,6 +70,9 @@ class PreemptionHandler:
             return self
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        # a signal that came during start-up is this handler's now (taken once)
+        self.received = self.received or _early["received"]
+        _early["received"] = None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -62,6 +92,8 @@ class PreemptionHandler:
 
     def should_stop(self, device: torch.device | None = None) -> bool:
         """True on every rank when any rank saw a signal (a collective: call it on all ranks)."""
+        from megadistill.engine.distributed import any_rank
+
         stop = any_rank(self.local_flag, device)
         if stop:
             log.warning(

@@ -187,7 +187,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
     """
     start = time.perf_counter()
     if Path(cfg.out).exists() and not cfg.overwrite:
-        raise CheckpointError(f"output {cfg.out} already exists; remove it or pass overwrite")
+        raise CheckpointError(f"output {cfg.out} already exists; remove it or pass --overwrite")
     tags = cfg.tags or [None] * len(cfg.experts)
     sources: list[TensorSource] = []
     try:

@@ -22,7 +22,9 @@ def _tag_dirs(path: Path) -> tuple[list[Path], str | None]:
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
     if any(path.glob("zero_pp_rank_*_model_states.pt")):
         return [path], None
-    tags = sorted(p for p in path.iterdir() if p.is_dir() and any(p.glob("*_model_states.pt")))
+    # every visible folder: a tag half deleted by an interrupted prune (or half copied) is listed
+    # as incomplete, not silently left out
+    tags = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     return tags, latest
 
 
@@ -40,7 +42,9 @@ def inspect_tag(tag_dir: Path, *, verify: bool = False, tensors: bool = False) -
     meta_path = tag_dir / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     info.update({k: meta.get(k) for k in ("step", "fingerprint", "version", "git_revision")})
-    if not (tag_dir / MANIFEST).is_file():
+    if not any(tag_dir.glob("*_model_states.pt")):
+        info["integrity"] = "incomplete (no model states: half deleted or half written)"
+    elif not (tag_dir / MANIFEST).is_file():
         info["integrity"] = "incomplete (no checksums.json)"
     elif verify:
         try:

@@ -1,7 +1,8 @@
 """The distillation pipeline: recipe -> DAG (experts -> merge -> final -> eval) -> SLURM or local.
 
 Modules: ``recipe`` (typed recipe), ``dag`` (steps and their commands), ``step`` (per-rank step
-runner), ``slurm`` (submit / status), ``local`` (run on one machine). Nothing here imports torch.
+runner), ``slurm`` (submit / status), ``local`` (run on one machine), ``process`` (process groups),
+``lock`` (one run per folder). Nothing here imports torch.
 """
 
 from megadistill.pipeline.dag import PipelineError, Step, build_dag, step_commands, write_plan

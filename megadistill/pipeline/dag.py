@@ -231,6 +231,37 @@ def validate_stage_configs(recipe: PipelineRecipe, configs: dict[str, dict[str, 
                 raise ConfigError(f"recipe section '{section}' ({name}): {exc}") from exc
 
 
+def check_inputs(recipe: PipelineRecipe, run_dir: str | Path) -> None:
+    """Check that the teacher and every data path the stage commands will read exist.
+
+    Called by ``pipeline submit`` and ``pipeline run`` before any job starts (a missing path
+    would otherwise fail a job minutes or hours later). Steps with their own ``commands`` are not
+    checked.
+
+    Raises:
+        ConfigError: naming the missing path and the recipe field to fix.
+    """
+    from megadistill.config import ConfigError, missing_local_path
+    from megadistill.stages.config import stage_config_from_dict
+
+    if not recipe.commands.convert and missing_local_path(recipe.teacher):
+        raise ConfigError(f"teacher {recipe.teacher}: no such folder; fix 'teacher' (a Hugging "
+                          "Face model folder or hub id)")  # fmt: skip
+    configs = step_configs(recipe, Path(run_dir).resolve())
+    validate_stage_configs(recipe, configs)
+    stage_files = [n for n in configs if n.endswith((".align.yaml", ".distill.yaml"))]
+    names = ([] if recipe.commands.expert else stage_files) + (
+        [] if recipe.commands.final else ["final.yaml"]
+    )
+    for name in names:
+        for i, source in enumerate(stage_config_from_dict(configs[name]).data.sources):
+            if source.path and not Path(source.path).expanduser().exists():
+                raise ConfigError(
+                    f"{name}: data.sources[{i}].path {source.path} does not exist; fix the data "
+                    "path in the recipe (its stage section or the expert's data)"
+                )
+
+
 def write_plan(recipe: PipelineRecipe, run_dir: str | Path) -> list[Step]:
     """Create the run directory: recipe, per-step configs, log folders and ``plan.json``.
 

@@ -21,12 +21,21 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megadistill.integrity import atomic_write_json
-from megadistill.pipeline.dag import REPO_ROOT, PipelineError, Step, read_plan, write_plan
+from megadistill.pipeline.dag import (
+    REPO_ROOT,
+    PipelineError,
+    Step,
+    check_inputs,
+    read_plan,
+    write_plan,
+)
+from megadistill.pipeline.lock import run_lock
 from megadistill.pipeline.recipe import PipelineRecipe, Resources
 from megadistill.pipeline.step import task_finished
 
@@ -122,9 +131,16 @@ def submit(recipe: PipelineRecipe, run_dir: str | Path) -> dict[str, Any]:
 
     Raises:
         PipelineError: jobs of an earlier submission are still queued or running, or ``run_dir``
-            holds a started run of a different recipe.
+            holds a started run of a different recipe, or another process (a local run) holds
+            its lock.
     """
     run_dir = Path(run_dir).resolve()
+    check_inputs(recipe, run_dir)
+    with run_lock(run_dir, "submit"):  # not while a local run drives the folder
+        return _submit(recipe, run_dir)
+
+
+def _submit(recipe: PipelineRecipe, run_dir: Path) -> dict[str, Any]:
     previous: dict[str, Any] = {}
     if (run_dir / JOBS_FILE).exists():
         active = [r for r in status(run_dir) if not r.done and r.state != "UNKNOWN"]
@@ -299,7 +315,9 @@ def status(run_dir: str | Path) -> list[TaskStatus]:
     plan = read_plan(run_dir)
     path = run_dir / JOBS_FILE
     if not path.is_file():
-        raise PipelineError(f"{run_dir} has no {JOBS_FILE}: it was not submitted to SLURM")
+        raise PipelineError(
+            f"{run_dir} has no {JOBS_FILE}: it was neither submitted to SLURM nor run with --local"
+        )
     jobs = json.loads(path.read_text())
     rows: list[TaskStatus] = []
     for entry in plan["steps"]:  # DAG order (jobs.json keys are sorted)
@@ -320,11 +338,15 @@ def format_status(rows: list[TaskStatus]) -> str:
     return "\n".join(lines)
 
 
-def wait(run_dir: str | Path, timeout_s: float, poll_s: float = 1.0) -> list[TaskStatus]:
-    """Poll :func:`status` until every job is in a terminal state; raise on timeout."""
+def wait(
+    run_dir: str | Path, timeout_s: float, poll_s: float = 1.0,
+    status_fn: Callable[[str | Path], list[TaskStatus]] | None = None,
+) -> list[TaskStatus]:  # fmt: skip
+    """Poll :func:`status` (or ``status_fn``) until every job is in a terminal state; raise on
+    timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = status(run_dir)
+        rows = (status_fn or status)(run_dir)
         if rows and all(r.done for r in rows):
             return rows
         if time.monotonic() > deadline:

@@ -3,7 +3,9 @@
 ``slurm/entrypoint.sh`` starts this in every rank (after exporting RANK, WORLD_SIZE, MASTER_ADDR,
 ...). It looks up the step's commands for this array task in ``plan.json`` and runs them one after
 the other, forwarding SIGUSR1/SIGTERM/SIGINT to the running command so a trainer can checkpoint on
-preemption. A command's non-zero exit code (e.g. :data:`REQUEUE_EXIT_CODE`) becomes the step's.
+preemption. A command's non-zero exit code (e.g. :data:`REQUEUE_EXIT_CODE`) becomes the step's; a
+preemption signal that ends a command before it can handle it (or comes between commands) also
+gives :data:`REQUEUE_EXIT_CODE`, so a job preempted while starting up is requeued, not failed.
 """
 
 from __future__ import annotations
@@ -46,24 +48,39 @@ def step_task_commands(run_dir: str | Path, step: str, index: int) -> list[list[
     return tasks[index]
 
 
-def _run_forwarding(argv: list[str]) -> int:
-    """Run ``argv``, forwarding preemption signals to it; return its exit code (128+N if killed)."""
-    child = subprocess.Popen(argv)
-    previous = {}
+class _Forwarder:
+    """Forward preemption signals to the running command; remember those that came between."""
 
-    def forward(signum: int, _frame: object) -> None:
-        if child.poll() is None:
-            log.info("forwarding signal %d to %s (pid %d)", signum, argv[0], child.pid)
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.received: list[int] = []
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+        child = self.child
+        if child is not None and child.poll() is None:
             child.send_signal(signum)
 
-    for sig in FORWARDED_SIGNALS:
-        previous[sig] = signal.signal(sig, forward)
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 128 - code if code < 0 else code
+    def run(self, argv: list[str]) -> int:
+        """Run ``argv``; return its exit code (128+N if killed by signal N).
+
+        A preemption signal that came before the command started, or that ended the command
+        before it could handle it (a program still starting up), gives ``REQUEUE_EXIT_CODE``:
+        nothing was lost, so the job runs again.
+        """
+        if self.received:
+            log.warning("preempted (signal %d) before %s started", self.received[0], argv[0])
+            return REQUEUE_EXIT_CODE
+        self.child = subprocess.Popen(argv)
+        try:
+            code = self.child.wait()
+        finally:
+            self.child = None
+        if code < 0 and -code in self.received:
+            log.warning("%s ended by forwarded signal %d before it could checkpoint; it runs "
+                        "again", argv[0], -code)  # fmt: skip
+            return REQUEUE_EXIT_CODE
+        return 128 - code if code < 0 else code
 
 
 def _marker(run_dir: str | Path, step: str, index: int, cmd: int, rank: int) -> Path:
@@ -89,7 +106,16 @@ def run_step(run_dir: str | Path, step: str, index: int | None = None) -> int:
         step: step name.
         index: array task index (default: from ``SLURM_ARRAY_TASK_ID``).
     """
-    idx = task_index(index)
+    forwarder = _Forwarder()  # first: a signal during start-up is kept, not fatal
+    previous = {sig: signal.signal(sig, forwarder) for sig in FORWARDED_SIGNALS}
+    try:
+        return _run_commands(run_dir, step, task_index(index), forwarder)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_commands(run_dir: str | Path, step: str, idx: int, forwarder: _Forwarder) -> int:
     commands = step_task_commands(run_dir, step, idx)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     for i, argv in enumerate(commands):
@@ -97,7 +123,7 @@ def run_step(run_dir: str | Path, step: str, index: int | None = None) -> int:
             log.info("%s[%d]: command %d finished in an earlier attempt; skipping", step, idx, i)
             continue
         log.debug("rank %d, %s[%d]: %s", rank, step, idx, " ".join(argv))
-        code = _run_forwarding(argv)
+        code = forwarder.run(argv)
         if code != 0:
             if rank == 0:
                 log.error("%s[%d]: %s exited with %d", step, idx, " ".join(argv[:4]), code)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from megadistill.config import ConfigError, apply_overrides, load_yaml, to_dict
+from megadistill.config import ConfigError, apply_overrides, load_yaml, missing_local_path, to_dict
 from megadistill.errors import MegadistillError
 from megadistill.stages.config import StageConfig, default_teacher_engine, stage_config_from_dict
 from megadistill.trainer import Trainer, TrainResult
@@ -199,6 +199,9 @@ def run_stage(cfg: StageConfig) -> TrainResult:
     from megadistill.engine.ds_config import build_ds_config
 
     _check_student(cfg.student)
+    if cfg.teacher and missing_local_path(cfg.teacher):
+        raise MegadistillError(f"teacher {cfg.teacher}: no such folder; fix 'teacher' (a Hugging "
+                               "Face model folder or hub id)")  # fmt: skip
     _, world = init_distributed(cfg.timeout_s)
     ds_cfg = build_ds_config(cfg.engine, world_size=world, device_type=device_type())
     tok = AutoTokenizer.from_pretrained(cfg.student)

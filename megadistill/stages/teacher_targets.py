@@ -168,7 +168,10 @@ def _check_loader(loader: Any, out: Path, overwrite: bool) -> None:
             "initialised; call torch.distributed / deepspeed.init_distributed() first"
         )
     if out.exists() and not overwrite:
-        raise TargetsError(f"teacher targets {out} already exist; remove them or pass overwrite")
+        raise TargetsError(
+            f"teacher targets {out} already exist; remove them or set distill.targets_dir to a "
+            "new folder"
+        )
 
 
 def write_teacher_targets(

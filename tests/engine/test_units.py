@@ -130,11 +130,13 @@ def test_prune_keeps_the_newest_complete_tags_and_latest(tmp_path):
     _fake_tag(tmp_path, 10, complete=False)
     (tmp_path / ".step_00000012.partial").mkdir()
     (tmp_path / "latest").write_text("step_00000004")
+    (tmp_path / ".latest.x1y2z3.tmp").write_text("step_000")  # a write of `latest` cut short
     removed = prune_checkpoints(tmp_path, keep_last=2)
     assert removed == ["step_00000002"]  # latest (step 4) is never removed
     assert complete_tags(tmp_path) == ["step_00000004", "step_00000006", "step_00000008"]
     assert latest_tag(tmp_path) == "step_00000004"
     assert not (tmp_path / ".step_00000012.partial").exists()
+    assert not (tmp_path / ".latest.x1y2z3.tmp").exists()
 
 
 def test_incompatible_checkpoints_are_refused_with_the_fix(tmp_path):

@@ -307,3 +307,40 @@ def run_one_rank(model_dir: str, fingerprint: str, out_dir: str) -> None:
     torch.save(weights, out / "weights_one_rank.pt")
     write_json(out / "report_one_rank.json", {"accum": engine.gradient_accumulation_steps(),
                                               "step": result.step})  # fmt: skip
+
+
+def run_faults(model_dir: str, fingerprint: str, out_dir: str, disk_dir: str) -> None:
+    """One rank: a preemption signal while starting up; a checkpoint onto a disk that fills up."""
+    import shutil
+
+    from megadistill.engine import CheckpointMeta, init_distributed
+    from megadistill.engine.checkpoint import latest_tag, save_checkpoint, verify_checkpoint
+    from megadistill.engine.signals import catch_early
+    from megadistill.errors import CheckpointError
+
+    catch_early()  # what `megadistill align|distill` does first
+    init_distributed(timeout_s=300)
+    out, disk = Path(out_dir), Path(disk_dir)
+    os.kill(os.getpid(), signal.SIGUSR1)  # preempted while the model loads
+    engine, result = train(model_dir, fingerprint, out, "startup", ckpt_dir=out / "ckpt_startup")
+    report: dict[str, Any] = {
+        "startup": {"step": result.step, "exit_code": result.exit_code,
+                    "saved": sorted(p.name for p in (out / "ckpt_startup").glob("*"))},
+    }  # fmt: skip
+
+    meta = CheckpointMeta(fingerprint=fingerprint, model_config=student_config(model_dir))
+    first = save_checkpoint(engine, disk / "ckpt", 1, meta)
+    size = sum(p.stat().st_size for p in first.rglob("*") if p.is_file())
+    room = shutil.disk_usage(disk).free - size // 2  # the next checkpoint cannot fit
+    with open(disk / "ballast", "wb") as fh:
+        fh.write(b"\0" * room)
+    try:
+        save_checkpoint(engine, disk / "ckpt", 2, meta)
+        report["disk_error"] = None
+    except CheckpointError as exc:
+        report["disk_error"] = str(exc)
+    (disk / "ballast").unlink()
+    report["latest"] = latest_tag(disk / "ckpt")
+    verify_checkpoint(disk / "ckpt", first.name)  # raises if the earlier one was damaged
+    report["left"] = sorted(p.name for p in (disk / "ckpt").iterdir())
+    write_json(out / "report_faults.json", report)

@@ -235,3 +235,20 @@ def test_inspect_cli_and_universal(experts: Path, tmp_path: Path) -> None:
     universal = to_universal(experts / "expert_0", tmp_path / "universal")
     assert (universal / "zero" / "lm_head.weight" / "fp32.pt").is_file()
     assert (universal / "megadistill.json").is_file()
+
+
+def test_a_half_pruned_tag_is_listed_as_incomplete(tmp_path: Path) -> None:
+    """A prune killed mid-rmtree leaves a tag without its model states: inspect lists it."""
+    ckpt = tmp_path / "checkpoints"
+    half = ckpt / "step_00000001"
+    half.mkdir(parents=True)
+    (half / "megadistill.json").write_text(json.dumps({"step": 1}))
+    (half / "rank_state_00000.pt").write_bytes(b"left over")
+    (ckpt / "latest").write_text("step_00000002")
+    (tag,) = inspect_checkpoint(ckpt)["tags"]
+    assert tag["tag"] == "step_00000001" and tag["step"] == 1
+    assert tag["integrity"].startswith("incomplete (no model states"), tag
+    assert "error" in tag
+    merge = MergeConfig(experts=[str(ckpt)], out=str(tmp_path))  # an existing output folder
+    with pytest.raises(CheckpointError, match="remove it or pass --overwrite"):
+        merge_experts(merge)

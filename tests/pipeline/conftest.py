@@ -46,6 +46,35 @@ def dag_recipe(
     return recipe_from_dict(data)
 
 
+def preempt_recipe(name: str = "preempt", **expert_resources: Any) -> PipelineRecipe:
+    """One 2-rank expert: a first command, then ``preemptible`` counting to 30 (its first attempt
+    holds at step 3 until SIGUSR1/SIGTERM, then checkpoints and exits 143); other steps no-ops."""
+    noop = [["/bin/true"]]
+    # a first command that finishes before the preemption: the requeued job must not redo it
+    stage1 = ["/bin/sh", "-c", "mkdir -p {run_dir}/out && echo $RANK >> {run_dir}/out/stage1.log"]
+    # a time limit no test reaches by accident on a loaded machine (one test sets its own)
+    resources = {"tasks_per_node": 2, "time": "02:00:00", "signal_before_s": 60, **expert_resources}
+    return recipe_from_dict({
+        "name": name, "teacher": "tiny-llama", "experts": [{"name": "long"}],
+        "resources": {"expert": resources},
+        "commands": {"expert": [stage1, [*JOBS, "preemptible", "{run_dir}/out", "30"]],
+                     "convert": noop, "merge": noop, "final": noop, "eval": noop},
+    })  # fmt: skip
+
+
+def shell_recipe(name: str, script: str, **expert_resources: Any) -> PipelineRecipe:
+    """One 2-rank expert running ``sh -c SCRIPT`` (placeholders allowed); other steps no-ops."""
+    noop = [["/bin/true"]]
+    # a time limit no test reaches by accident on a loaded machine (one test sets its own)
+    resources = {"tasks_per_node": 2, "time": "02:00:00", "signal_before_s": 60, **expert_resources}
+    return recipe_from_dict({
+        "name": name, "teacher": "tiny-llama", "experts": [{"name": "sh"}],
+        "resources": {"expert": resources},
+        "commands": {"expert": [["/bin/sh", "-c", script]], "convert": noop, "merge": noop,
+                     "final": noop, "eval": noop},
+    })  # fmt: skip
+
+
 def real_tiny_recipe(root: Path, align_steps: int = 2) -> PipelineRecipe:
     """The real stages on a tiny Llama teacher: convert, 2 experts x (2-rank ZeRO-3 align for
     ``align_steps`` + distill for 2 steps), merge, 2-rank final distill, eval on 4 tiny_mc items."""

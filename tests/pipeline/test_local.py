@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +18,8 @@ from megadistill.cli import main as cli_main
 from megadistill.config import to_dict
 from megadistill.pipeline.dag import PipelineError
 from megadistill.pipeline.local import run_local
-from tests.pipeline.conftest import dag_recipe
+from megadistill.pipeline.process import describe, group_pids, kill_group
+from tests.pipeline.conftest import dag_recipe, preempt_recipe, shell_recipe
 
 
 def test_local_run_executes_the_dag_in_order(tmp_path, monkeypatch):
@@ -66,3 +74,156 @@ def test_rerunning_the_same_recipe_resumes_and_a_different_one_is_refused(tmp_pa
     ):
         run_local(dag_recipe("resume", ["math", "bad"], fail="bad", seed=1), run)
     assert (run / "plan.json").read_text() == plan  # nothing was changed
+
+
+# ----------------------------------------------------------------------------- process control
+WAIT_S = 300.0
+"""Only stops a test that would hang forever; the waits below end as soon as their event occurs."""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not path.exists():
+        assert proc is None or proc.poll() is None, f"runner exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {WAIT_S:.0f} s"
+        time.sleep(0.1)
+
+
+def _runner(recipe, tmp_path: Path) -> tuple[list[str], subprocess.Popen, Path]:
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(to_dict(recipe)))
+    run = tmp_path / "run"
+    argv = ["pipeline", "run", str(recipe_path), "--local", "--run-dir", str(run)]
+    err = open(tmp_path / "runner.err", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "megadistill.cli", *argv], stderr=err,
+                            start_new_session=True)  # fmt: skip
+    err.close()
+    return argv, proc, run
+
+
+def _job_pid(run: Path, key: str = "expert[0]") -> int:
+    return json.loads((run / "local.json").read_text())["tasks"][key]["pid"]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for init to reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _assert_nothing_left(*groups: int) -> None:
+    for pgid in groups:
+        left = group_pids(pgid)
+        assert not left, f"left behind in group {pgid}: {describe(left)}"
+
+
+def test_sigterm_checkpoints_a_second_run_is_refused_and_the_run_resumes(tmp_path, capsys):
+    argv, runner, run = _runner(preempt_recipe("local-term"), tmp_path)
+    out = run / "out"
+    try:
+        _wait_for(out / "running", runner)  # the expert's ranks train (first attempt holds)
+        job = _job_pid(run)
+        # a second run on the same folder is refused, naming the first one's PID
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"in use by another pipeline process (pid {runner.pid})" in err
+        assert len(err.splitlines()) == 1, err
+        assert cli_main(["pipeline", "status", str(run)]) == 0
+        table = capsys.readouterr().out
+        assert re.search(r"expert\[long\]\s+\d+\s+RUNNING", table), table
+        assert re.search(r"merge\s+-\s+PENDING\s+waiting for expert\[long\]", table), table
+
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=WAIT_S) == 143
+    finally:
+        if runner.poll() is None:
+            kill_group(runner.pid)
+            runner.wait()
+    err = (tmp_path / "runner.err").read_text().strip().splitlines()
+    assert err[-1].startswith("megadistill pipeline: stopped by SIGTERM: expert[0] ended with 143")
+    _assert_nothing_left(runner.pid, job)  # the runner's group and the job's group are empty
+    checkpoint = json.loads((out / "ckpt.json").read_text())["step"]  # the ranks checkpointed
+    assert cli_main(["pipeline", "status", str(run)]) == 0
+    assert re.search(
+        r"expert\[long\]\s+\d+\s+CANCELLED\s+stopped by SIGTERM", capsys.readouterr().out
+    )
+
+    results = run_local(preempt_recipe("local-term"), run)  # the same command again resumes
+    assert [(r.step, r.returncode) for r in results] == [("expert", 0), ("merge", 0),
+                                                         ("final", 0), ("eval", 0)]  # fmt: skip
+    attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
+    assert [a["start_step"] for a in attempts] == [0, checkpoint]
+    assert json.loads((out / "done.json").read_text())["step"] == 30
+    assert sorted((out / "stage1.log").read_text().split()) == ["0", "1"]  # not redone
+    assert cli_main(["pipeline", "status", str(run), "--wait", "5"]) == 0
+    assert capsys.readouterr().out.count("COMPLETED") == 5
+
+
+def _hms(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def test_time_limit_signals_then_terminates_then_kills_the_whole_job(tmp_path, capsys):
+    # The time limit is derived from a measured start-up of the same 2-rank job on this machine
+    # now: the ranks must be up (handlers installed) when the SIGUSR1 comes. Should they still be
+    # starting (a load spike), they die of it, the job counts as preempted and runs again with a
+    # fresh time limit, as under SLURM; the last attempt is the one checked.
+    results = run_local(shell_recipe("local-up", "true"), tmp_path / "measure")
+    started = next(r for r in results if r.step == "expert")
+    before = max(5, math.ceil(6 * (started.finished - started.started)))
+    limit = _hms(2 * before)
+    # ranks that ignore both signals and leave a child: only SIGKILL to the group ends them
+    got = "{run_dir}/got.$RANK"
+    script = (f"trap 'echo USR1 >> {got}' USR1; trap 'echo TERM >> {got}' TERM; "
+              "sleep 600 & echo $! > {run_dir}/child.$RANK; while :; do sleep 0.1; done")  # fmt: skip
+    recipe = shell_recipe("local-limit", script, time=limit, signal_before_s=before)
+    run = tmp_path / "run"
+    with pytest.raises(PipelineError, match=rf"expert\[0\] ran past its time limit {limit} "
+                                            rf"\(SIGUSR1 {before} s before, then SIGTERM"):  # fmt: skip
+        run_local(recipe, run, kill_wait_s=2)
+    for rank in (0, 1):
+        assert (run / f"got.{rank}").read_text().split() == ["USR1", "TERM"]
+        child = int((run / f"child.{rank}").read_text())
+        assert not _alive(child)
+    _assert_nothing_left(_job_pid(run))
+    assert cli_main(["pipeline", "status", str(run)]) == 0
+    assert re.search(r"expert\[sh\]\s+\d+\s+TIMEOUT", capsys.readouterr().out)
+
+
+def test_sigint_stops_the_job_with_sigterm_and_exits_130(tmp_path):
+    script = "trap 'exit 143' TERM; touch {run_dir}/up.$RANK; while :; do sleep 0.1; done"
+    _, runner, run = _runner(shell_recipe("local-int", script), tmp_path)
+    try:
+        _wait_for(run / "up.1", runner)
+        _wait_for(run / "up.0", runner)
+        runner.send_signal(signal.SIGINT)
+        assert runner.wait(timeout=WAIT_S) == 130
+    finally:
+        if runner.poll() is None:
+            kill_group(runner.pid)
+            runner.wait()
+    assert "stopped by SIGINT" in (tmp_path / "runner.err").read_text()
+    _assert_nothing_left(runner.pid, _job_pid(run))
+
+
+def test_a_runner_killed_with_sigkill_leaves_no_rank_running(tmp_path):
+    script = ("trap 'echo TERM >> {run_dir}/got.$RANK; exit 143' TERM; touch {run_dir}/up.$RANK; "
+              "while :; do sleep 0.1; done")  # fmt: skip
+    _, runner, run = _runner(shell_recipe("local-kill", script), tmp_path)
+    try:
+        _wait_for(run / "up.1", runner)
+        _wait_for(run / "up.0", runner)
+        job = _job_pid(run)
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + WAIT_S
+        while group_pids(job) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _assert_nothing_left(job)
+    finally:
+        kill_group(runner.pid)
+    for rank in (0, 1):  # they were told to stop (SIGTERM), not killed
+        assert (run / f"got.{rank}").read_text().split() == ["TERM"]

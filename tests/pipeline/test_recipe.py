@@ -8,8 +8,10 @@ import sys
 import pytest
 import yaml
 
-from megadistill.config import ConfigError
-from megadistill.pipeline import build_dag, load_recipe, recipe_from_dict, write_plan
+from megadistill.config import ConfigError, missing_local_path
+from megadistill.pipeline import build_dag, load_recipe, recipe_from_dict, slurm, write_plan
+from megadistill.pipeline.dag import check_inputs
+from megadistill.pipeline.local import run_local
 from megadistill.pipeline.slurm import _task_indices, sbatch_args
 from megadistill.pipeline.step import REQUEUE_EXIT_CODE, step_task_commands
 
@@ -148,3 +150,41 @@ def test_stage_sections_are_checked_when_the_plan_is_written(tmp_path):
     with pytest.raises(ConfigError, match=r"recipe section 'distill' .*'optim.lrr'"):
         write_plan(recipe_from_dict(bad), tmp_path / "run")
     assert not (tmp_path / "run" / "plan.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"teacher": "/no/such/teacher"},
+            r"teacher /no/such/teacher: no such folder; fix 'teacher'",
+        ),
+        (
+            {"experts": [{"name": "a", "data": {"sources": [{"path": "/no/a.txt"}]}}]},
+            r"expert_a.align.yaml: data.sources\[0\].path /no/a.txt does not exist",
+        ),
+        (
+            {"final": _stage(data={"seq_len": 64, "sources": [{"path": "/no/f.txt"}]})},
+            r"final.yaml: data.sources\[0\].path /no/f.txt does not exist",
+        ),
+    ],
+    ids=["teacher", "expert-data", "final-data"],
+)
+def test_missing_inputs_are_refused_before_any_job_starts(tmp_path, change, message):
+    for name in ("a", "b", "f"):
+        (tmp_path / f"{name}.txt").write_text("text")
+    experts = [{"name": n, "data": {"sources": [{"path": str(tmp_path / f"{n}.txt")}]}}
+               for n in ("a", "b")]  # fmt: skip
+    final = _stage(data={"seq_len": 64, "sources": [{"path": str(tmp_path / "f.txt")}]})
+    good = recipe_from_dict(_full_recipe(teacher=str(tmp_path), experts=experts, final=final))
+    check_inputs(good, tmp_path / "run")  # every path exists
+    bad = recipe_from_dict(
+        _full_recipe(**{"teacher": str(tmp_path), "experts": experts, "final": final, **change})
+    )
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        run_local(bad, run)
+    with pytest.raises(ConfigError, match=message):
+        slurm.submit(bad, run)  # refused before sbatch is called (none runs here)
+    assert not run.exists()
+    assert not missing_local_path("allenai/Olmo-3-1025-7B")  # a hub id is not a path

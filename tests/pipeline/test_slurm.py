@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,15 +16,66 @@ import pytest
 import yaml
 
 from megadistill.cli import main as cli_main
-from megadistill.pipeline import recipe_from_dict, slurm
-from tests.pipeline.conftest import JOBS, dag_recipe, real_tiny_recipe
+from megadistill.pipeline import slurm
+from megadistill.pipeline.recipe import STEP_NAMES
+from tests.pipeline.conftest import dag_recipe, preempt_recipe, real_tiny_recipe, shell_recipe
 from tests.slurm_cluster import REPO
 
-RUN_TIMEOUT_S = 240
+
+@functools.cache
+def _stall_s() -> float:
+    """How long the scheduler tests wait without any job changing state before they fail: 10x a
+    rank's start-up measured now (python + torch.distributed import, the bulk of a tiny job's
+    time), plus a minute for scheduling. A loaded machine gets a longer limit; nothing in these
+    tests depends on how fast the jobs run."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch.distributed, megadistill.pipeline.step"],
+                   check=True, timeout=1800)  # fmt: skip
+    return 60.0 + 10.0 * (time.monotonic() - start)
 
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def _wait(run_dir: Path, stall_s: float | None = None) -> list[slurm.TaskStatus]:
+    """Wait until every job of the run ended; fail only when no job changed state (or requeue
+    count) for ``stall_s`` seconds, with a report of where the time went."""
+    stall_s = stall_s or _stall_s()
+    start = last_change = time.monotonic()
+    seen: dict[tuple[str, str], tuple[str, int]] = {}
+    history: dict[tuple[str, str], list[str]] = {}
+    while True:
+        rows = slurm.status(run_dir)
+        now = time.monotonic()
+        for r in rows:
+            key, state = (r.step, r.task), (r.state, r.restarts)
+            if seen.get(key) != state:
+                seen[key], last_change = state, now
+                requeued = f" (requeued {r.restarts})" if r.restarts else ""
+                history.setdefault(key, []).append(f"{r.state}{requeued} at {now - start:.0f} s")
+        if rows and all(r.done for r in rows):
+            return rows
+        if now - last_change > stall_s:
+            timeline = "\n".join(
+                f"  {step}{'[' + task + ']' if task else ''}: {', '.join(events)}"
+                for (step, task), events in history.items()
+            )
+            pytest.fail(
+                f"no job of {run_dir} changed state for {now - last_change:.0f} s (limit "
+                f"{stall_s:.0f} s, from the start-up time measured on this machine); where the "
+                f"time went:\n{timeline}\n{_explain(rows, run_dir)}"
+            )
+        time.sleep(1.0)
+
+
+def _with_time_limits(recipe):
+    """Job time limits from the measured start-up too: a loaded machine must not time jobs out."""
+    limit = max(300, math.ceil(10 * _stall_s()))
+    for step in STEP_NAMES:
+        resources = getattr(recipe.resources, step)
+        resources.time = f"{limit // 3600:02d}:{limit // 60 % 60:02d}:{limit % 60:02d}"
+    return recipe
 
 
 def _explain(rows: list[slurm.TaskStatus], run_dir: Path) -> str:
@@ -30,16 +83,12 @@ def _explain(rows: list[slurm.TaskStatus], run_dir: Path) -> str:
     return slurm.format_status(rows) + "\n" + logs
 
 
-def _preempt_recipe():
-    noop = [["/bin/true"]]
-    # a first command that finishes before the preemption: the requeued job must not redo it
-    stage1 = ["/bin/sh", "-c", "mkdir -p {run_dir}/out && echo $RANK >> {run_dir}/out/stage1.log"]
-    return recipe_from_dict({
-        "name": "preempt", "teacher": "tiny-llama", "experts": [{"name": "long"}],
-        "resources": {"expert": {"tasks_per_node": 2, "time": "00:05:00", "signal_before_s": 60}},
-        "commands": {"expert": [stage1, [*JOBS, "preemptible", "{run_dir}/out", "30"]],
-                     "convert": noop, "merge": noop, "final": noop, "eval": noop},
-    })  # fmt: skip
+# Ranks with no signal handler, as a Python rank is while it imports and loads the model: SIGUSR1
+# kills them (exit 138). The first attempt waits for it; the requeued one finishes.
+STARTUP_SCRIPT = (
+    'if [ "${{SLURM_RESTART_COUNT:-0}}" -eq 0 ]; then touch {run_dir}/up.$RANK; exec sleep 600; fi; '
+    "echo $RANK >> {run_dir}/second"
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +97,13 @@ def runs(slurm_cluster, tmp_path_factory, request) -> dict[str, tuple[Path, dict
     recipes = {
         "dag": dag_recipe("dag", ["math", "code"]),
         "fail": dag_recipe("fail", ["good", "bad"], fail="bad"),
-        "preempt": _preempt_recipe(),
+        "preempt": preempt_recipe(),
         "deepspeed": dag_recipe("ds", ["solo"]),
+        "startup": shell_recipe("startup", STARTUP_SCRIPT),
     }
     recipes["deepspeed"].resources.expert.launcher = "deepspeed"
+    for recipe in recipes.values():
+        _with_time_limits(recipe)
     out = {}
     for name, recipe in recipes.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
@@ -74,7 +126,7 @@ ALIGN_STEPS = 40
 
 def _preempt_after_step(metrics: Path, step: int, task: str, record: dict) -> None:
     """Send the batch script of ``task`` SIGUSR1 once ``metrics`` logs ``step`` (a thread)."""
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 300 + _stall_s()
     while time.monotonic() < deadline:
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         if any(f'"step": {step},' in line for line in lines):
@@ -105,14 +157,14 @@ def test_preempted_expert_requeues_and_resumes(runs):
     # first, so the signal reaches the job early; the other runs go on meanwhile
     run_dir, jobs = runs["preempt"]
     out = run_dir / "out"
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    deadline = time.monotonic() + _stall_s()
     while not (out / "running").exists():
         assert time.monotonic() < deadline, _explain(slurm.status(run_dir), run_dir)
         time.sleep(0.2)
     task = f"{jobs['steps']['expert']['job_id']}_0"
     subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=30)
 
-    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    rows = _wait(run_dir)
     assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
     assert rows[1].restarts == 1 and "requeued 1 time(s)" in rows[1].why
     attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
@@ -130,7 +182,7 @@ def test_preempted_expert_requeues_and_resumes(runs):
 def test_dag_runs_in_dependency_order(runs, capsys):
     run_dir, jobs = runs["dag"]
     assert _load(run_dir / "jobs.json") == jobs
-    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    rows = _wait(run_dir)
     assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
     assert [(r.step, r.task) for r in rows] == [
         ("convert", ""), ("expert", "math"), ("expert", "code"), ("merge", ""), ("final", ""),
@@ -163,7 +215,7 @@ def test_dag_runs_in_dependency_order(runs, capsys):
 
 def test_failed_expert_stops_dependants_and_status_says_why(runs, capsys):
     run_dir, _ = runs["fail"]
-    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)  # nothing stays pending forever
+    rows = _wait(run_dir)  # nothing stays pending forever
     by_step = {(r.step, r.task): r for r in rows}
     assert by_step["expert", "good"].state == "COMPLETED", _explain(rows, run_dir)
     bad = by_step["expert", "bad"]
@@ -185,17 +237,17 @@ def test_failed_expert_stops_dependants_and_status_says_why(runs, capsys):
 def test_resubmitting_an_ended_run_resumes_it(runs):
     """After the failure above: fix the cause, submit the same recipe again."""
     run_dir, first = runs["fail"]
-    slurm.wait(run_dir, RUN_TIMEOUT_S)
+    _wait(run_dir)
     good = (run_dir / "out" / "good.json").read_text()
     (run_dir / "out" / "bad.fixed").touch()
-    recipe = dag_recipe("fail", ["good", "bad"], fail="bad")
+    recipe = _with_time_limits(dag_recipe("fail", ["good", "bad"], fail="bad"))
     jobs = slurm.submit(recipe, run_dir)
     with pytest.raises(slurm.PipelineError, match="still queued or running"):
         slurm.submit(recipe, run_dir)  # the DAG just submitted takes seconds
     assert jobs["steps"]["convert"]["job_id"] == first["steps"]["convert"]["job_id"]  # not again
     assert jobs["steps"]["expert"]["job_id"] != first["steps"]["expert"]["job_id"]
     assert jobs["earlier_submissions"][0]["steps"] == first["steps"]
-    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    rows = _wait(run_dir)
     assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
     assert rows[0].why == "finished in an earlier submission"
     assert (run_dir / "out" / "good.json").read_text() == good  # the finished expert did not rerun
@@ -206,7 +258,7 @@ def test_resubmitting_an_ended_run_resumes_it(runs):
 
 def test_user_script_submits_the_dag_from_a_job(runs, slurm_cluster):
     run_dir, info = runs["sbatch"]
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    deadline = time.monotonic() + _stall_s()
     while slurm_cluster.job_states(info["submit_job"]) != ["COMPLETED"]:
         states = slurm_cluster.job_states(info["submit_job"])
         assert states in (["PENDING"], ["RUNNING"], ["COMPLETING"]), info["log"].read_text()
@@ -216,13 +268,13 @@ def test_user_script_submits_the_dag_from_a_job(runs, slurm_cluster):
     assert sorted(jobs["steps"]) == ["convert", "eval", "expert", "final", "merge"]
     printed = info["log"].read_text()
     assert f"expert: {jobs['steps']['expert']['job_id']}" in printed
-    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    rows = _wait(run_dir)
     assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
 
 
 def test_deepspeed_launcher_starts_the_ranks(runs):
     run_dir, _ = runs["deepspeed"]
-    rows = slurm.wait(run_dir, RUN_TIMEOUT_S)
+    rows = _wait(run_dir)
     assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
     solo = _load(run_dir / "out" / "solo.json")
     assert solo["world_size"] == 2 and solo["value"] == 3.0  # RANK/WORLD_SIZE from the launcher
@@ -239,8 +291,8 @@ def test_real_tiny_pipeline(runs):
     import megadistill.model  # noqa: F401 - registers the hybrid student with Auto classes
 
     run_dir, jobs = runs["real"]
-    jobs["watcher"].join(timeout=300)
-    rows = slurm.wait(run_dir, 600)
+    jobs["watcher"].join(timeout=300 + _stall_s())
+    rows = _wait(run_dir)
     assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
     # expert a was signalled during stage I: the trainer checkpointed and exited 143, the job was
     # requeued, and stage I resumed from that checkpoint (no step trained twice) to the end.
@@ -264,3 +316,21 @@ def test_real_tiny_pipeline(runs):
         assert torch.isfinite(model(ids).logits).all(), folder
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results, "eval wrote no results"
+
+
+def test_preemption_while_the_ranks_start_requeues_the_job(runs):
+    """SIGUSR1 kills ranks that cannot handle it yet (still starting): the job is requeued (exit
+    143), not failed, and runs again from its last checkpoint."""
+    run_dir, jobs = runs["startup"]
+    deadline = time.monotonic() + _stall_s()
+    while not ((run_dir / "up.0").exists() and (run_dir / "up.1").exists()):
+        assert time.monotonic() < deadline, _explain(slurm.status(run_dir), run_dir)
+        time.sleep(0.2)
+    task = f"{jobs['steps']['expert']['job_id']}_0"
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=30)
+    rows = _wait(run_dir)
+    assert [r.state for r in rows] == ["COMPLETED"] * 5, _explain(rows, run_dir)
+    assert rows[1].restarts == 1, _explain(rows, run_dir)
+    assert sorted((run_dir / "second").read_text().split()) == ["0", "1"]
+    log = next((run_dir / "logs" / "expert").glob("*_0.out")).read_text()
+    assert "before it could checkpoint" in log and "requeueing job" in log
