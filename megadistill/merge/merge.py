@@ -228,6 +228,10 @@ def _write(cfg: MergeConfig, experts: list[TensorSource], base: TensorSource | N
             writer.abort()
             raise
         write_config(tmp, meta["model_config"], out_dtype)
+        if meta["model_config"].get("model_type") == "megadistill_hybrid":
+            from megadistill.model.remote_code import write_remote_code
+
+            write_remote_code(tmp)  # so the folder loads with trust_remote_code, nothing imported
         tokenizer = cfg.tokenizer or meta.get("tokenizer")
         if tokenizer:
             copy_tokenizer(tokenizer, tmp)

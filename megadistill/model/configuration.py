@@ -120,6 +120,12 @@ class HybridConfig(PretrainedConfig):
                 f"got {self.feature_dim}"
             )
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """No-op: a student folder ships the shims of :mod:`megadistill.model.remote_code`, never
+        a copy of this module (transformers calls this after a ``trust_remote_code`` load)."""
+        del auto_class
+
     def teacher(self) -> PretrainedConfig:
         """The teacher's config object (for its norm/MLP/rotary classes)."""
         if not self.teacher_config:

@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 from megadistill.model.attention import NEW_PARAMETER_MODULES, HybridAttention, SeqInfo
 from megadistill.model.cache import HybridCache
 from megadistill.model.configuration import HybridConfig
+from megadistill.model.remote_code import write_remote_code
 from megadistill.teachers.registry import adapter_for
 
 
@@ -77,6 +78,31 @@ class HybridPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, HybridAttention):
             module.init_new_parameters()
+        elif "RotaryEmbedding" in type(module).__name__:
+            # Teacher families initialise RoPE buffers in their own _init_weights (Olmo3 and
+            # Gemma3 keep one inv_freq per layer type, which the generic init does not know), so
+            # from_pretrained would leave them empty: rebuild them from the teacher's own class.
+            with torch.device("cpu"):
+                fresh = type(module)(config=module.config)
+            with torch.no_grad():
+                for name, buf in fresh.named_buffers():
+                    target = module.get_buffer(name)
+                    if target.device.type != "meta":
+                        target.copy_(buf.to(target.dtype))
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """No-op: transformers calls this after a ``trust_remote_code`` load so that a later
+        ``save_pretrained`` copies this module into the folder; the folder ships the shims of
+        :mod:`megadistill.model.remote_code` instead (written by :meth:`save_pretrained`)."""
+        del auto_class
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained`` plus the code that lets the folder load with
+        ``trust_remote_code=True`` in a fresh process (see :mod:`megadistill.model.remote_code`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
 
 
 class HybridModel(HybridPreTrainedModel):

@@ -20,6 +20,7 @@ from transformers import AutoConfig, PretrainedConfig
 from megadistill.errors import CheckpointError, MegadistillError
 from megadistill.integrity import atomic_dir
 from megadistill.model import HybridConfig, HybridForCausalLM
+from megadistill.model.remote_code import write_remote_code
 from megadistill.teachers.registry import adapter_for
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def convert_pretrained(
         _write_weights(tmp, teacher_path, teacher_files, new)
         student_cfg.dtype = str(dtype).removeprefix("torch.")
         student_cfg.save_pretrained(tmp)
+        write_remote_code(tmp)
         for name in _SIDE_FILES:
             src = teacher_path / name
             if src.is_file():

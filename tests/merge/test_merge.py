@@ -16,7 +16,7 @@ from megadistill.integrity import write_manifest
 from megadistill.merge import MergeConfig, ZeroCheckpoint, consolidate, merge_experts
 from megadistill.merge.merge import ties_merge
 from megadistill.merge.tools import inspect_checkpoint, to_universal
-from megadistill.testing import run_distributed
+from megadistill.testing import load_in_fresh_process, run_distributed
 from tests.merge.experts import TAG, build_experts
 
 NUM_EXPERTS = 3
@@ -59,6 +59,18 @@ def _assert_loaded_equals(folder: Path, expected: dict[str, torch.Tensor]) -> No
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def _assert_fresh_process_load(folder: Path) -> None:
+    """A merged student loads with trust_remote_code in a process that imported nothing."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(1))
+    got = load_in_fresh_process(folder, ids)
+    assert got["model"] == "megadistill.model.modeling.HybridForCausalLM"
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+    torch.testing.assert_close(got["logits"], want, rtol=0, atol=0)
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -112,6 +124,7 @@ def test_stage1_student_experts_with_frozen_params(experts: Path, tmp_path: Path
     states = [_ds_state(p) for p in paths]
     _assert_loaded_equals(out, _weighted(states, [0.5, 0.5]))
     assert json.loads((out / "config.json").read_text())["model_type"] == "megadistill_hybrid"
+    _assert_fresh_process_load(out)
     frozen = [_ds_state(experts / f"frozen_{k}") for k in range(2)]
     out = merge_experts(
         MergeConfig(
