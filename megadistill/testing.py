@@ -111,7 +111,7 @@ def run_distributed(
 
 
 # ----------------------------------------------------------------------------- tiny models
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "phi3", "qwen3_moe")
 
 
 def tiny_teacher_config(family: str = "llama", **overrides: Any):
@@ -139,6 +139,12 @@ def tiny_teacher_config(family: str = "llama", **overrides: Any):
     if family == "olmo3":
         base["sliding_window"] = 4096
         base["layer_types"] = ["sliding_attention", "full_attention"]
+    if family == "phi3":
+        base["partial_rotary_factor"] = 0.5  # as Phi-3.5/Phi-4-mini: RoPE on part of head_dim
+    if family == "qwen3_moe":
+        # Layer 0 dense (mlp_only_layers), layer 1 a 4-expert top-2 MoE, as real configs mix.
+        base.update(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True)  # fmt: skip
     base.update(overrides)
     return AutoConfig.for_model(family, **base)
 
@@ -198,6 +204,7 @@ def load_in_fresh_process(folder: str | Path, ids: Any, timeout_s: float = 300.0
         proc = subprocess.run(
             [sys.executable, "-c", _FRESH_LOAD, str(folder), f"{tmp}/ids.pt", f"{tmp}/out.pt"],
             env=env,
+            stdin=subprocess.DEVNULL,  # a trust_remote_code prompt must fail, not wait
             capture_output=True,
             text=True,
             timeout=timeout_s,

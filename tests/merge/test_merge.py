@@ -196,6 +196,24 @@ def test_refuses_mismatched_experts(experts: Path, tmp_path: Path) -> None:
         MergeConfig(experts=["a"], out=str(out), method="ties")
 
 
+@pytest.mark.parametrize("field", ["window", "num_sinks", "teacher_config.sliding_window"])
+def test_refuses_students_of_different_hybrid_settings(experts: Path, tmp_path: Path, field):
+    # Same tensors, same fingerprint on file: only the settings differ, and the merge names them.
+    other = _copy(experts, "student_1", tmp_path)
+    meta_path = other / TAG / "megadistill.json"
+    meta = json.loads(meta_path.read_text())
+    if field.startswith("teacher_config."):
+        meta["model_config"]["teacher_config"][field.split(".", 1)[1]] = 8
+    else:
+        meta["model_config"][field] = meta["model_config"][field] + 1
+    meta_path.write_text(json.dumps(meta))
+    write_manifest(other / TAG)
+    out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    _refused(MergeConfig(experts=[str(experts / "student_0"), str(other)], out=str(out)),
+             match=rf"student_1 is a different architecture .*\({field}=")  # fmt: skip
+
+
 def test_missing_shard_and_truncated_file(experts: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "merged"
     out.parent.mkdir()
