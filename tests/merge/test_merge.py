@@ -214,6 +214,20 @@ def test_refuses_students_of_different_hybrid_settings(experts: Path, tmp_path: 
              match=rf"student_1 is a different architecture .*\({field}=")  # fmt: skip
 
 
+def test_refuses_student_folders_of_different_windows(tmp_path: Path) -> None:
+    # Hugging Face folders (no checkpoint metadata): config.json carries the settings.
+    from megadistill.teachers import convert
+    from megadistill.testing import tiny_teacher
+
+    teacher = tiny_teacher("llama")
+    for window in (8, 16):
+        convert(teacher, seed=0, window=window)[0].save_pretrained(tmp_path / f"w{window}")
+    out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    _refused(MergeConfig(experts=[str(tmp_path / "w8"), str(tmp_path / "w16")], out=str(out)),
+             match=r"w16 is a different architecture .*\(window=8 vs window=16\)")  # fmt: skip
+
+
 def test_missing_shard_and_truncated_file(experts: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "merged"
     out.parent.mkdir()
