@@ -60,7 +60,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("teacher", help="a Hugging Face folder, a config.json, or a shipped 7B name")
+    p.add_argument(
+        "teacher",
+        help="a Hugging Face folder, a config.json, or a shipped recipe/config name "
+        "(olmo3_7b, llama31_8b, qwen25_7b_instruct)",
+    )
     p.add_argument("overrides", nargs="*", help="hybrid settings, e.g. window=512")
 
 
@@ -77,7 +81,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         "source",
         metavar="RECIPE_OR_TEACHER",
         help="stage YAML, pipeline recipe YAML, student folder, teacher folder/config.json, "
-        "or a shipped teacher name (olmo3-7b, llama3.1-8b, qwen2.5-7b-instruct)",
+        "or a shipped recipe/config name (olmo3_7b, llama31_8b, qwen25_7b_instruct)",
     )
     p.add_argument(
         "hybrid", nargs="*", help="hybrid settings, e.g. chunk_size=64 mlstm_backend=triton"

@@ -584,8 +584,9 @@ def load_plan_input(source: str) -> PlanInput:
     """Resolve ``megadistill plan``'s first argument.
 
     Accepted:
-      - a shipped teacher name (``olmo3-7b``, ``llama3.1-8b``, ``qwen2.5-7b-instruct``), a
-        teacher ``config.json`` or a teacher Hugging Face folder;
+      - a shipped recipe name (``olmo3_7b``, ``llama31_8b``, ``qwen25_7b_instruct``: the
+        recipe in ``megadistill/recipes/``, whose teacher config ships under the same name);
+      - a teacher ``config.json`` or a teacher Hugging Face folder;
       - a student folder (converted, ``model_type`` megadistill_hybrid): its teacher and hybrid
         settings;
       - a stage YAML (:class:`megadistill.stages.config.StageConfig` keys): ``student`` (or
@@ -595,7 +596,11 @@ def load_plan_input(source: str) -> PlanInput:
         its ``distill`` section.
     """
     from megadistill.config import load_yaml
+    from megadistill.teachers.conversion import shipped_recipes
 
+    recipe = shipped_recipes().get(source)
+    if recipe is not None and not Path(source).exists():
+        source = str(recipe)
     if not source.endswith((".yaml", ".yml")):
         cfg, hybrid = _from_model_path(source)
         return PlanInput(teacher_config=cfg, hybrid=hybrid, settings={})

@@ -111,7 +111,7 @@ def run_distributed(
 
 
 # ----------------------------------------------------------------------------- tiny models
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "phi3", "qwen3_moe")
 
 
 def tiny_teacher_config(family: str = "llama", **overrides: Any):
@@ -139,6 +139,12 @@ def tiny_teacher_config(family: str = "llama", **overrides: Any):
     if family == "olmo3":
         base["sliding_window"] = 4096
         base["layer_types"] = ["sliding_attention", "full_attention"]
+    if family == "phi3":
+        base["partial_rotary_factor"] = 0.5  # as Phi-3.5/Phi-4-mini: RoPE on part of head_dim
+    if family == "qwen3_moe":
+        # Layer 0 dense (mlp_only_layers), layer 1 a 4-expert top-2 MoE, as real configs mix.
+        base.update(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True)  # fmt: skip
     base.update(overrides)
     return AutoConfig.for_model(family, **base)
 
@@ -157,3 +163,54 @@ def tiny_teacher(family: str = "llama", seed: int = 0, **overrides: Any):
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- fresh processes
+_FRESH_LOAD = r"""
+import json, sys
+folder, ids_file, out_file = sys.argv[1:4]
+assert not any(m == "megadistill" or m.startswith("megadistill.") for m in sys.modules)
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+ids = torch.load(ids_file)
+with torch.no_grad():
+    logits = model(ids).logits
+torch.save({"logits": logits, "config": type(config).__module__ + "." + type(config).__name__,
+            "model": type(model).__module__ + "." + type(model).__name__,
+            "vocab": len(tokenizer)}, out_file)
+"""
+
+
+def load_in_fresh_process(folder: str | Path, ids: Any, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Load ``folder`` with the Auto classes and ``trust_remote_code=True`` in a new Python process
+    that imports nothing of megadistill first (as a Hugging Face user or lm-eval would).
+
+    Returns:
+        ``logits`` of ``ids`` (B, T), the loaded ``config`` and ``model`` class paths, and the
+        tokenizer's ``vocab`` size. Raises ``RuntimeError`` with the child's stderr on failure.
+    """
+    import subprocess
+    import sys
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="md-fresh-") as tmp:
+        torch.save(ids, Path(tmp, "ids.pt"))
+        # Dynamic modules are copied under HF_MODULES_CACHE: keep them out of the user's cache.
+        env = {**os.environ, "HF_MODULES_CACHE": str(Path(tmp, "modules"))}
+        proc = subprocess.run(
+            [sys.executable, "-c", _FRESH_LOAD, str(folder), f"{tmp}/ids.pt", f"{tmp}/out.pt"],
+            env=env,
+            stdin=subprocess.DEVNULL,  # a trust_remote_code prompt must fail, not wait
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"loading {folder} in a fresh process failed:\n{proc.stderr[-4000:]}"
+            )
+        return torch.load(Path(tmp, "out.pt"))

@@ -118,12 +118,12 @@ def test_stage_plan_items_by_hand() -> None:
 
 @pytest.fixture(scope="module")
 def shapes() -> dict[str, ModelShape]:
-    names = ("olmo3-7b", "llama3.1-8b", "qwen2.5-7b-instruct")
+    names = ("olmo3_7b", "llama31_8b", "qwen25_7b_instruct")
     return {n: model_shape(load_teacher_config(n)) for n in names}
 
 
 def test_7b_numbers_are_sensible(shapes: dict[str, ModelShape]) -> None:
-    olmo = shapes["olmo3-7b"]
+    olmo = shapes["olmo3_7b"]
     assert 7.2e9 < olmo.student_params < 7.5e9 and olmo.new_params < 0.01 * olmo.student_params
     # 8 nodes x 8 GPUs: fp32 master + Adam moments = 12 bytes per param over 64 ranks (~1.4 GB).
     ms = zero3_model_states(olmo.student_params, olmo.student_params, 64, "bf16", False)
@@ -158,7 +158,7 @@ def test_against_deepspeed_estimator(shapes: dict[str, ModelShape]) -> None:
 
 
 def test_offload_ladder(shapes: dict[str, ModelShape]) -> None:
-    s = shapes["llama3.1-8b"]
+    s = shapes["llama31_8b"]
     base = dict(nodes=1, gpus_per_node=8, seq_len=4096, activation_checkpointing=True)
     # Roomy GPUs: nothing offloaded.
     plan = make_plan(s, PlanSettings(gpu_mem=80 * GiB, **base))
@@ -236,7 +236,7 @@ def test_cli_plan(tmp_path: Path, capsys) -> None:
     from megadistill.cli import main
     from megadistill.model import HybridConfig
 
-    rc = main(["plan", "olmo3-7b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "80GB"])
+    rc = main(["plan", "olmo3_7b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "80GB"])
     out = capsys.readouterr().out
     assert rc == 0 and out.count("FITS with") == 3 and "top-k targets buffer" in out
     # A stage YAML pointing at a (config-only) student folder: its settings reach the plan.

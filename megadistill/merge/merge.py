@@ -16,6 +16,7 @@ Methods (``lambda_i >= 0``, ``sum lambda_i = 1``; ``theta_0`` = the initial weig
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -149,6 +150,7 @@ def check_compatible(experts: list[TensorSource], base: TensorSource | None = No
     if ref.meta is not None and ref.fingerprint is None:
         raise CheckpointError(f"{ref.name}: megadistill.json has no fingerprint")
     for other in [*experts[1:], *([base] if base is not None else [])]:
+        _check_architecture(ref, other)
         if other.fingerprint is not None and other.fingerprint != ref.fingerprint:
             raise CheckpointError(
                 f"{other.name} started from a different initial student than {ref.name} "
@@ -156,6 +158,33 @@ def check_compatible(experts: list[TensorSource], base: TensorSource | None = No
                 "merge only experts trained from the same theta_0"
             )
         _check_specs(ref, other, compare_dtype=other is not base)
+
+
+def _model_config(src: TensorSource) -> dict[str, Any] | None:
+    """The model config a source was saved with (checkpoint metadata or ``config.json``)."""
+    if src.meta is not None:
+        return src.meta.get("model_config")
+    config = Path(src.name) / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def _check_architecture(ref: TensorSource, other: TensorSource) -> None:
+    """Refuse hybrid students whose settings differ (window, sinks, ...), naming the field: their
+    tensors can have the same shapes while the models compute different functions."""
+    a, b = _model_config(ref), _model_config(other)
+    if not a or not b or "megadistill_hybrid" not in (a.get("model_type"), b.get("model_type")):
+        return
+    if a.get("model_type") != b.get("model_type"):
+        diff = f"model_type={a.get('model_type')!r} vs {b.get('model_type')!r}"
+    else:
+        from megadistill.teachers.conversion import architecture_difference
+
+        diff = architecture_difference(a, b)
+    if diff:
+        raise CheckpointError(
+            f"{other.name} is a different architecture than {ref.name} ({diff}); merge only "
+            "experts converted with the same teacher and hybrid settings"
+        )
 
 
 def _check_specs(ref: TensorSource, other: TensorSource, *, compare_dtype: bool) -> None:
@@ -228,6 +257,10 @@ def _write(cfg: MergeConfig, experts: list[TensorSource], base: TensorSource | N
             writer.abort()
             raise
         write_config(tmp, meta["model_config"], out_dtype)
+        if meta["model_config"].get("model_type") == "megadistill_hybrid":
+            from megadistill.model.remote_code import write_remote_code
+
+            write_remote_code(tmp)  # so the folder loads with trust_remote_code, nothing imported
         tokenizer = cfg.tokenizer or meta.get("tokenizer")
         if tokenizer:
             copy_tokenizer(tokenizer, tmp)

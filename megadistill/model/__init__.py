@@ -1,7 +1,9 @@
 """The hybrid student: mLSTM + sliding-window attention with sinks, mixed per head.
 
-Importing this package registers the student with transformers' Auto classes, so
-``AutoModelForCausalLM.from_pretrained(student_dir)`` works offline after ``import megadistill.model``.
+Every student folder ships ``auto_map`` and two shim modules (see :mod:`.remote_code`), so
+``AutoModelForCausalLM.from_pretrained(student_dir, trust_remote_code=True)`` works in a fresh
+process. Importing this package also registers the student with transformers' Auto classes, so
+after ``import megadistill.model`` the folder loads without ``trust_remote_code``.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM

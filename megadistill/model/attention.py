@@ -81,10 +81,21 @@ class HybridAttention(nn.Module):
         self.num_kv = getattr(teacher_cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
+        # The teacher's own span in this layer (None: full causal) is stage I's target. A local
+        # teacher layer's softmax branch sees what the teacher's sees: window min(W, the
+        # teacher's), no sinks (the teacher has none), so gate "swa" reproduces it at any length.
+        self.teacher_window = adapter.teacher_window(teacher_cfg, layer_idx)
+        local = self.teacher_window is not None
+        self.window = min(config.window, self.teacher_window) if local else config.window
+        self.num_sinks = 0 if local else config.num_sinks
         qkv_bias = adapter.has_qkv_bias(teacher_cfg)
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv * self.head_dim, bias=qkv_bias)
+        self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv * self.head_dim] * 2
+        if adapter.fused_qkv:  # the teacher's own layout (Phi-3), so its weights load as they are
+            self.qkv_proj = nn.Linear(hidden, sum(self.qkv_sizes), bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(hidden, self.qkv_sizes[0], bias=qkv_bias)
+            self.k_proj = nn.Linear(hidden, self.qkv_sizes[1], bias=qkv_bias)
+            self.v_proj = nn.Linear(hidden, self.qkv_sizes[2], bias=qkv_bias)
         self.o_proj = nn.Linear(
             self.num_heads * self.head_dim, hidden, bias=adapter.has_o_bias(teacher_cfg)
         )
@@ -129,7 +140,10 @@ class HybridAttention(nn.Module):
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         bsz, t, _ = x.shape
-        q_raw, k_raw, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.adapter.fused_qkv:
+            q_raw, k_raw, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q_raw, k_raw, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k = q_raw, k_raw
         if self.adapter.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -179,8 +193,9 @@ class HybridAttention(nn.Module):
         bsz, t = out.shape[:2]
         with torch.no_grad():
             full = swa_attention(
-                q_r, k_r, v, info.reset, info.valid, None, 0, self.scaling, "reference"
-            )
+                q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
+                "reference",
+            )  # fmt: skip
             target = self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
         err = (out.float() - target.float()).pow(2).mean(-1)
         w = info.valid.to(err.dtype)
@@ -198,30 +213,29 @@ class HybridAttention(nn.Module):
         return i_pre, f_pre
 
     def _shared_norm(self, x, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
-        cfg = self.config
         fq, fk = self.q_feature(q_r), self.k_feature(k_r)
         fk = fk.repeat_interleave(self.num_heads // self.num_kv, dim=1)
         i_pre, f_pre = self._gates(x, info)
-        if info.single_doc and q_r.shape[2] > 2 * cfg.window:  # O(T W), not O(T^2)
-            args = (info.valid, info.pos, cfg.window, cfg.num_sinks, self.scaling)
+        if info.single_doc and q_r.shape[2] > 2 * self.window:  # O(T W), not O(T^2)
+            args = (info.valid, info.pos, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_blocked
         else:
-            args = (info.reset, info.valid, cfg.window, cfg.num_sinks, self.scaling)
+            args = (info.reset, info.valid, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_parallel
         if lc is None:
             return kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
         if lc.k is None:  # prefill into an empty cache: the sequence, then the state it leaves
             out = kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
             lc.mlstm, gate_i, decay = sn.prefill_state(
-                fk, v, i_pre, f_pre, info.pos, info.valid, cfg.window, cfg.num_sinks
+                fk, v, i_pre, f_pre, info.pos, info.valid, self.window, self.num_sinks
             )
             self._write_kv(k_r, v, info, lc)
             n = lc.k.shape[2]
             lc.gate_i = gate_i.new_zeros(*gate_i.shape[:2], n)
             lc.decay = decay.new_zeros(*decay.shape[:2], n)
             t = k_r.shape[2]
-            keep = slice(max(0, t - cfg.window), t)
-            slots = cfg.num_sinks + info.abs_idx[keep] % cfg.window
+            keep = slice(max(0, t - self.window), t)
+            slots = self.num_sinks + info.abs_idx[keep] % self.window
             lc.gate_i.index_copy_(2, slots, gate_i[..., keep])
             lc.decay.index_copy_(2, slots, decay[..., keep])
             return out
@@ -247,7 +261,7 @@ class HybridAttention(nn.Module):
 
     def _shared_step(self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache):
         """One decoding step of the shared_norm mix (see model/shared_norm.py)."""
-        w, s = self.config.window, self.config.num_sinks
+        w, s = self.window, self.num_sinks
         t = int(info.abs_idx[0])
         slot = s + t % w
         logf = torch.nn.functional.logsigmoid(f1.float())
@@ -315,13 +329,12 @@ class HybridAttention(nn.Module):
         return _sdpa(q_r, lc.k, lc.v, mask, self.scaling)
 
     def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
-        cfg = self.config
         if lc is None or lc.k is None:
             return swa_attention(
-                q_r, k_r, v, info.reset, info.valid, cfg.window, cfg.num_sinks, self.scaling,
-                cfg.swa_backend,
+                q_r, k_r, v, info.reset, info.valid, self.window, self.num_sinks, self.scaling,
+                self.config.swa_backend,
             )  # fmt: skip
-        w, s = cfg.window, cfg.num_sinks
+        w, s = self.window, self.num_sinks
         is_sink = torch.arange(s + w, device=q_r.device) < s
         if q_r.shape[2] == 1:
             # Decoding: write the token into the buffer, then attend over the buffer in place.
@@ -348,8 +361,8 @@ class HybridAttention(nn.Module):
     def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:
         """Write the new tokens' keys/values into the ring part and, for sinks, the sink part."""
         assert info.cache is not None
-        info.cache.kv_slots(lc, k_r)
-        w, s = self.config.window, self.config.num_sinks
+        w, s = self.window, self.num_sinks
+        info.cache.kv_slots(lc, k_r, s + w)
         t = k_r.shape[2]
         keep = slice(max(0, t - w), t)
         slots = s + info.abs_idx[keep] % w

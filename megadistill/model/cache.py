@@ -80,12 +80,13 @@ class HybridCache:
         if self.next_pos is not None:
             self.next_pos = self.next_pos.index_select(0, beam_idx.to(self.next_pos.device))
 
-    def kv_slots(self, lc: LayerCache, k: torch.Tensor) -> None:
-        """Allocate the key/value buffer of ``lc`` for keys shaped like ``k`` (B,KV,T,d)."""
+    def kv_slots(self, lc: LayerCache, k: torch.Tensor, num_slots: int | None = None) -> None:
+        """Allocate the key/value buffer of ``lc`` for keys shaped like ``k`` (B,KV,T,d), with
+        ``num_slots`` slots (default S + W; a layer whose teacher is local may need fewer)."""
         if lc.k is not None:
             return
         b, kv, _, d = k.shape
-        n = self.num_sinks + self.window
+        n = num_slots if num_slots is not None else self.num_sinks + self.window
         lc.k = k.new_zeros(b, kv, n, d)
         lc.v = k.new_zeros(b, kv, n, d)
         lc.idx = torch.full((b, n), -1, dtype=torch.long, device=k.device)

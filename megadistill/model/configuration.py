@@ -166,6 +166,12 @@ class HybridConfig(PretrainedConfig):
         """Size of the feature-mapped q/k that the mLSTM sees."""
         return self.feature_dim * (2 if self.feature_map == "hedgehog_pm" else 1)
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """No-op: a student folder ships the shims of :mod:`megadistill.model.remote_code`, never
+        a copy of this module (transformers calls this after a ``trust_remote_code`` load)."""
+        del auto_class
+
     def teacher(self) -> PretrainedConfig:
         """The teacher's config object (for its norm/MLP/rotary classes)."""
         if not self.teacher_config:

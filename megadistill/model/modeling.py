@@ -10,23 +10,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import utils as _generation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from megadistill.model.attention import NEW_PARAMETER_MODULES, HybridAttention, SeqInfo
 from megadistill.model.cache import HybridCache
 from megadistill.model.configuration import HybridConfig
+from megadistill.model.remote_code import write_remote_code
 from megadistill.teachers.registry import adapter_for
 
 
 @dataclass
 class HybridCausalLMOutput(ModelOutput):
-    """Output of :class:`HybridForCausalLM` (``loss`` is the stage-I loss when ``align=True``)."""
+    """Output of :class:`HybridForCausalLM` (``loss`` is the stage-I loss when ``align=True``).
+
+    The decoding cache is ``cache``; under a transformers release whose ``generate()`` reads the
+    cache back from ``past_key_values`` (4.x) it is returned under that key too (see
+    :data:`CACHE_OUTPUT_NAME`).
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: HybridCache | None = None
     hidden_states: torch.Tensor | None = None
+
+
+# The output key generate() feeds back into the next step: ``cache`` since transformers renamed
+# it, ``past_key_values`` before. A release that found no cache there would silently re-run the
+# whole prefix at every new token (right tokens, quadratic time).
+_GENERATE_CACHE_NAMES = getattr(_generation, "ALL_CACHE_NAMES", ())
+CACHE_OUTPUT_NAME = "cache" if "cache" in _GENERATE_CACHE_NAMES else "past_key_values"
 
 
 def layer_generator(seed: int, layer_idx: int) -> torch.Generator:
@@ -44,7 +58,7 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         norm_cls = adapter.cls("RMSNorm")
         hidden, eps = teacher_cfg.hidden_size, teacher_cfg.rms_norm_eps
         self.self_attn = HybridAttention(config, layer_idx, adapter, teacher_cfg)
-        self.mlp = adapter.cls("MLP")(teacher_cfg)
+        self.mlp = adapter.build_mlp(teacher_cfg, layer_idx)
         self.post_attention_layernorm = norm_cls(hidden, eps=eps)
         if self.post_norm:
             self.post_feedforward_layernorm = norm_cls(hidden, eps=eps)
@@ -77,6 +91,31 @@ class HybridPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, HybridAttention):
             module.init_new_parameters()
+        elif "RotaryEmbedding" in type(module).__name__:
+            # Teacher families initialise RoPE buffers in their own _init_weights (Olmo3 and
+            # Gemma3 keep one inv_freq per layer type, which the generic init does not know), so
+            # from_pretrained would leave them empty: rebuild them from the teacher's own class.
+            with torch.device("cpu"):
+                fresh = type(module)(config=module.config)
+            with torch.no_grad():
+                for name, buf in fresh.named_buffers():
+                    target = module.get_buffer(name)
+                    if target.device.type != "meta":
+                        target.copy_(buf.to(target.dtype))
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """No-op: transformers calls this after a ``trust_remote_code`` load so that a later
+        ``save_pretrained`` copies this module into the folder; the folder ships the shims of
+        :mod:`megadistill.model.remote_code` instead (written by :meth:`save_pretrained`)."""
+        del auto_class
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained`` plus the code that lets the folder load with
+        ``trust_remote_code=True`` in a fresh process (see :mod:`megadistill.model.remote_code`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
 
 
 class HybridModel(HybridPreTrainedModel):
@@ -245,9 +284,22 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return HybridCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden)
+        out = HybridCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden)
+        if CACHE_OUTPUT_NAME != "cache" and cache is not None:
+            out[CACHE_OUTPUT_NAME] = cache
+        return out
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        cache=None,
+        attention_mask=None,
+        past_key_values=None,
+        token_type_ids=None,  # returned by some tokenizers; transformers 4.x refuses unknown names
+        **kwargs,
+    ):
+        del token_type_ids
+        cache = cache if cache is not None else past_key_values
         if cache is not None and cache.seen > 0:
             input_ids = input_ids[:, cache.seen :]
         return {

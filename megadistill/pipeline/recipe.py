@@ -2,7 +2,7 @@
 
 A recipe is one YAML file (plus dotted overrides) describing a whole run::
 
-    name: olmo3-7b
+    name: olmo3_7b
     teacher: allenai/Olmo-3-1025-7B
     seed: 0
     hybrid: {window: 512, num_sinks: 4}  # student architecture, passed to `megadistill convert`

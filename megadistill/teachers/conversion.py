@@ -2,7 +2,8 @@
 
 The student reuses every teacher weight under the same name and adds only the new parameters
 (feature maps and gates), initialised from a seed: the same teacher + seed always gives the same
-student, identified by its fingerprint (sha256 over every parameter's name, dtype, shape, bytes).
+student, identified by its fingerprint (sha256 over the architecture: every hybrid setting and the
+teacher config; and over every parameter's name, dtype, shape, bytes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoConfig, PretrainedConfig
 from megadistill.errors import CheckpointError, MegadistillError
 from megadistill.integrity import atomic_dir
 from megadistill.model import HybridConfig, HybridForCausalLM
+from megadistill.model.remote_code import write_remote_code
 from megadistill.teachers.registry import adapter_for
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,49 @@ INIT_FILE = "megadistill_init.json"
 _IGNORED_TEACHER_KEYS = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
 
 
+# Config keys that describe a file, not what the model computes.
+_BOOKKEEPING_KEYS = frozenset(
+    ("_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype", "transformers_version",
+     "use_cache", "output_attentions", "output_hidden_states", "return_dict")
+)  # fmt: skip
+
+
+def architecture(config: dict[str, Any]) -> dict[str, Any]:
+    """What a student computes besides its weights, from its config dict: every hybrid setting
+    (``HYBRID_KEYS``: window, sinks, feature dim, gate mode, backends, ...) and every field of the
+    teacher config it carries (sliding windows, layer types, RoPE, ...), minus bookkeeping keys.
+    Keys are ``window`` or ``teacher_config.sliding_window``; values are JSON-normalised."""
+    from megadistill.model.configuration import HYBRID_KEYS
+
+    arch: dict[str, Any] = {key: config.get(key) for key in HYBRID_KEYS}
+    teacher = config.get("teacher_config") or {}
+    arch.update(
+        {f"teacher_config.{k}": v for k, v in teacher.items() if k not in _BOOKKEEPING_KEYS}
+    )
+    return json.loads(json.dumps(arch, sort_keys=True, default=str))
+
+
+def architecture_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first architecture field (see :func:`architecture`) where two student configs
+    differ, as ``"field: A vs B"``; None when they agree."""
+    arch_a, arch_b = architecture(a), architecture(b)
+    for key in sorted(set(arch_a) | set(arch_b)):
+        if arch_a.get(key) != arch_b.get(key):
+            return f"{key}={arch_a.get(key)!r} vs {key}={arch_b.get(key)!r}"
+    return None
+
+
+def _digest_architecture(digest: Any, config: dict[str, Any]) -> None:
+    digest.update(b"architecture|" + json.dumps(architecture(config), sort_keys=True).encode())
+
+
 def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every parameter, in name order."""
+    """sha256 over the architecture (:func:`architecture`, for a student) and (name, dtype,
+    shape, bytes) of every parameter, in name order: students that differ in weights, window,
+    sinks, backends or any other hybrid setting get different fingerprints."""
     digest = hashlib.sha256()
+    if isinstance(getattr(model, "config", None), HybridConfig):
+        _digest_architecture(digest, model.config.to_dict())
     for name, p in sorted(model.state_dict().items()):
         t = p.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -153,6 +195,8 @@ def convert_pretrained(
         skeleton = HybridForCausalLM(student_cfg)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
     new_names = set(skeleton.new_parameter_names())
+    if _converted_on_load(cfg, teacher_files, expected):
+        return _convert_in_memory(teacher_path, out_dir, hybrid, seed, overwrite)
     _check_streamed_weights(teacher_path, teacher_files, expected, new_names, student_cfg)
     dtype = _stored_dtype(teacher_path, teacher_files)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -160,16 +204,54 @@ def convert_pretrained(
         _write_weights(tmp, teacher_path, teacher_files, new)
         student_cfg.dtype = str(dtype).removeprefix("torch.")
         student_cfg.save_pretrained(tmp)
-        for name in _SIDE_FILES:
-            src = teacher_path / name
-            if src.is_file():
-                shutil.copy2(src, tmp / name)
-        fp = _fingerprint_folder(tmp, expected, student_cfg.tie_word_embeddings)
+        write_remote_code(tmp)
+        _copy_side_files(teacher_path, tmp)
+        fp = _fingerprint_folder(tmp, expected, student_cfg)
         meta = {"fingerprint": fp, "seed": seed, "teacher": str(teacher_path.resolve()),
                 "hybrid": hybrid}  # fmt: skip
         (tmp / INIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("converted %s -> %s (fingerprint %s)", teacher_path, out_dir, fp[:12])
     return out_dir
+
+
+def _converted_on_load(cfg: PretrainedConfig, files: dict[str, str], expected: dict) -> bool:
+    """True when transformers changes this checkpoint's layout on load (a mixture of experts
+    stored one expert per tensor, fused into 3-D tensors by transformers 5): its shards cannot be
+    linked as they are."""
+    if adapter_for(cfg.model_type).moe == "none":
+        return False
+    return any(".experts." in n and n not in files for n in expected)
+
+
+def _convert_in_memory(
+    teacher_path: Path, out_dir: Path, hybrid: dict[str, Any], seed: int, overwrite: bool
+) -> Path:
+    """Convert a teacher loaded by transformers (peak memory: teacher + student, shared
+    tensors), for checkpoints whose stored layout is not the loaded one."""
+    from transformers import AutoModelForCausalLM
+
+    log.info("%s stores its experts per expert: converting in memory", teacher_path)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype="auto")
+    try:
+        student, fp = convert(teacher, seed=seed, **hybrid)
+    except ValueError as exc:
+        raise MegadistillError(str(exc)) from exc
+    del teacher
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        student.save_pretrained(tmp)
+        _copy_side_files(teacher_path, tmp)
+        meta = {"fingerprint": fp, "seed": seed, "teacher": str(teacher_path.resolve()),
+                "hybrid": hybrid}  # fmt: skip
+        (tmp / INIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("converted %s -> %s (fingerprint %s)", teacher_path, out_dir, fp[:12])
+    return out_dir
+
+
+def _copy_side_files(teacher_path: Path, folder: Path) -> None:
+    for name in _SIDE_FILES:
+        src = teacher_path / name
+        if src.is_file():
+            shutil.copy2(src, folder / name)
 
 
 _SIDE_FILES = (
@@ -268,7 +350,7 @@ def _check_streamed_weights(
 
 
 def _stored_dtype(path: Path, files: dict[str, str]) -> torch.dtype:
-    name = next(n for n in sorted(files) if n.endswith("q_proj.weight"))
+    name = next(n for n in sorted(files) if n.endswith(("q_proj.weight", "qkv_proj.weight")))
     code = _safetensors_header(path / files[name])[name]["dtype"]
     if code not in _ST_DTYPES:
         raise MegadistillError(
@@ -325,12 +407,14 @@ def _write_weights(
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _fingerprint_folder(folder: Path, expected: dict[str, Any], tied: bool) -> str:
+def _fingerprint_folder(folder: Path, expected: dict[str, Any], cfg: HybridConfig) -> str:
     """:func:`fingerprint` of the model a folder loads into, one tensor at a time."""
     from safetensors import safe_open
 
+    tied = cfg.tie_word_embeddings
     weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     digest = hashlib.sha256()
+    _digest_architecture(digest, cfg.to_dict())
     for name in sorted(expected):
         src = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
         with safe_open(folder / weight_map[src], framework="pt") as fh:
@@ -340,11 +424,13 @@ def _fingerprint_folder(folder: Path, expected: dict[str, Any], tied: bool) -> s
     return digest.hexdigest()
 
 
-# Hub ids of the shipped configs, so recipes naming the real model can be planned offline.
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
+# Hub ids of the shipped configs, so recipes naming the real model can be planned offline. A
+# shipped config and the recipe for that teacher share one name (``olmo3_7b``).
 HUB_IDS = {
-    "allenai/Olmo-3-1025-7B": "olmo3-7b",
-    "meta-llama/Llama-3.1-8B": "llama3.1-8b",
-    "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b-instruct",
+    "allenai/Olmo-3-1025-7B": "olmo3_7b",
+    "meta-llama/Llama-3.1-8B": "llama31_8b",
+    "Qwen/Qwen2.5-7B-Instruct": "qwen25_7b_instruct",
 }
 
 
@@ -353,9 +439,29 @@ def shipped_configs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(CONFIGS_DIR.glob("*.json"))}
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """Pipeline recipes shipped with the package, by name (``megadistill/recipes/<name>.yaml``)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_teacher(name: str) -> tuple[str, dict[str, Any]] | None:
+    """The teacher and hybrid settings of the shipped recipe ``name``; None if no such recipe."""
+    from megadistill.config import load_yaml
+
+    path = shipped_recipes().get(name)
+    if path is None or Path(name).exists():
+        return None
+    data = load_yaml(path)
+    return str(data["teacher"]), dict(data.get("hybrid") or {})
+
+
 def load_teacher_config(name_or_path: str | Path) -> PretrainedConfig:
-    """A teacher config from a shipped name, a config.json, or a model folder."""
+    """A teacher config from a shipped name or recipe name, a Hub id of a shipped config, a
+    config.json, or a model folder."""
     shipped = shipped_configs()
+    recipe = recipe_teacher(str(name_or_path))
+    if recipe is not None and str(name_or_path) not in shipped:
+        name_or_path = recipe[0]
     name = HUB_IDS.get(str(name_or_path), str(name_or_path))
     if name in shipped and not Path(name_or_path).exists():
         path = shipped[name]
@@ -365,7 +471,7 @@ def load_teacher_config(name_or_path: str | Path) -> PretrainedConfig:
     if not path.is_file():
         raise MegadistillError(
             f"no teacher config at {name_or_path}; give a model folder, a config.json, or one of: "
-            f"{', '.join(shipped)}"
+            f"{', '.join(shipped)} (or a Hub id of one: {', '.join(HUB_IDS)})"
         )
     data = json.loads(path.read_text())
     if "model_type" not in data:
@@ -390,9 +496,11 @@ def count_parameters(teacher_cfg: PretrainedConfig, **hybrid: Any) -> dict[str, 
 
 
 def inspect_teacher(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
-    """Human-readable teacher vs student parameter counts."""
+    """Human-readable teacher vs student parameter counts (a recipe name brings its hybrid
+    settings; ``overrides`` win)."""
     cfg = load_teacher_config(name_or_path)
-    hybrid = _parse_overrides(overrides)
+    recipe = recipe_teacher(str(name_or_path))
+    hybrid = {**(recipe[1] if recipe else {}), **_parse_overrides(overrides)}
     counts = count_parameters(cfg, **hybrid)
     share = counts["new"] / counts["student"]
     return (

@@ -16,7 +16,7 @@ from megadistill.integrity import write_manifest
 from megadistill.merge import MergeConfig, ZeroCheckpoint, consolidate, merge_experts
 from megadistill.merge.merge import ties_merge
 from megadistill.merge.tools import inspect_checkpoint, to_universal
-from megadistill.testing import run_distributed
+from megadistill.testing import load_in_fresh_process, run_distributed
 from tests.merge.experts import TAG, build_experts
 
 NUM_EXPERTS = 3
@@ -59,6 +59,18 @@ def _assert_loaded_equals(folder: Path, expected: dict[str, torch.Tensor]) -> No
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def _assert_fresh_process_load(folder: Path) -> None:
+    """A merged student loads with trust_remote_code in a process that imported nothing."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(1))
+    got = load_in_fresh_process(folder, ids)
+    assert got["model"] == "megadistill.model.modeling.HybridForCausalLM"
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+    torch.testing.assert_close(got["logits"], want, rtol=0, atol=0)
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -112,6 +124,7 @@ def test_stage1_student_experts_with_frozen_params(experts: Path, tmp_path: Path
     states = [_ds_state(p) for p in paths]
     _assert_loaded_equals(out, _weighted(states, [0.5, 0.5]))
     assert json.loads((out / "config.json").read_text())["model_type"] == "megadistill_hybrid"
+    _assert_fresh_process_load(out)
     frozen = [_ds_state(experts / f"frozen_{k}") for k in range(2)]
     out = merge_experts(
         MergeConfig(
@@ -181,6 +194,38 @@ def test_refuses_mismatched_experts(experts: Path, tmp_path: Path) -> None:
         MergeConfig(experts=["a", "b"], out=str(out), weights=[0.7, 0.7])
     with pytest.raises(ConfigError, match="base is required"):
         MergeConfig(experts=["a"], out=str(out), method="ties")
+
+
+@pytest.mark.parametrize("field", ["window", "num_sinks", "teacher_config.sliding_window"])
+def test_refuses_students_of_different_hybrid_settings(experts: Path, tmp_path: Path, field):
+    # Same tensors, same fingerprint on file: only the settings differ, and the merge names them.
+    other = _copy(experts, "student_1", tmp_path)
+    meta_path = other / TAG / "megadistill.json"
+    meta = json.loads(meta_path.read_text())
+    if field.startswith("teacher_config."):
+        meta["model_config"]["teacher_config"][field.split(".", 1)[1]] = 8
+    else:
+        meta["model_config"][field] = meta["model_config"][field] + 1
+    meta_path.write_text(json.dumps(meta))
+    write_manifest(other / TAG)
+    out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    _refused(MergeConfig(experts=[str(experts / "student_0"), str(other)], out=str(out)),
+             match=rf"student_1 is a different architecture .*\({field}=")  # fmt: skip
+
+
+def test_refuses_student_folders_of_different_windows(tmp_path: Path) -> None:
+    # Hugging Face folders (no checkpoint metadata): config.json carries the settings.
+    from megadistill.teachers import convert
+    from megadistill.testing import tiny_teacher
+
+    teacher = tiny_teacher("llama")
+    for window in (8, 16):
+        convert(teacher, seed=0, window=window)[0].save_pretrained(tmp_path / f"w{window}")
+    out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    _refused(MergeConfig(experts=[str(tmp_path / "w8"), str(tmp_path / "w16")], out=str(out)),
+             match=r"w16 is a different architecture .*\(window=8 vs window=16\)")  # fmt: skip
 
 
 def test_missing_shard_and_truncated_file(experts: Path, tmp_path: Path) -> None:

@@ -8,13 +8,16 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from megadistill.assets import byte_tokenizer
 from megadistill.cli import main
+from megadistill.config import load_yaml
 from megadistill.integrity import verify_manifest
 from megadistill.teachers import convert
 from megadistill.teachers.conversion import (
+    HUB_IDS,
     INIT_FILE,
     count_parameters,
     load_teacher_config,
     shipped_configs,
+    shipped_recipes,
 )
 from megadistill.testing import tiny_teacher
 
@@ -111,11 +114,47 @@ def test_real_7b_configs_convert_on_meta(name):
     assert 0 < counts["new"] / counts["student"] < 0.01
 
 
+def test_shipped_configs_and_recipes_share_one_naming_scheme(capsys):
+    recipes = shipped_recipes()
+    assert set(HUB_IDS.values()) == set(shipped_configs()) <= set(recipes)
+    for name, path in recipes.items():
+        recipe = load_yaml(path)
+        assert recipe["name"] == name, path
+        if name in shipped_configs():
+            assert HUB_IDS[recipe["teacher"]] == name
+    # inspect takes the name (config or recipe alike); the recipe's hybrid settings apply.
+    assert main(["inspect", "olmo3_7b"]) == 0
+    by_name = capsys.readouterr().out
+    assert main(["inspect", str(shipped_configs()["olmo3_7b"]), "window=512", "num_sinks=4",
+                 "chunk_size=64"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == by_name and "olmo3" in by_name
+    assert main(["inspect", "olmo3-7b"]) == 2  # the old spelling is gone, and the error lists
+    assert "olmo3_7b" in capsys.readouterr().err  # the names that exist
+
+
+def test_gemma3_is_refused_with_its_reason(tmp_path, capsys):
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
+    (tmp_path / "gemma").mkdir()
+    cfg.save_pretrained(tmp_path / "gemma")
+    assert (
+        main(["convert", "--teacher", str(tmp_path / "gemma"), "--out", str(tmp_path / "s")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "gemma3_text" in err and "query_pre_attn_scalar" in err and "sandwich norms" in err
+
+
+# qwen3_moe: transformers saves its experts one per tensor and fuses them on load, so the folder
+# cannot be streamed as it is and is converted in memory; phi3: fused qkv_proj kept as it is.
 @pytest.mark.parametrize(
     ("family", "hybrid"),
     [
         ("qwen3", {}),
         ("olmo2", {}),
+        ("phi3", {}),
+        ("qwen3_moe", {}),
         ("llama", {"mix": "shared_norm", "feature_map": "hedgehog_pm"}),
         ("llama", {"softmax_layers": [1], "fgate_bias": [2.0, 8.0]}),
     ],

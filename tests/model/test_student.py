@@ -5,7 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megadistill.model import HybridForCausalLM
+from megadistill.model.configuration import HYBRID_KEYS
 from megadistill.teachers import convert
+from megadistill.teachers.conversion import architecture_difference
 from megadistill.testing import TINY_FAMILIES, tiny_teacher
 
 
@@ -30,6 +32,60 @@ def test_gate_on_swa_with_full_window_equals_teacher(family):
         torch.testing.assert_close(student(ids).logits, teacher(ids).logits)
 
 
+# Real configs' fields: Mistral's sliding_window (every layer); Qwen2/3's use_sliding_window with
+# max_window_layers (layers from that index on); Olmo3's layer_types.
+SLIDING = {
+    "mistral": {"sliding_window": 12},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1},
+    "olmo3": {"sliding_window": 12, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {"sliding_window": 12},  # Phi-3-mini-4k ships sliding_window 2047
+    "qwen3_moe": {"use_sliding_window": True, "sliding_window": 12},  # all layers, as its mask
+}
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_teacher_equals_student_beyond_its_window(family):
+    teacher = tiny_teacher(family, **SLIDING[family])
+    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, num_sinks=4)
+    windows = [layer.self_attn.teacher_window for layer in student.model.layers]
+    assert 12 in windows and (family in ("mistral", "phi3", "qwen3_moe") or None in windows)
+    ids = torch.randint(0, 256, (2, 48))  # 4x the teacher's window
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits)
+        # Stage I's target is the teacher's windowed attention: exact student, zero loss.
+        assert student(ids, align=True).loss.item() < 1e-10
+        # The window matters at this length (same weights, a window covering it: differ).
+        unwindowed = tiny_teacher(family, **{**SLIDING[family], "sliding_window": 4096})
+        assert (unwindowed(ids).logits - teacher(ids).logits).abs().max() > 1e-3
+
+
+def test_moe_mlp_passes_through_untouched():
+    teacher = tiny_teacher("qwen3_moe")
+    student, _ = convert(teacher, seed=0)
+    moe = student.model.layers[1].mlp
+    assert type(moe) is type(teacher.model.layers[1].mlp) and "SparseMoe" in type(moe).__name__
+    assert type(student.model.layers[0].mlp).__name__ == "Qwen3MoeMLP"  # mlp_only_layers
+    teacher_sd = teacher.state_dict()
+    for name, p in student.state_dict().items():
+        if ".mlp." in name:
+            torch.testing.assert_close(p, teacher_sd[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["mistral", "olmo3"])
+def test_sliding_teacher_prefill_plus_decode_equals_full_forward(family):
+    teacher = tiny_teacher(family, **SLIDING[family])
+    student, _ = convert(teacher, seed=0, window=16, num_sinks=2, chunk_size=4)
+    student.eval()
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        full = student(ids).logits
+        cache = student.new_cache()
+        parts = [student(ids[:, :17], cache=cache).logits]
+        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(17, 40)]
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+
+
 @pytest.mark.parametrize("family", ["llama", "olmo2"])
 def test_learned_gate_differs_from_teacher(family):
     # The invariant above must not hold trivially: with the mLSTM in play outputs change.
@@ -46,6 +102,30 @@ def test_same_teacher_and_seed_give_same_fingerprint():
     _, fp2 = convert(teacher, seed=3)
     _, fp3 = convert(teacher, seed=4)
     assert fp1 == fp2 != fp3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"window": 16}, {"num_sinks": 2}, {"feature_dim": 8}, {"gate_mode": "swa"},
+     {"mlstm_backend": "recurrent"}, {"swa_backend": "blocked"}, {"chunk_size": 16}],
+)  # fmt: skip
+def test_fingerprint_covers_the_hybrid_settings(change):
+    # Same weights (same teacher and seed), different architecture: different students.
+    teacher = tiny_teacher("qwen2")
+    base = {"window": 8}
+    assert convert(teacher, seed=3, **{**base, **change})[1] != convert(teacher, seed=3, **base)[1]
+
+
+def test_architecture_covers_every_hybrid_key_and_the_teacher_config():
+    student, _ = convert(tiny_teacher("mistral", sliding_window=16), seed=0)
+    cfg = student.config.to_dict()
+    for key in HYBRID_KEYS:
+        assert architecture_difference(cfg, {**cfg, key: "changed"}).startswith(f"{key}=")
+    other = {**cfg, "teacher_config": {**cfg["teacher_config"], "sliding_window": 32}}
+    assert architecture_difference(cfg, other) == (
+        "teacher_config.sliding_window=16 vs teacher_config.sliding_window=32"
+    )
+    assert architecture_difference(cfg, {**cfg, "transformers_version": "0"}) is None
 
 
 @pytest.mark.parametrize("family", ["qwen3", "olmo3"])
@@ -129,6 +209,22 @@ def test_generate_equals_greedy_loop_without_cache():
         for _ in range(14):
             x = torch.cat([x, student(x).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, x)
+
+
+def test_generate_feeds_one_new_token_per_forward_after_prefill():
+    # Without its cache fed back, generate() re-runs the whole prefix each step: right tokens
+    # (the test above passes either way), quadratic time. Count what each forward receives.
+    student = _student("qwen2").eval()
+    lengths = []
+
+    def count(_module, args, kwargs):
+        lengths.append((args[0] if args else kwargs["input_ids"]).shape[1])
+
+    student.register_forward_pre_hook(count, with_kwargs=True)
+    prompt = torch.randint(3, 256, (2, 7))
+    student.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=9,
+                     do_sample=False, pad_token_id=0)  # fmt: skip
+    assert lengths == [7] + [1] * 8
 
 
 def test_left_padded_batch_matches_single_rows():

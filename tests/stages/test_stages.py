@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from megadistill.integrity import verify_manifest
-from megadistill.testing import run_distributed
+from megadistill.testing import load_in_fresh_process, run_distributed
 from tests.stages.stage_workers import make_models, run_stages
 
 
@@ -51,6 +51,14 @@ def test_final_export_is_verified_and_keeps_the_init_fingerprint(runs):
         next((runs / "distill" / "checkpoints").glob("step_*/megadistill.json")).read_text()
     )
     assert meta["fingerprint"] == init["fingerprint"] and meta["world_size"] == 2
+    # The export loads like a Hub custom-code model in a process that imported nothing.
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 200, (1, 12))
+    got = load_in_fresh_process(final, ids)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(final).eval()(ids).logits
+    torch.testing.assert_close(got["logits"], want, rtol=0, atol=0)
 
 
 def test_distill_loss_falls(runs):
