@@ -25,6 +25,11 @@ LOG_LIMIT = 4096
 """The runaway loop wrote gigabytes; a healthy run writes a few lines."""
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start(
     tmp: Path, nproc: int, *program: str, name: str = "log"
 ) -> tuple[subprocess.Popen, Path]:
@@ -32,8 +37,11 @@ def _start(
     env = {**os.environ, "MEGADISTILL_LAUNCHER": "local", "MEGADISTILL_NPROC": str(nproc)}
     env.pop("SLURM_JOB_ID", None)
     with open(log, "wb") as out:
+        # A shell cannot trap a signal that was ignored when it started (e.g. SIGINT under
+        # `nohup ... &`): start the entrypoint with the default dispositions, as sbatch does.
         proc = subprocess.Popen(["bash", str(ENTRYPOINT), *program], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_default_signals)  # fmt: skip
     return proc, log
 
 
