@@ -128,19 +128,27 @@ def test_architecture_covers_every_hybrid_key_and_the_teacher_config():
     assert architecture_difference(cfg, {**cfg, "transformers_version": "0"}) is None
 
 
+def _assert_decoding_equals_parallel(student, ids, prefill=13):
+    """Prefill + one token at a time, and one token at a time from empty, equal the parallel
+    forward; returns the parallel logits."""
+    t = ids.shape[1]
+    with torch.no_grad():
+        full = student(ids).logits
+        cache = student.new_cache()
+        parts = [student(ids[:, :prefill], cache=cache).logits]
+        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(prefill, t)]
+        torch.testing.assert_close(torch.cat(parts, 1), full)
+        cache = student.new_cache()
+        steps = [student(ids[:, i : i + 1], cache=cache).logits for i in range(t)]
+        torch.testing.assert_close(torch.cat(steps, 1), full)
+    return full
+
+
 @pytest.mark.parametrize("family", ["qwen3", "olmo3"])
 def test_prefill_plus_decode_equals_full_forward(family):
     student = _student(family).eval()
     ids = torch.randint(0, 256, (2, 30))  # longer than window + sinks
-    with torch.no_grad():
-        full = student(ids).logits
-        cache = student.new_cache()
-        parts = [student(ids[:, :13], cache=cache).logits]
-        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(13, 30)]
-        torch.testing.assert_close(torch.cat(parts, 1), full)
-        cache = student.new_cache()
-        steps = [student(ids[:, i : i + 1], cache=cache).logits for i in range(30)]
-        torch.testing.assert_close(torch.cat(steps, 1), full)
+    _assert_decoding_equals_parallel(student, ids)
 
 
 @pytest.mark.parametrize("backend", ["recurrent", "native"])
@@ -354,15 +362,8 @@ def test_shared_norm_is_the_teacher_while_the_window_holds_the_context():
 def test_shared_norm_decode_equals_parallel(family):
     student = _student(family, mix="shared_norm").eval()
     ids = torch.randint(0, 256, (2, 30))
+    full = _assert_decoding_equals_parallel(student, ids)
     with torch.no_grad():
-        full = student(ids).logits
-        cache = student.new_cache()
-        parts = [student(ids[:, :13], cache=cache).logits]
-        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(13, 30)]
-        torch.testing.assert_close(torch.cat(parts, 1), full)
-        cache = student.new_cache()
-        steps = [student(ids[:, i : i + 1], cache=cache).logits for i in range(30)]
-        torch.testing.assert_close(torch.cat(steps, 1), full)
         cache = student.new_cache()  # a chunk after a non-empty cache
         chunks = [
             student(ids[:, :5], cache=cache).logits,
