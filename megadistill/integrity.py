@@ -121,3 +121,56 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def verify_manifest_shared(folder: str | Path, *, what: str = "checkpoint") -> list[str]:
+    """:func:`verify_manifest` split across the ranks of a process group, verdict shared.
+
+    Rank ``r`` hashes the files ``r, r + world, ...`` of the sorted manifest (so every file is
+    read once by one rank, not by every rank) and the ranks exchange their errors in one
+    collective, bounded by the process group's timeout. Without a process group (or with one
+    rank) it is :func:`verify_manifest`. A collective: every rank must call it.
+
+    Returns:
+        The files this rank hashed.
+
+    Raises:
+        CheckpointError: on every rank when any file is missing or corrupt (naming the file).
+    """
+    import torch.distributed as dist
+
+    folder = Path(folder)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sorted(verify_manifest(folder, what=what))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine: list[str] = []
+    error: str | None = None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())["files"]
+        for i, (rel, expected) in enumerate(sorted(manifest.items())):
+            if i % world != rank:
+                continue
+            mine.append(rel)
+            path = folder / rel
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{what} {folder}: file {rel} listed in {MANIFEST} is missing"
+                )
+            actual = sha256_file(path)
+            if actual != expected:
+                raise CheckpointError(
+                    f"{what} {folder}: file {rel} is corrupt (sha256 {actual[:12]} != "
+                    f"{expected[:12]})"
+                )
+    except FileNotFoundError:
+        error = f"{what} {folder} has no {MANIFEST}: it was not written completely; write it again"
+    except (json.JSONDecodeError, KeyError) as exc:
+        error = f"{what} {folder}: {MANIFEST} is corrupt ({exc})"
+    except CheckpointError as exc:
+        error = str(exc)
+    verdicts: list[str | None] = [None] * world
+    dist.all_gather_object(verdicts, error)
+    errors = [e for e in verdicts if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    return mine

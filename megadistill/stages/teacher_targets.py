@@ -31,7 +31,12 @@ import torch
 from torch import Tensor
 
 from megadistill.errors import CheckpointError, MegadistillError
-from megadistill.integrity import atomic_dir, atomic_write_json, verify_manifest
+from megadistill.integrity import (
+    atomic_dir,
+    atomic_write_json,
+    verify_manifest,
+    verify_manifest_shared,
+)
 from megadistill.stages.losses import DEFAULT_CHUNK, topk_logprobs
 
 log = logging.getLogger(__name__)
@@ -235,6 +240,15 @@ def write_teacher_targets(
         torch.distributed.barrier()
     log.info("teacher targets written to %s", out)
     return out
+
+
+def verify_targets_shared(path: str | Path) -> None:
+    """Verify a targets folder's checksums once across the ranks (a collective; see
+    :func:`megadistill.integrity.verify_manifest_shared`)."""
+    try:
+        verify_manifest_shared(path, what="teacher targets")
+    except CheckpointError as exc:
+        raise TargetsError(f"{exc}; write the teacher targets again") from exc
 
 
 class TeacherTargets:
