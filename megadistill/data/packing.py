@@ -238,15 +238,24 @@ def cache_root_dir(cfg: DataConfig) -> Path:
     return cache_root() / "data"
 
 
+def _cache_key(cfg: DataConfig, tokenizer: Any) -> tuple[Path, str, str]:
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    fingerprint = data_fingerprint(cfg, tok_fp, [source_hash(s) for s in cfg.sources])
+    return cache_root_dir(cfg) / fingerprint[:24], fingerprint, tok_fp
+
+
+def cache_path(cfg: DataConfig, tokenizer: Any) -> Path:
+    """Where the cache of (sources, tokenizer, settings) lives, built or not (reads no data)."""
+    return _cache_key(cfg, tokenizer)[0]
+
+
 def prepare_packed(cfg: DataConfig, tokenizer: Any) -> Path:
     """Return the cache folder for (sources' content, tokenizer, settings), building it if absent.
 
     Safe to call from several processes at once: each builds in a private temporary folder and the
     first complete one wins (the others are discarded).
     """
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    fingerprint = data_fingerprint(cfg, tok_fp, [source_hash(s) for s in cfg.sources])
-    final = cache_root_dir(cfg) / fingerprint[:24]
+    final, fingerprint, tok_fp = _cache_key(cfg, tokenizer)
     if (final / MANIFEST).is_file():
         log.info("data cache hit: %s", final)
         return final
