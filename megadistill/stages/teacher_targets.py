@@ -37,6 +37,7 @@ from megadistill.integrity import (
     verify_manifest,
     verify_manifest_shared,
 )
+from megadistill.progress import progress_bar
 from megadistill.stages.losses import DEFAULT_CHUNK, topk_logprobs
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def _write_shard(
     ids = fmt.open_memmap(folder / f"{name}.ids.npy", "w+", np.int32, shape)
     sample_ids = np.full(rows, -1, dtype=np.int64)
     row = 0
-    with torch.no_grad():
+    bar = progress_bar(rows * spec.seq_len, "teacher targets")  # tokens/s and ETA on rank 0
+    with torch.no_grad(), bar:
         for batch in loader:
             values, top = _teacher_topk(fn, batch, spec.k, chunk)
             n = len(batch["sample_ids"])
@@ -122,6 +124,7 @@ def _write_shard(
             ids[row : row + n] = top.to("cpu", torch.int32).numpy()
             sample_ids[row : row + n] = batch["sample_ids"].numpy()
             row += n
+            bar.update(n * spec.seq_len)
     lp.flush()
     ids.flush()
     del lp, ids
