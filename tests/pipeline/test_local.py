@@ -100,7 +100,7 @@ def test_prepare_step_builds_every_stage_cache_before_the_experts(tmp_path, monk
             "convert": [["cp", "-r", str(tok), "{run_dir}/student"]],
             "expert": [[*hit, f"{configs}.align.yaml", f"{configs}.distill.yaml"]],
             "merge": noop,
-            "final": [[*hit[:3], "final", "{run_dir}/student", "{run_dir}/configs/final.yaml"]],
+            "final": [[*hit[:5], "final", "{run_dir}/student", "{run_dir}/configs/final.yaml"]],
             "eval": noop,
         },
     })  # fmt: skip
