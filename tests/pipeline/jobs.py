@@ -12,8 +12,8 @@ the entrypoint exports and all-reduce, so a wrong RANK/WORLD_SIZE/MASTER_* fails
     eval    OUT                            copies the final value -> OUT/eval.json
     preemptible OUT TOTAL                  counts to TOTAL (a first run holds at step 3); on
                                            SIGUSR1 checkpoints and exits 143
-    cache-hit OUT NAME CONFIG...           records whether the data cache of each stage CONFIG
-                                           (its data + student tokenizer) is built -> OUT/NAME.json
+    cache-hit OUT NAME TOK CONFIG...       records whether the data cache of each stage CONFIG
+                                           (its data, tokenizer TOK) is built -> OUT/NAME.json
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def preemptible(out: Path, total: int) -> None:
     dist.destroy_process_group()
 
 
-def cache_hit(out: Path, name: str, configs: list[str]) -> None:
+def cache_hit(out: Path, name: str, tokenizer: str, configs: list[str]) -> None:
     import yaml
     from transformers import AutoTokenizer
 
@@ -150,7 +150,7 @@ def cache_hit(out: Path, name: str, configs: list[str]) -> None:
     start, built = time.time(), {}
     for config in configs:
         raw = yaml.safe_load(Path(config).read_text())
-        tok = AutoTokenizer.from_pretrained(raw["student"])
+        tok = AutoTokenizer.from_pretrained(tokenizer)
         path = cache_path(from_dict(DataConfig, raw["data"]), tok)
         manifest = path / MANIFEST
         built[config] = manifest.stat().st_mtime if manifest.is_file() else None
@@ -176,7 +176,7 @@ def main() -> None:
     elif a.program == "eval":
         evaluate(a.out)
     elif a.program == "cache-hit":
-        cache_hit(a.out, a.args[0], a.args[1:])
+        cache_hit(a.out, a.args[0], a.args[1], a.args[2:])
     elif a.program == "preemptible":
         preemptible(a.out, int(a.args[0]))
     else:
