@@ -123,6 +123,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     hybrid = {".".join(k): v for k, v in map(parse_override, args.hybrid)}
     plan = plan_from_cli(args.source, overrides, hybrid)
     print(format_plan(plan))
+    if args.source.endswith((".yaml", ".yml")):  # a pipeline recipe: its prepare step too
+        from megadistill.config import load_yaml
+        from megadistill.data.prepare import format_estimates, prepare_estimates
+
+        raw = load_yaml(args.source)
+        if "experts" in raw:
+            cpus = ((raw.get("resources") or {}).get("prepare") or {}).get("cpus_per_task", 1)
+            print(format_estimates(prepare_estimates(raw), int(cpus)))
     return 0 if all(p.fits for p in plan.stages.values()) else 1
 
 
@@ -167,6 +175,8 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- pipeline commands
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    from megadistill.pipeline.recipe import STEP_NAMES
+
     sub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
     for name, help_text in (("submit", "submit the DAG to SLURM"), ("run", "run the DAG")):
         q = sub.add_parser(name, help=help_text, description=help_text)
@@ -180,12 +190,14 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--wait", type=float, metavar="SECONDS", help="poll until every job ended")
     q = sub.add_parser("step", help="(in a job) run one step's commands in this rank")
     q.add_argument("run_dir")
-    q.add_argument("step", choices=("convert", "expert", "merge", "final", "eval"))
+    q.add_argument("step", choices=STEP_NAMES)
     q.add_argument("--index", type=int, help="array task (default: $SLURM_ARRAY_TASK_ID)")
 
 
 @command(
-    "pipeline", "convert -> experts -> merge -> final -> eval, on SLURM or locally", _pipeline_args
+    "pipeline",
+    "convert -> prepare data -> experts -> merge -> final -> eval, on SLURM or locally",
+    _pipeline_args,
 )
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from megadistill.pipeline import load_recipe, local, slurm, step
@@ -461,11 +473,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- benchmarks
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["inference", "train"], help="which benchmark")
+    p.add_argument("which", choices=["inference", "train", "data"], help="which benchmark")
     p.add_argument("overrides", nargs="*", help="settings, e.g. contexts=[1024,4096] batch_size=8")
 
 
-@command("bench", "benchmarks: teacher vs student, side by side (ratios)", _bench_args)
+@command("bench", "benchmarks: teacher vs student side by side; data preparation", _bench_args)
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -490,6 +502,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         summary = run_train_bench(from_dict(TrainBenchConfig, apply_overrides({}, args.overrides)))
         print(format_summary(summary))
         print(json.dumps(summary))
+    elif args.which == "data":
+        from megadistill.bench.data import DataBenchConfig, format_rows, run_data_bench
+        from megadistill.config import apply_overrides
+
+        rows = run_data_bench(from_dict(DataBenchConfig, apply_overrides({}, args.overrides)))
+        print(format_rows(rows))
+        print(json.dumps(rows))
     return 0
 
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from megadistill.errors import CheckpointError
 
@@ -21,13 +22,23 @@ MANIFEST = "checksums.json"
 _CHUNK = 1 << 22
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
+def sha256_file(path: str | Path, bar: Any = None) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (``bar``: a progress bar counting bytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_CHUNK):
             digest.update(block)
+            if bar is not None:
+                bar.update(len(block))
     return digest.hexdigest()
+
+
+def _bytes_bar(folder: Path, files: list[str], what: str) -> Any:
+    """A bytes progress bar (rate and ETA) over ``files`` of ``folder`` (missing ones count 0)."""
+    from megadistill.progress import progress_bar
+
+    total = sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
+    return progress_bar(total, f"verify {what}", unit="B")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -69,8 +80,12 @@ def write_manifest(folder: str | Path) -> dict[str, str]:
     return files
 
 
-def verify_manifest(folder: str | Path, *, what: str = "checkpoint") -> dict[str, str]:
-    """Check every file listed in ``folder/checksums.json``; raise CheckpointError on a mismatch."""
+def verify_manifest(
+    folder: str | Path, *, what: str = "checkpoint", progress: bool = False
+) -> dict[str, str]:
+    """Check every file listed in ``folder/checksums.json``; raise CheckpointError on a mismatch.
+
+    With ``progress`` a bar shows bytes/s and the ETA of the pass."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not folder.is_dir():
@@ -84,15 +99,23 @@ def verify_manifest(folder: str | Path, *, what: str = "checkpoint") -> dict[str
         files = json.loads(manifest_path.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise CheckpointError(f"{what} {folder}: {MANIFEST} is corrupt ({exc})") from exc
-    for rel, expected in files.items():
-        path = folder / rel
-        if not path.is_file():
-            raise CheckpointError(f"{what} {folder}: file {rel} listed in {MANIFEST} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise CheckpointError(
-                f"{what} {folder}: file {rel} is corrupt (sha256 {actual[:12]} != {expected[:12]})"
-            )
+    bar = _bytes_bar(folder, list(files), what) if progress else None
+    try:
+        for rel, expected in files.items():
+            path = folder / rel
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{what} {folder}: file {rel} listed in {MANIFEST} is missing"
+                )
+            actual = sha256_file(path, bar)
+            if actual != expected:
+                raise CheckpointError(
+                    f"{what} {folder}: file {rel} is corrupt (sha256 {actual[:12]} != "
+                    f"{expected[:12]})"
+                )
+    finally:
+        if bar is not None:
+            bar.close()
     return files
 
 
@@ -121,3 +144,60 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def verify_manifest_shared(folder: str | Path, *, what: str = "checkpoint") -> list[str]:
+    """:func:`verify_manifest` split across the ranks of a process group, verdict shared.
+
+    Rank ``r`` hashes the files ``r, r + world, ...`` of the sorted manifest (so every file is
+    read once by one rank, not by every rank) and the ranks exchange their errors in one
+    collective, bounded by the process group's timeout. Without a process group (or with one
+    rank) it is :func:`verify_manifest`. A collective: every rank must call it.
+
+    Returns:
+        The files this rank hashed.
+
+    Raises:
+        CheckpointError: on every rank when any file is missing or corrupt (naming the file).
+    """
+    import torch.distributed as dist
+
+    folder = Path(folder)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sorted(verify_manifest(folder, what=what))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine: list[str] = []
+    error: str | None = None
+    bar = None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())["files"]
+        share = [item for i, item in enumerate(sorted(manifest.items())) if i % world == rank]
+        bar = _bytes_bar(folder, [rel for rel, _ in share], what)
+        for rel, expected in share:
+            mine.append(rel)
+            path = folder / rel
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{what} {folder}: file {rel} listed in {MANIFEST} is missing"
+                )
+            actual = sha256_file(path, bar)
+            if actual != expected:
+                raise CheckpointError(
+                    f"{what} {folder}: file {rel} is corrupt (sha256 {actual[:12]} != "
+                    f"{expected[:12]})"
+                )
+    except FileNotFoundError:
+        error = f"{what} {folder} has no {MANIFEST}: it was not written completely; write it again"
+    except (json.JSONDecodeError, KeyError) as exc:
+        error = f"{what} {folder}: {MANIFEST} is corrupt ({exc})"
+    except CheckpointError as exc:
+        error = str(exc)
+    finally:
+        if bar is not None:
+            bar.close()
+    verdicts: list[str | None] = [None] * world
+    dist.all_gather_object(verdicts, error)
+    errors = [e for e in verdicts if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    return mine

@@ -73,3 +73,22 @@ def test_merge_bench_script_smoke(tmp_path):
     for mode in ("baseline", "streaming_noverify", "streaming"):
         assert results[mode]["peak_rss_mib"] > 0 and results[mode]["wall_s"] > 0
     assert set(results["summary"]) == {"streaming_vs_baseline", "streaming_noverify_vs_baseline"}
+
+
+def test_data_bench_counts_the_same_tokens_as_the_datasets_baseline(tmp_path, capsys):
+    from megadistill.assets import byte_tokenizer
+
+    byte_tokenizer(tmp_path / "tok")
+    args = [f"work_dir={tmp_path / 'w'}", "corpus_mb=0.3", f"tokenizer={tmp_path / 'tok'}",
+            "budget_tokens=20000", "seq_len=64"]  # fmt: skip
+    assert main(["bench", "data", *args]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours = {r["workers"]: r for r in rows if r["mode"] == "ours" and not r["budget"]}
+    base = {r["workers"]: r for r in rows if r["mode"] == "baseline"}
+    (budget,) = [r for r in rows if r["budget"]]
+    assert set(ours) == set(base) == {1, 2}
+    for n in (1, 2):  # the same documents: ours adds one EOS per document
+        assert ours[n]["documents"] == base[n]["documents"] > 100
+        assert ours[n]["tokens"] == base[n]["tokens"] + base[n]["documents"]
+        assert ours[n]["peak_rss_mib"] > 0 and base[n]["peak_rss_mib"] > 0
+    assert 20000 <= budget["train_tokens"] < ours[1]["tokens"] / 2  # only a prefix was read

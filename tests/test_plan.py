@@ -355,3 +355,20 @@ def test_decode_cache_counts_softmax_layers_growing_and_hybrid_layers_constant()
     assert short["student_constant"] == long["student_constant"]
     state = 2 * (4 * 4 + 4 + 1) * 4  # heads * (C + n + m) in fp32
     assert long["student_constant"] == 3 * (state + (4 + 1) * kv)
+
+
+def test_plan_states_the_prepare_step_time_and_disk(capsys) -> None:
+    from megadistill.cli import main
+    from megadistill.config import load_yaml
+    from megadistill.data.prepare import MEASURED_TOKENS_PER_S_PER_WORKER, prepare_estimates
+
+    recipe = Path(__file__).resolve().parents[1] / "megadistill/recipes/olmo3_7b.yaml"
+    main(["plan", str(recipe), "--nodes", "4", "--gpus-per-node", "8", "--gpu-mem", "80GB"])
+    out = capsys.readouterr().out
+    assert "== prepare" in out and out.count(" h  cache ") == 5  # 4 experts + the final stage
+    rows = prepare_estimates(load_yaml(recipe))
+    assert [r["task"] for r in rows] == ["math", "code", "stem", "chat", "final"]
+    math = rows[0]  # stage I 655M + stage II 5B tokens, 32 tokenizer processes, 4 B per token
+    assert math["tokens"] == 5_655_000_000 and math["cache_bytes"] >= 4 * math["tokens"]
+    assert math["seconds"] == pytest.approx(5.655e9 / (32 * MEASURED_TOKENS_PER_S_PER_WORKER))
+    assert math["peak_bytes"] == 2 * math["cache_bytes"]

@@ -8,6 +8,7 @@ from typing import Literal
 from megadistill.config import ConfigError
 
 TxtDocuments = Literal["file", "paragraph", "line"]
+TokenDtype = Literal["uint16", "uint32"]
 
 
 @dataclass(kw_only=True)
@@ -16,7 +17,8 @@ class SourceConfig:
 
     path: str | None = None
     """Local .txt, .jsonl/.json (one JSON object per line), .parquet (.txt/.jsonl may end in .gz),
-    a folder of such files (read in sorted order) or a ``datasets.save_to_disk`` folder."""
+    flat token files (.npy/.bin: EOS-separated documents, the OLMo/Dolma layout), a folder of
+    such files or a ``datasets.save_to_disk`` folder (text, or ``input_ids`` already tokenised)."""
     hf_name: str | None = None
     """Hugging Face dataset name (needs a reachable hub or the local datasets cache); not with path."""
     hf_config: str | None = None
@@ -30,6 +32,9 @@ class SourceConfig:
     txt_documents: TxtDocuments = "paragraph"
     """How a .txt file is cut into documents: the whole 'file', blank-line separated 'paragraph's,
     or one per 'line'."""
+    token_dtype: TokenDtype | None = None
+    """dtype of headerless token files (OLMo/Dolma write raw uint16/uint32 arrays); a .npy with a
+    numpy header carries its own dtype."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.hf_name is None):
@@ -71,7 +76,12 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle packed sequences every epoch (seeded by seed and epoch)."""
     verify_cache: bool = True
-    """Check the sha256 manifest of a cache before using it (reads every byte once per open)."""
+    """Check the sha256 manifest of a cache before using it (split across the ranks of a job)."""
+    num_proc: int = 1
+    """Tokenizer worker processes when building the cache (the output is the same for any
+    value; ``megadistill prepare-data`` defaults to the job's CPUs)."""
+    shuffle_buffer: int = 8192
+    """Documents in each source's seeded shuffle buffer while streaming (see data.sources)."""
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -82,6 +92,10 @@ class DataConfig:
             raise ConfigError(
                 f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}"
             )
+        if self.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be >= 1, got {self.num_proc}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.num_tokens is not None and self.num_tokens < self.seq_len + 1:
             raise ConfigError(
                 f"data.num_tokens={self.num_tokens} is less than one sequence "

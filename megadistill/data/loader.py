@@ -14,6 +14,7 @@ from megadistill.data.config import DataConfig
 from megadistill.data.errors import DataError
 from megadistill.data.packing import PackedDataset, prepare_packed
 from megadistill.data.sampler import PAD_SAMPLE, ShardedSampler
+from megadistill.integrity import verify_manifest_shared
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,10 @@ def build_loader(
 ) -> DistillLoader:
     """Build (or reuse) the packed cache for ``cfg`` and a loader for this rank.
 
-    In an initialised process group only rank 0 hashes the sources and builds the cache; the
-    others receive its folder (which must be on a filesystem all ranks share) and open it.
+    In an initialised process group only rank 0 keys the sources and builds the cache (normally
+    the pipeline's prepare step has built it already); the others receive its folder (which must
+    be on a filesystem all ranks share). Its checksums are verified once, split across the ranks,
+    and every rank opens it read-only (memory-mapped).
 
     Args:
         cfg: data config.
@@ -117,7 +120,9 @@ def build_loader(
         path = Path(holder[0])
     else:
         path = prepare_packed(cfg, tokenizer)
-    dataset = PackedDataset(path, split, tokenizer=tokenizer, verify=cfg.verify_cache)
+    if cfg.verify_cache:  # each file hashed by one rank, the verdict shared (a collective)
+        verify_manifest_shared(path, what="data cache")
+    dataset = PackedDataset(path, split, tokenizer=tokenizer, verify=False)
     sampler = ShardedSampler(
         len(dataset),
         rank=rank,

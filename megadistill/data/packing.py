@@ -14,14 +14,19 @@ padding. ``position_ids`` restart at 0 at every document start and at the start 
 (a document cut by a sample boundary continues as a new segment). The last sample is padded with
 the pad token (position ids of padding restart at 0, labels -100).
 
-The mix: weights are shares of *tokens*. Per source, documents are drawn in seeded random order,
-cycling through all of them again (another permutation) when more tokens are needed, until the
-source's share ``weight_i / sum(weights) * num_tokens`` is reached; the chosen documents of all
-sources are then interleaved by one seeded permutation. With ``num_tokens`` null the mix is the
-smallest one in which every training document of every source appears at least once.
+The mix: weights are shares of *tokens*. Each source is read as a stream in a seeded order and
+tokenised in parallel (:mod:`megadistill.data.tokenize`); with ``num_tokens`` set, reading stops
+once the source's training documents reach its share ``weight_i / sum(weights) * num_tokens``
+(the documented over-read is in :mod:`megadistill.data.tokenize`). Per source, the documents read
+are then drawn in seeded random order, cycling through all of them again (another permutation)
+when a small source has fewer tokens than its share, until the share is reached; the chosen
+documents of all sources are interleaved by one seeded permutation. With ``num_tokens`` null every
+source is read whole and the mix is the smallest one in which every training document of every
+source appears at least once.
 
-The held-out split takes ``round(heldout_fraction * num_docs)`` documents of each source (at least
-one when the fraction is > 0), chosen by a seeded permutation, unmixed and in source order.
+The held-out split: the documents of each source that the rule of
+:func:`megadistill.data.tokenize.is_heldout` picks from those read (``ceil(f * n)`` of ``n``, at
+least one when the fraction is > 0), unmixed and in read order.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +43,15 @@ import numpy as np
 from megadistill.config import to_dict
 from megadistill.data.config import DataConfig
 from megadistill.data.errors import DataError
-from megadistill.data.sources import iter_documents, source_hash
+from megadistill.data.sources import source_hash
+from megadistill.data.tokenize import Encoder, Tokenized, tokenize_source
 from megadistill.integrity import MANIFEST, atomic_dir, atomic_write_json, verify_manifest
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 IGNORE_INDEX = -100
 SPLITS = ("train", "heldout")
-_TOKENIZE_BATCH = 256
 META = "meta.json"
 
 
@@ -81,18 +85,11 @@ def data_fingerprint(cfg: DataConfig, tokenizer_fp: str, content_hashes: list[st
         "heldout_fraction": cfg.heldout_fraction,
         "num_tokens": cfg.num_tokens,
         "add_special_tokens": cfg.add_special_tokens,
+        "shuffle_buffer": cfg.shuffle_buffer,
     }
     for src in key["sources"]:
         src.pop("path", None)  # content decides, not where the file lives
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass
-class _Tokenized:
-    tokens: np.ndarray
-    """All documents of one source, each followed by EOS (uint32)."""
-    offsets: np.ndarray
-    """int64 [num_docs + 1]: document d is tokens[offsets[d]:offsets[d + 1]]."""
 
 
 def _special_ids(tokenizer: Any) -> tuple[int, int]:
@@ -104,51 +101,6 @@ def _special_ids(tokenizer: Any) -> tuple[int, int]:
         )
     pad = tokenizer.pad_token_id
     return int(eos), int(eos if pad is None else pad)
-
-
-def _tokenize_source(cfg: DataConfig, index: int, tokenizer: Any, work: Path) -> _Tokenized:
-    source = cfg.sources[index]
-    eos, _ = _special_ids(tokenizer)
-    path = work / f"source{index:03d}.tokens.bin"
-    lengths: list[int] = []
-    with open(path, "wb") as fh:
-        batch: list[str] = []
-        for doc in _chain_flush(iter_documents(source)):
-            if doc is not None:
-                batch.append(doc)
-            if batch and (doc is None or len(batch) >= _TOKENIZE_BATCH):
-                for ids in tokenizer(batch, add_special_tokens=cfg.add_special_tokens)["input_ids"]:
-                    if not ids or ids[-1] != eos:
-                        ids = [*ids, eos]
-                    np.asarray(ids, dtype=np.uint32).tofile(fh)
-                    lengths.append(len(ids))
-                batch = []
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.memmap(path, dtype=np.uint32, mode="r")  # a source can exceed RAM
-    log.info("source %s: %d documents, %d tokens", source.describe(), len(lengths), len(tokens))
-    return _Tokenized(tokens=tokens, offsets=offsets)
-
-
-def _chain_flush(docs: Any) -> Any:
-    yield from docs
-    yield None  # marks the end so the last partial batch is flushed
-
-
-def split_heldout(num_docs: int, fraction: float, seed: int, source_index: int) -> np.ndarray:
-    """Boolean mask of the held-out documents of one source (deterministic in the seed)."""
-    mask = np.zeros(num_docs, dtype=bool)
-    if fraction <= 0:
-        return mask
-    n_held = max(1, round(fraction * num_docs))
-    if n_held >= num_docs:
-        raise DataError(
-            f"data source #{source_index} has {num_docs} documents: heldout_fraction={fraction} "
-            "leaves none for training; lower heldout_fraction or add data"
-        )
-    rng = np.random.default_rng([seed, source_index, 0x4E1D])
-    mask[rng.permutation(num_docs)[:n_held]] = True
-    return mask
 
 
 def mix_documents(
@@ -190,7 +142,7 @@ def mix_documents(
 
 
 def _write_stream(
-    work: Path, split: str, entries: np.ndarray, toks: list[_Tokenized]
+    work: Path, split: str, entries: np.ndarray, toks: list[Tokenized]
 ) -> dict[str, int]:
     """Concatenate the chosen documents into ``<split>.tokens.npy`` / ``<split>.doc_starts.npy``."""
     lengths = np.array(
@@ -222,17 +174,26 @@ def num_samples(num_tokens: int, seq_len: int) -> int:
 def _build_cache(
     cfg: DataConfig, tokenizer: Any, fingerprint: str, tok_fp: str, work: Path
 ) -> None:
+    from megadistill.progress import progress_bar
+
     eos, pad = _special_ids(tokenizer)
-    toks = [_tokenize_source(cfg, i, tokenizer, work) for i in range(len(cfg.sources))]
+    weights = [s.weight for s in cfg.sources]
+    shares = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+    toks = []
+    encoder = Encoder(tokenizer, cfg.add_special_tokens, eos, cfg.num_proc)
+    with progress_bar(cfg.num_tokens, "prepare data") as bar, encoder:
+        for i in range(len(cfg.sources)):
+            target = None if cfg.num_tokens is None else shares[i] * cfg.num_tokens
+            out = work / f"source{i:03d}.tokens.bin"
+            toks.append(tokenize_source(cfg, i, encoder, out, target, bar))
     train_lengths, train_ids, held = [], [], []
     for i, t in enumerate(toks):
         lengths = np.diff(t.offsets)
-        mask = split_heldout(len(lengths), cfg.heldout_fraction, cfg.seed, i)
-        ids = np.flatnonzero(~mask)
+        ids = np.flatnonzero(~t.heldout)
         train_ids.append(ids)
         train_lengths.append(lengths[ids])
-        held.append(np.stack([np.full(int(mask.sum()), i), np.flatnonzero(mask)], axis=1))
-    mixed = mix_documents(train_lengths, [s.weight for s in cfg.sources], cfg.seed, cfg.num_tokens)
+        held.append(np.stack([np.full(int(t.heldout.sum()), i), np.flatnonzero(t.heldout)], 1))
+    mixed = mix_documents(train_lengths, weights, cfg.seed, cfg.num_tokens)
     train_entries = np.stack([mixed[:, 0], [train_ids[s][d] for s, d in mixed]], axis=1)
     splits = {
         "train": _write_stream(work, "train", train_entries.astype(np.int64), toks),
@@ -256,8 +217,10 @@ def _build_cache(
             {
                 "source": s.describe(),
                 "weight": s.weight,
-                "documents": len(t.offsets) - 1,
-                "tokens": int(t.offsets[-1]),
+                "documents_read": len(t.offsets) - 1,
+                "tokens_read": int(t.offsets[-1]),
+                "heldout_documents": int(t.heldout.sum()),
+                "read_whole": t.exhausted,
             }
             for s, t in zip(cfg.sources, toks, strict=True)
         ],
@@ -275,15 +238,24 @@ def cache_root_dir(cfg: DataConfig) -> Path:
     return cache_root() / "data"
 
 
+def _cache_key(cfg: DataConfig, tokenizer: Any) -> tuple[Path, str, str]:
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    fingerprint = data_fingerprint(cfg, tok_fp, [source_hash(s) for s in cfg.sources])
+    return cache_root_dir(cfg) / fingerprint[:24], fingerprint, tok_fp
+
+
+def cache_path(cfg: DataConfig, tokenizer: Any) -> Path:
+    """Where the cache of (sources, tokenizer, settings) lives, built or not (reads no data)."""
+    return _cache_key(cfg, tokenizer)[0]
+
+
 def prepare_packed(cfg: DataConfig, tokenizer: Any) -> Path:
     """Return the cache folder for (sources' content, tokenizer, settings), building it if absent.
 
     Safe to call from several processes at once: each builds in a private temporary folder and the
     first complete one wins (the others are discarded).
     """
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    fingerprint = data_fingerprint(cfg, tok_fp, [source_hash(s) for s in cfg.sources])
-    final = cache_root_dir(cfg) / fingerprint[:24]
+    final, fingerprint, tok_fp = _cache_key(cfg, tokenizer)
     if (final / MANIFEST).is_file():
         log.info("data cache hit: %s", final)
         return final

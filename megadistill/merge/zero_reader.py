@@ -124,7 +124,7 @@ class ZeroCheckpoint:
     def __init__(self, path: str | Path, tag: str | None = None, *, verify: bool = True) -> None:
         self.tag_dir = resolve_tag_dir(path, tag)
         if verify:
-            verify_manifest(self.tag_dir)
+            verify_manifest(self.tag_dir, progress=True)  # the merge's checksum pass
         meta_path = self.tag_dir / META_FILE
         self.meta: dict[str, Any] | None = (
             json.loads(meta_path.read_text()) if meta_path.is_file() else None

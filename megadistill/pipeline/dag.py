@@ -1,4 +1,4 @@
-"""The pipeline DAG: convert -> expert array -> merge -> final distillation -> evaluation.
+"""The pipeline DAG: convert -> prepare array -> expert array -> merge -> final -> evaluation.
 
 :func:`build_dag` turns a recipe into :class:`Step` objects, each with the resolved argv lists it
 runs (one list of commands per array task). :func:`step_commands` is the single place where the
@@ -12,6 +12,7 @@ Run directory layout::
     RUN_DIR/configs/*.yaml           the stage configs the commands read
     RUN_DIR/student/                 the initial student (converted once, shared by all experts)
     RUN_DIR/experts/<name>/          each expert's output: align/ (stage I), distill/ (stage II)
+                                     (the data caches live in each data config's cache_dir)
     RUN_DIR/merged/  final/  eval/   later steps' outputs
     RUN_DIR/logs/<step>/             job logs
     RUN_DIR/jobs.json                SLURM job ids (written by ``pipeline submit``)
@@ -49,7 +50,7 @@ class Step:
     """One node of the DAG.
 
     Attributes:
-        name: step name (``expert``, ``merge``, ``final``, ``eval``).
+        name: step name (``convert``, ``prepare``, ``expert``, ``merge``, ``final``, ``eval``).
         after: names of the steps that must succeed first.
         resources: cluster resources of one job (one array task).
         commands: per array task, the argv lists run one after the other in every rank.
@@ -68,7 +69,30 @@ class Step:
     @property
     def is_array(self) -> bool:
         """Whether the step is submitted as a SLURM job array."""
-        return self.name == "expert"
+        return self.name in ARRAY_STEPS
+
+
+ARRAY_STEPS = ("prepare", "expert")
+"""Steps submitted as job arrays: one task per expert (prepare: plus one for the final stage)."""
+FINAL_TASK = "final"
+"""The ``{expert}`` name of the prepare task of the final stage (the last task)."""
+
+
+def has_prepare(recipe: PipelineRecipe) -> bool:
+    """Whether the DAG has a prepare step: when ``commands.prepare`` is given, or when a stage
+    section or an expert names data ``sources`` (a recipe without any has nothing to prepare)."""
+    sections = [recipe.align, recipe.distill, recipe.final, *(e.data for e in recipe.experts)]
+    named = any("sources" in (s.get("data") or {}) for s in sections[:3])
+    return recipe.commands.prepare is not None or named or any("sources" in d for d in sections[3:])
+
+
+def task_names(step: str, experts: list[str]) -> list[str]:
+    """The task names of a step's array (``['']`` for a plain job)."""
+    if step == "expert":
+        return list(experts)
+    if step == "prepare":
+        return [*experts, FINAL_TASK]
+    return [""]
 
 
 def _literal(text: str) -> str:
@@ -81,17 +105,25 @@ def _override(key: str, value: Any) -> str:
     return _literal(f"{key}={text}")
 
 
-def default_commands(recipe: PipelineRecipe, step: str) -> list[list[str]]:
+def default_commands(recipe: PipelineRecipe | None, step: str) -> list[list[str]]:
     """The ``megadistill`` commands of ``step`` as templates (see ``TEMPLATE_FIELDS``).
 
     The single place where the pipeline meets the stage CLIs: ``convert`` writes the initial
-    student once, each expert runs stage I then stage II from its own stage YAML (``--resume``:
+    student once, ``prepare`` tokenises and packs the data of each expert's two stages (and, in
+    its last task, called with ``recipe`` None, of the final stage) on CPU nodes, each expert runs stage I then stage II from its own stage YAML (``--resume``:
     a requeued job continues from its newest checkpoint), ``merge`` reads the experts' ZeRO-3
     checkpoints, ``final`` is a stage II run from the merged model, ``eval`` compares it with the
     teacher.
     """
     md = ["{python}", "-m", "megadistill.cli"]
     configs = "{run_dir}/configs"
+    if step == "prepare":  # the tokenizer of the initial student (the teacher's): merged/ is
+        # written later, and every later student carries a copy of the same tokenizer files
+        tok = "student={run_dir}/" + STEP_DIRS["convert"]
+        if recipe is None:  # the final stage's task
+            return [[*md, "prepare-data", f"{configs}/final.yaml", tok]]
+        return [[*md, "prepare-data", f"{configs}/expert_{{expert}}.{stage}.yaml", tok]
+                for stage in ("align", "distill")]  # fmt: skip
     if step == "convert":
         hybrid = [_override(k, v) for k, v in recipe.hybrid.items()]
         return [[*md, "convert", "--teacher", "{teacher}", "--out", "{step_dir}",
@@ -120,7 +152,8 @@ def default_commands(recipe: PipelineRecipe, step: str) -> list[list[str]]:
     raise PipelineError(f"unknown step {step!r}; steps are {', '.join(STEP_NAMES)}")
 
 
-STEP_DIRS = {"convert": "student", "merge": "merged", "final": "final", "eval": "eval"}
+STEP_DIRS = {"convert": "student", "prepare": "final", "merge": "merged", "final": "final",
+             "eval": "eval"}  # fmt: skip
 """Output folder of each single-job step inside the run directory (experts: experts/<name>)."""
 
 
@@ -170,42 +203,52 @@ def step_commands(recipe: PipelineRecipe, step: str, run_dir: Path) -> list[list
         run_dir: absolute run directory.
     """
     templates = getattr(recipe.commands, step) or default_commands(recipe, step)
-    tasks = list(enumerate(recipe.experts)) if step == "expert" else [(0, None)]
-    weights = recipe.weights
-    out = []
-    for index, expert in tasks:
-        name = expert.name if expert is not None else ""
-        fields = {
-            "python": sys.executable,
-            "run_dir": str(run_dir),
-            "repo": str(REPO_ROOT),
-            "teacher": recipe.teacher,
-            "seed": str(recipe.seed),
-            "expert": name,
-            "index": str(index),
-            "weight": repr(weights[index]) if expert is not None else "",
-            "step_dir": str(run_dir / (f"experts/{name}" if expert else STEP_DIRS[step])),
-            "config": str(
-                run_dir / "configs" / (f"expert_{name}.yaml" if expert else f"{step}.yaml")
-            ),
-        }
-        out.append([[arg.format(**fields) for arg in argv] for argv in templates])
+    tasks: list[Any] = list(recipe.experts) if step in ARRAY_STEPS else [None]
+    out = [_fill(templates, recipe, run_dir, step, i, e) for i, e in enumerate(tasks)]
+    if step == "prepare":  # a last task for the final stage's data
+        final = getattr(recipe.commands, step) or default_commands(None, step)
+        out.append(_fill(final, recipe, run_dir, step, len(tasks), None))
     return out
+
+
+def _fill(
+    templates: list[list[str]], recipe: PipelineRecipe, run_dir: Path, step: str, index: int,
+    expert: Any,
+) -> list[list[str]]:  # fmt: skip
+    """One array task's commands: ``templates`` with the placeholders filled in."""
+    name = expert.name if expert is not None else ""
+    config = f"expert_{name}.yaml" if expert else f"{step}.yaml"
+    if step == "prepare" and expert is None:  # the final stage's task
+        name, config = FINAL_TASK, "final.yaml"
+    fields = {
+        "python": sys.executable,
+        "run_dir": str(run_dir),
+        "repo": str(REPO_ROOT),
+        "teacher": recipe.teacher,
+        "seed": str(recipe.seed),
+        "expert": name,
+        "index": str(index),
+        "weight": repr(recipe.weights[index]) if expert is not None else "",
+        "step_dir": str(run_dir / (f"experts/{name}" if expert else STEP_DIRS[step])),
+        "config": str(run_dir / "configs" / config),
+    }
+    return [[arg.format(**fields) for arg in argv] for argv in templates]
 
 
 def build_dag(recipe: PipelineRecipe, run_dir: str | Path) -> list[Step]:
     """The recipe's steps in dependency order (each step's ``after`` precedes it)."""
     run_dir = Path(run_dir).resolve()
+    names = [n for n in STEP_NAMES if n != "prepare" or has_prepare(recipe)]
     return [
         Step(
             name=name,
-            after=STEP_NAMES[i - 1 : i],
+            after=tuple(names[i - 1 : i]),
             resources=getattr(recipe.resources, name),
             commands=tuple(
                 tuple(tuple(argv) for argv in task) for task in step_commands(recipe, name, run_dir)
             ),
         )
-        for i, name in enumerate(STEP_NAMES)
+        for i, name in enumerate(names)
     ]
 
 

@@ -33,8 +33,9 @@ from typing import Any, Literal
 
 from megadistill.config import ConfigError, from_dict, load_config
 
-STEP_NAMES = ("convert", "expert", "merge", "final", "eval")
-"""The pipeline's steps in dependency order."""
+STEP_NAMES = ("convert", "prepare", "expert", "merge", "final", "eval")
+"""The pipeline's steps in dependency order (``prepare`` only where a stage reads data, see
+:func:`megadistill.pipeline.dag.has_prepare`)."""
 
 TEMPLATE_FIELDS = (
     "python", "run_dir", "repo", "teacher", "seed", "expert", "index", "weight", "step_dir", "config",
@@ -119,6 +120,8 @@ class StepResources:
 
     convert: Resources = field(default_factory=Resources)
     """Teacher -> initial student conversion (one rank; needs memory for the model)."""
+    prepare: Resources = field(default_factory=Resources)
+    """One data-preparation array task (one CPU rank; its ``cpus_per_task`` tokenizer workers)."""
     expert: Resources = field(default_factory=Resources)
     """One expert array task (stage I + II of one expert)."""
     merge: Resources = field(default_factory=Resources)
@@ -159,6 +162,8 @@ class Commands:
 
     convert: list[list[str]] | None = None
     """Commands of the conversion job."""
+    prepare: list[list[str]] | None = None
+    """Commands of one data-preparation task (``{expert}`` is 'final' for the final stage's)."""
     expert: list[list[str]] | None = None
     """Commands of one expert array task."""
     merge: list[list[str]] | None = None

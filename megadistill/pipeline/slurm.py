@@ -1,7 +1,8 @@
 """Submit the pipeline DAG to SLURM and report where each step stands.
 
 ``submit`` writes the run directory (:func:`~megadistill.pipeline.dag.write_plan`), then submits
-one job per step with ``sbatch --parsable``: the expert step as an array (one task per expert),
+one job per step with ``sbatch --parsable``: the prepare and expert steps as arrays (one task per
+expert; prepare has one more, for the final stage's data),
 every later step ``--dependency=afterok:<previous job>`` with ``--kill-on-invalid-dep=yes`` so a
 failed expert cancels what depends on it instead of leaving it pending forever. All jobs run with
 ``--requeue`` and ``--signal=B:USR1@<s>`` (the entrypoint forwards it to the ranks). Job ids go to
@@ -28,11 +29,13 @@ from typing import Any
 
 from megadistill.integrity import atomic_write_json
 from megadistill.pipeline.dag import (
+    ARRAY_STEPS,
     REPO_ROOT,
     PipelineError,
     Step,
     check_inputs,
     read_plan,
+    task_names,
     write_plan,
 )
 from megadistill.pipeline.lock import run_lock
@@ -267,8 +270,8 @@ def _task_indices(spec: str) -> list[int]:
 
 def _step_rows(step: str, info: dict[str, Any], experts: list[str]) -> list[TaskStatus]:
     job_id = info["job_id"]
+    names = task_names(step, experts)
     if info.get("finished_earlier"):  # every rank marked every command done
-        names = experts if step == "expert" else [""]
         return [TaskStatus(step, name, job_id, "COMPLETED", "", "0:0", "",
                            why="finished in an earlier submission") for name in names]  # fmt: skip
     records = _records(job_id) or _sacct_records(job_id)
@@ -277,9 +280,9 @@ def _step_rows(step: str, info: dict[str, Any], experts: list[str]) -> list[Task
                            "slurmctld no longer knows this job and sacct has no record")]  # fmt: skip
     rows = []
     for rec in records:
-        indices = _task_indices(rec.get("ArrayTaskId", "")) if step == "expert" else [0]
+        indices = _task_indices(rec.get("ArrayTaskId", "")) if step in ARRAY_STEPS else [0]
         for idx in indices or [0]:
-            name = experts[idx] if step == "expert" and idx < len(experts) else ""
+            name = names[idx] if idx < len(names) else ""
             array_id = rec.get("ArrayJobId")
             rows.append(TaskStatus(
                 step=step, task=name, job_id=f"{array_id}_{idx}" if array_id else job_id,
@@ -287,7 +290,7 @@ def _step_rows(step: str, info: dict[str, Any], experts: list[str]) -> list[Task
                 exit_code=rec.get("ExitCode", ""), log=rec.get("StdOut", ""),
                 restarts=int(rec.get("Restarts", "0") or 0),
             ))  # fmt: skip
-    return sorted(rows, key=lambda r: experts.index(r.task) if r.task in experts else 0)
+    return sorted(rows, key=lambda r: names.index(r.task) if r.task in names else 0)
 
 
 def _explain(row: TaskStatus, rows: list[TaskStatus], after: list[str]) -> str:

@@ -233,10 +233,11 @@ def _distill_loss(cfg: StageConfig, loader: Any, world: int) -> DistillLoss:
     from megadistill.engine.ds_config import build_ds_config
 
     if cfg.distill.teacher_mode == "offline":
-        from megadistill.stages.teacher_targets import TeacherTargets
+        from megadistill.stages.teacher_targets import TeacherTargets, verify_targets_shared
 
+        verify_targets_shared(cfg.distill.targets_dir)  # each file hashed by one rank
         targets = TeacherTargets(
-            cfg.distill.targets_dir, k=cfg.distill.top_k, seq_len=cfg.data.seq_len,
+            cfg.distill.targets_dir, k=cfg.distill.top_k, seq_len=cfg.data.seq_len, verify=False,
             data_fingerprint=loader.fingerprint,
             teacher_fingerprint=student_fingerprint(cfg.teacher) if cfg.teacher else None,
         )  # fmt: skip

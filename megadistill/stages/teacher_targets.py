@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from megadistill.errors import CheckpointError, MegadistillError
-from megadistill.integrity import atomic_dir, atomic_write_json, verify_manifest
+from megadistill.integrity import (
+    atomic_dir,
+    atomic_write_json,
+    verify_manifest,
+    verify_manifest_shared,
+)
+from megadistill.progress import progress_bar
 from megadistill.stages.losses import DEFAULT_CHUNK, topk_logprobs
 
 log = logging.getLogger(__name__)
@@ -109,7 +115,8 @@ def _write_shard(
     ids = fmt.open_memmap(folder / f"{name}.ids.npy", "w+", np.int32, shape)
     sample_ids = np.full(rows, -1, dtype=np.int64)
     row = 0
-    with torch.no_grad():
+    bar = progress_bar(rows * spec.seq_len, "teacher targets")  # tokens/s and ETA on rank 0
+    with torch.no_grad(), bar:
         for batch in loader:
             values, top = _teacher_topk(fn, batch, spec.k, chunk)
             n = len(batch["sample_ids"])
@@ -117,6 +124,7 @@ def _write_shard(
             ids[row : row + n] = top.to("cpu", torch.int32).numpy()
             sample_ids[row : row + n] = batch["sample_ids"].numpy()
             row += n
+            bar.update(n * spec.seq_len)
     lp.flush()
     ids.flush()
     del lp, ids
@@ -238,6 +246,15 @@ def write_teacher_targets(
         torch.distributed.barrier()
     log.info("teacher targets written to %s", out)
     return out
+
+
+def verify_targets_shared(path: str | Path) -> None:
+    """Verify a targets folder's checksums once across the ranks (a collective; see
+    :func:`megadistill.integrity.verify_manifest_shared`)."""
+    try:
+        verify_manifest_shared(path, what="teacher targets")
+    except CheckpointError as exc:
+        raise TargetsError(f"{exc}; write the teacher targets again") from exc
 
 
 class TeacherTargets:

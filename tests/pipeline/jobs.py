@@ -12,6 +12,8 @@ the entrypoint exports and all-reduce, so a wrong RANK/WORLD_SIZE/MASTER_* fails
     eval    OUT                            copies the final value -> OUT/eval.json
     preemptible OUT TOTAL                  counts to TOTAL (a first run holds at step 3); on
                                            SIGUSR1 or SIGTERM checkpoints and exits 143
+    cache-hit OUT NAME TOK CONFIG...       records whether the data cache of each stage CONFIG
+                                           (its data, tokenizer TOK) is built -> OUT/NAME.json
 """
 
 from __future__ import annotations
@@ -137,6 +139,25 @@ def preemptible(out: Path, total: int) -> None:
     dist.destroy_process_group()
 
 
+def cache_hit(out: Path, name: str, tokenizer: str, configs: list[str]) -> None:
+    import yaml
+    from transformers import AutoTokenizer
+
+    from megadistill.config import from_dict
+    from megadistill.data.config import DataConfig
+    from megadistill.data.packing import cache_path
+    from megadistill.integrity import MANIFEST
+
+    start, built = time.time(), {}
+    for config in configs:
+        raw = yaml.safe_load(Path(config).read_text())
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        path = cache_path(from_dict(DataConfig, raw["data"]), tok)
+        manifest = path / MANIFEST
+        built[config] = manifest.stat().st_mtime if manifest.is_file() else None
+    _write(out / f"{name}.json", {"start": start, "built": built})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("program")
@@ -155,6 +176,8 @@ def main() -> None:
         final(a.out)
     elif a.program == "eval":
         evaluate(a.out)
+    elif a.program == "cache-hit":
+        cache_hit(a.out, a.args[0], a.args[1], a.args[2:])
     elif a.program == "preemptible":
         preemptible(a.out, int(a.args[0]))
     else:

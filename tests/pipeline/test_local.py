@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 
 from megadistill.cli import main as cli_main
 from megadistill.config import to_dict
+from megadistill.pipeline import recipe_from_dict
 from megadistill.pipeline.dag import PipelineError
 from megadistill.pipeline.local import run_local
 from megadistill.pipeline.process import describe, group_pids, kill_group
@@ -227,3 +229,52 @@ def test_a_runner_killed_with_sigkill_leaves_no_rank_running(tmp_path):
         kill_group(runner.pid)
     for rank in (0, 1):  # they were told to stop (SIGTERM), not killed
         assert (run / f"got.{rank}").read_text().split() == ["TERM"]
+
+
+def test_prepare_step_builds_every_stage_cache_before_the_experts(tmp_path, monkeypatch):
+    """The real `prepare-data` runs as the DAG's prepare array (one task per expert, one for the
+    final stage); the expert and final jobs then find their caches built."""
+    from megadistill.assets import byte_tokenizer
+    from tests.pipeline.conftest import JOBS, TEXT
+
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    tok = tmp_path / "tok"
+    byte_tokenizer(tok)
+    text = Path(TEXT).read_text()
+    for i, part in enumerate(("a", "b", "c")):
+        (tmp_path / f"{part}.txt").write_text(text[i * 8000 : (i + 1) * 8000])
+    cache = str(tmp_path / "cache")
+    noop = [["/bin/true"]]
+    hit = [*JOBS, "cache-hit", "{run_dir}/out", "{expert}", "{run_dir}/student"]
+    configs = "{run_dir}/configs/expert_{expert}"
+    recipe = recipe_from_dict({
+        "name": "prep", "teacher": str(tok),
+        "experts": [{"name": n, "data": {"sources": [{"path": str(tmp_path / f"{n}.txt")}]}}
+                    for n in ("a", "b")],
+        "align": {"data": {"seq_len": 32, "cache_dir": cache, "num_proc": 1}},
+        "distill": {"data": {"seq_len": 64, "num_tokens": 2000, "cache_dir": cache,
+                             "num_proc": 1}},
+        "final": {"data": {"sources": [{"path": str(tmp_path / "c.txt")}], "seq_len": 32,
+                           "cache_dir": cache}},
+        "commands": {
+            "convert": [["cp", "-r", str(tok), "{run_dir}/student"]],
+            "expert": [[*hit, f"{configs}.align.yaml", f"{configs}.distill.yaml"]],
+            "merge": noop,
+            "final": [[*hit[:5], "final", "{run_dir}/student", "{run_dir}/configs/final.yaml"]],
+            "eval": noop,
+        },
+    })  # fmt: skip
+    run = tmp_path / "run"
+    results = run_local(recipe, run)
+    assert [(r.step, r.index) for r in results][:5] == [
+        ("convert", 0), ("prepare", 0), ("prepare", 1), ("prepare", 2), ("expert", 0),
+    ]  # fmt: skip
+    for name, stages in (("a", 2), ("b", 2), ("final", 1)):
+        record = json.loads((run / "out" / f"{name}.json").read_text())
+        built = list(record["built"].values())
+        assert len(built) == stages and all(t is not None for t in built), record
+        assert max(built) <= record["start"]  # built by the prepare step, before this job
+    assert len(list(Path(cache).glob("*/checksums.json"))) == 5
+    log = (run / "logs" / "prepare" / "local_2.out").read_text()
+    summary = json.loads(log[log.index("{") : log.rindex("}") + 1])
+    assert summary["num_proc"] == len(os.sched_getaffinity(0))  # one tokenizer per CPU

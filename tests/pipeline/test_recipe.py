@@ -86,21 +86,33 @@ def test_dag_default_commands_and_plan(tmp_path):
     )  # fmt: skip
     steps = build_dag(recipe, tmp_path)
     assert [(s.name, s.after, s.num_tasks) for s in steps] == [
-        ("convert", (), 1), ("expert", ("convert",), 2), ("merge", ("expert",), 1),
-        ("final", ("merge",), 1), ("eval", ("final",), 1),
+        ("convert", (), 1), ("prepare", ("convert",), 3), ("expert", ("prepare",), 2),
+        ("merge", ("expert",), 1), ("final", ("merge",), 1), ("eval", ("final",), 1),
     ]  # fmt: skip
+    assert [s.is_array for s in steps] == [False, True, True, False, False, False]
     md = (sys.executable, "-m", "megadistill.cli")
     (convert,) = steps[0].commands[0]
     assert convert == (*md, "convert", "--teacher", "t", "--out", str(tmp_path / "student"),
                        "seed=3", "window=16")  # fmt: skip
-    align, distill = steps[1].commands[1]
+    # prepare: expert b's two stage configs (task 1), the final stage's (last task), each with
+    # the initial student's tokenizer (merged/ does not exist yet)
+    tok = f"student={tmp_path / 'student'}"
+    assert steps[1].commands[1] == tuple(
+        (*md, "prepare-data", str(tmp_path / f"configs/expert_b.{s}.yaml"), tok)
+        for s in ("align", "distill")
+    )
+    assert steps[1].commands[2] == ((*md, "prepare-data", str(tmp_path / "configs/final.yaml"),
+                                     tok),)  # fmt: skip
+    align, distill = steps[2].commands[1]
     assert align == (*md, "align", str(tmp_path / "configs/expert_b.align.yaml"), "--resume")
     assert distill[3:] == ("distill", str(tmp_path / "configs/expert_b.distill.yaml"), "--resume")
-    (ev,) = steps[4].commands[0]
+    (ev,) = steps[5].commands[0]
     assert ev[-5:] == ("--tasks", "arc_easy", "--limit", "10", "--no-cache")
+    # a recipe whose stages name no data sources has nothing to prepare
+    assert "prepare" not in [s.name for s in build_dag(recipe_from_dict(_recipe()), tmp_path)]
 
     write_plan(recipe, tmp_path)
-    assert step_task_commands(tmp_path, "expert", 1) == [list(a) for a in steps[1].commands[1]]
+    assert step_task_commands(tmp_path, "expert", 1) == [list(a) for a in steps[2].commands[1]]
     cfg = yaml.safe_load((tmp_path / "configs" / "expert_b.align.yaml").read_text())
     assert cfg["stage"] == "align" and cfg["optim"] == {"lr": 0.01} and cfg["teacher"] == "t"
     assert cfg["data"] == {"seq_len": 64, "sources": [{"path": "b.txt"}]}
@@ -120,7 +132,7 @@ def test_sbatch_lines_carry_array_dependency_requeue_and_signal(tmp_path):
     res = {"nodes": 2, "gpus_per_node": 8, "time": "1-00:00:00", "partition": "gpu",
            "account": "proj", "mem": "0", "signal_before_s": 600}  # fmt: skip
     recipe = recipe_from_dict(_recipe(resources={"expert": res}))
-    expert, merge = build_dag(recipe, tmp_path)[1:3]
+    expert, merge = build_dag(recipe, tmp_path)[1:3]  # no data sources: no prepare step
     argv = sbatch_args(expert, tmp_path, "r-expert")
     for flag in ("--parsable", "--array=0-1", "--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8",
                  "--requeue", "--signal=B:USR1@600", "--partition=gpu", "--account=proj",

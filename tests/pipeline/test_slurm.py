@@ -284,7 +284,8 @@ def test_deepspeed_launcher_starts_the_ranks(runs):
 
 @pytest.mark.slow
 def test_real_tiny_pipeline(runs):
-    """The real stage commands under SLURM: experts are 2-rank ZeRO-3 runs; outputs load."""
+    """The real stage commands under SLURM: a prepare array builds the data caches on CPU jobs,
+    experts are 2-rank ZeRO-3 runs that find them built; outputs load."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -293,11 +294,21 @@ def test_real_tiny_pipeline(runs):
     run_dir, jobs = runs["real"]
     jobs["watcher"].join(timeout=300 + _stall_s())
     rows = _wait(run_dir)
-    assert [r.state for r in rows] == ["COMPLETED"] * 6, _explain(rows, run_dir)
+    assert [r.state for r in rows] == ["COMPLETED"] * 9, _explain(rows, run_dir)
+    # the prepare array (experts a, b and the final stage) built every cache on a CPU job, so
+    # the training ranks found them built
+    assert [(r.step, r.task) for r in rows[1:4]] == [("prepare", "a"), ("prepare", "b"),
+                                                     ("prepare", "final")]  # fmt: skip
+    prepare_log = next((run_dir / "logs" / "prepare").glob("*_0.out")).read_text()
+    assert "building data cache" in prepare_log and "prepare data" in prepare_log
+    for log_file in [*(run_dir / "logs" / "expert").glob("*.out"),
+                     *(run_dir / "logs" / "final").glob("*.out")]:  # fmt: skip
+        text = log_file.read_text()
+        assert "data cache hit" in text and "building data cache" not in text, log_file
     # expert a was signalled during stage I: the trainer checkpointed and exited 143, the job was
     # requeued, and stage I resumed from that checkpoint (no step trained twice) to the end.
     assert "signalled_at_step" in jobs["record"], "the watcher never saw expert a's stage I run"
-    assert [r.restarts for r in rows[1:3]] == [1, 0], _explain(rows, run_dir)
+    assert [r.restarts for r in rows if r.step == "expert"] == [1, 0], _explain(rows, run_dir)
     metrics = run_dir / "experts" / "a" / "align" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
