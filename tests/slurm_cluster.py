@@ -77,6 +77,19 @@ class SlurmClusterError(RuntimeError):
     """The local test cluster could not be installed, started or queried."""
 
 
+def _helper(pid: int) -> bool:
+    """Whether ``pid`` is a helper of this (pytest) process's own Python runtime, such as the
+    multiprocessing resource tracker that a test's worker pool starts: it inherits ``SLURM_CONF``
+    from the environment but is not the cluster's, and lives as long as this process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return parent == os.getpid() and "from multiprocessing." in cmd
+
+
 def ensure_installed() -> None:
     """Install the Debian SLURM and munge packages with ``.ci/slurm_setup.sh`` if any is missing."""
     if all(shutil.which(b) for b in _BINARIES):
@@ -152,7 +165,9 @@ class LocalSlurmCluster:
         scripts, ranks (found by the ``SLURM_CONF`` that names this cluster's config)."""
         own = {os.getpid(), *(p.pid for p in self._procs.values())}
         conf = str(self.conf)
-        return matching_pids(lambda pid, env: env.get("SLURM_CONF") == conf and pid not in own)
+        return matching_pids(
+            lambda pid, env: env.get("SLURM_CONF") == conf and pid not in own and not _helper(pid)
+        )
 
     def _wait_jobs_gone(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -130,11 +130,10 @@ def _measure(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_ours(run: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     from megadistill.data import DataConfig, PackedDataset, SourceConfig, prepare_packed
+    from megadistill.model import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(run["tokenizer"])
+    tok = load_tokenizer(run["tokenizer"])
     cfg = DataConfig(
         sources=[SourceConfig(path=run["corpus"])],
         seq_len=run["seq_len"],
@@ -158,9 +157,10 @@ def _run_ours(run: dict[str, Any]) -> dict[str, Any]:
 
 def _run_baseline(run: dict[str, Any]) -> dict[str, Any]:
     import datasets
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(run["tokenizer"])
+    from megadistill.model import load_tokenizer
+
+    tok = load_tokenizer(run["tokenizer"])
     files = sorted(str(p) for p in Path(run["corpus"]).glob("part-*.jsonl"))
     started = time.monotonic()
     ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=run["cache_dir"])

@@ -33,7 +33,7 @@ def prepare_from_recipe(recipe: str | Path | None, overrides: list[str]) -> dict
     Returns:
         A summary: cache folder, fingerprint, tokens/documents/samples per split, sources.
     """
-    from transformers import AutoTokenizer
+    from megadistill.model import load_tokenizer
 
     raw = apply_overrides(load_yaml(recipe) if recipe else {}, overrides)
     if "data" not in raw:
@@ -47,7 +47,7 @@ def prepare_from_recipe(recipe: str | Path | None, overrides: list[str]) -> dict
     data = dict(raw["data"])
     data.setdefault("num_proc", job_cpus())
     cfg = from_dict(DataConfig, data, "data.")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(str(tokenizer_dir))
     started = time.monotonic()
     path = prepare_packed(cfg, tokenizer)
     meta = PackedDataset(path, tokenizer=tokenizer, verify=cfg.verify_cache).meta

@@ -131,17 +131,16 @@ def evaluate_positions(
         The ``positions`` entry of results.json (:func:`positions.summarize_positions`) plus
         ``floor`` (its settings or None) and ``cached`` (per model, whether read from disk).
     """
-    from transformers import AutoTokenizer
-
     from megadistill.eval.lmeval import load_model, model_fingerprint
+    from megadistill.model import load_tokenizer
 
     cfg = _read_config(student)
     hybrid = cfg.get("model_type") == "megadistill_hybrid"
     window = resolve_window(student, window)
     floor = hybrid if floor is None else floor
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+    tokenizer = load_tokenizer(str(teacher))
     windows = _tokenize(tokenizer, sets, max_length)
-    student_windows = _tokenize(AutoTokenizer.from_pretrained(str(student)), sets, max_length)
+    student_windows = _tokenize(load_tokenizer(str(student)), sets, max_length)
     if student_windows != windows:
         raise MegadistillError(
             f"teacher {teacher} and student {student} tokenize the held-out text differently"

@@ -37,10 +37,9 @@ def compare_students(
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score teacher, floor and every student; returns the comparison (see module docstring)."""
-    from transformers import AutoTokenizer
-
     from megadistill.eval.heldout import _floor, _score_role, _tokenize
     from megadistill.eval.lmeval import load_model, model_fingerprint
+    from megadistill.model import load_tokenizer
 
     if not students:
         raise MegadistillError("pass at least one student NAME=DIR")
@@ -51,7 +50,7 @@ def compare_students(
             f"students must be hybrids with one window and sink count, got {sorted(hybrid)}"
         )
     window, sinks = next(iter(hybrid))
-    windows = _tokenize(AutoTokenizer.from_pretrained(teacher), sets, max_length)
+    windows = _tokenize(load_tokenizer(teacher), sets, max_length)
     settings = {"window": window, "num_sinks": sinks, "max_length": max_length}
     fp = model_fingerprint(teacher)
     # The same cache entries as `megadistill eval --heldout` (teacher and floor only).

@@ -77,7 +77,9 @@ def model_fingerprint(path: str | Path) -> str:
 def load_model(path: str | Path) -> tuple[Any, Any]:
     """Load a causal LM (teacher or hybrid student) and its tokenizer from a folder, fp32, eval."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.model import load_tokenizer
 
     path = Path(path)
     config = (
@@ -88,7 +90,7 @@ def load_model(path: str | Path) -> tuple[Any, Any]:
     if not (path / "config.json").exists():
         raise MegadistillError(f"{path} has no config.json: pass a Hugging Face model folder")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(str(path))
     return model, tokenizer
 
 

@@ -6,7 +6,10 @@ process. Importing this package also registers the student with transformers' Au
 after ``import megadistill.model`` the folder loads without ``trust_remote_code``.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megadistill.model.cache import HybridCache
 from megadistill.model.configuration import HybridConfig
@@ -15,4 +18,15 @@ from megadistill.model.modeling import HybridForCausalLM, HybridModel
 AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
 
-__all__ = ["HybridCache", "HybridConfig", "HybridForCausalLM", "HybridModel"]
+
+def load_tokenizer(folder: str | Path, **kwargs: Any) -> Any:
+    """The tokenizer of a teacher or student folder, loaded without running the folder's code.
+
+    A student folder's ``config.json`` names its classes in ``auto_map``; loaded before the student
+    is registered (the import of this package does that), transformers would ask on the terminal
+    whether to run that code, and wait for an answer.
+    """
+    return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+
+
+__all__ = ["HybridCache", "HybridConfig", "HybridForCausalLM", "HybridModel", "load_tokenizer"]

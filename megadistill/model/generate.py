@@ -11,15 +11,15 @@ from megadistill.errors import CheckpointError
 
 def generate_text(model_dir: str | Path, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy-decode ``prompt`` with the model and tokenizer in ``model_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    import megadistill.model  # noqa: F401 - registers the student with the Auto classes
+    from megadistill.model import load_tokenizer  # (registers the student with the Auto classes)
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} is not a model folder (no config.json)")
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = load_tokenizer(model_dir)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{model_dir} has no usable tokenizer: {exc}") from exc
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -191,12 +191,11 @@ def _export_final(cfg: StageConfig, result: TrainResult) -> Path | None:
 
 def run_stage(cfg: StageConfig) -> TrainResult:
     """Run one stage on every rank (call under torchrun / deepspeed / the SLURM entrypoint)."""
-    from transformers import AutoTokenizer
-
     from megadistill.data.loader import build_loader
     from megadistill.engine import CheckpointMeta, build_student_engine
     from megadistill.engine.distributed import device_type, init_distributed
     from megadistill.engine.ds_config import build_ds_config
+    from megadistill.model import load_tokenizer
 
     _check_student(cfg.student)
     if cfg.teacher and missing_local_path(cfg.teacher):
@@ -204,7 +203,7 @@ def run_stage(cfg: StageConfig) -> TrainResult:
                                "Face model folder or hub id)")  # fmt: skip
     _, world = init_distributed(cfg.timeout_s)
     ds_cfg = build_ds_config(cfg.engine, world_size=world, device_type=device_type())
-    tok = AutoTokenizer.from_pretrained(cfg.student)
+    tok = load_tokenizer(cfg.student)
     loader = build_loader(
         cfg.data, tok, micro_batch=cfg.engine.micro_batch_size,
         grad_accum=int(ds_cfg["gradient_accumulation_steps"]),
@@ -252,12 +251,11 @@ def _distill_loss(cfg: StageConfig, loader: Any, world: int) -> DistillLoss:
 
 def run_teacher_targets(cfg: StageConfig) -> Path:
     """Precompute the teacher's top-k targets for cfg.data into cfg.distill.targets_dir."""
-    from transformers import AutoTokenizer
-
     from megadistill.data.loader import build_loader
     from megadistill.engine import build_teacher_engine
     from megadistill.engine.distributed import device_type, init_distributed
     from megadistill.engine.ds_config import build_ds_config
+    from megadistill.model import load_tokenizer
     from megadistill.stages.teacher_targets import write_teacher_targets
 
     if not cfg.teacher or not cfg.distill.targets_dir:
@@ -266,7 +264,7 @@ def run_teacher_targets(cfg: StageConfig) -> Path:
     t_cfg = build_ds_config(
         default_teacher_engine(cfg), world_size=world, device_type=device_type()
     )
-    tok = AutoTokenizer.from_pretrained(cfg.teacher)
+    tok = load_tokenizer(cfg.teacher)
     loader = build_loader(
         cfg.data, tok, micro_batch=cfg.engine.micro_batch_size, shuffle=False, drop_last=False
     )

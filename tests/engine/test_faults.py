@@ -1,5 +1,6 @@
 """Faults around the trainer on a real 1-rank ZeRO-3 engine: a preemption signal during start-up,
-and a checkpoint onto a disk that fills up (a small tmpfs mounted for the test)."""
+a checkpoint onto a disk that fills up (a small tmpfs mounted for the test), and a preemption
+signal in the middle of a checkpoint write."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], timeout=30, check=False)
 
 
-def test_startup_signal_and_full_disk(tmp_path, small_disk):
+def test_startup_signal_full_disk_and_signal_mid_checkpoint(tmp_path, small_disk):
     models = tmp_path / "models"
     models.mkdir()
     fingerprint = workers.write_models(str(models))
@@ -51,3 +52,13 @@ def test_startup_signal_and_full_disk(tmp_path, small_disk):
     left = report["left"]  # (beside DeepSpeed's zero_to_fp32.py helpers)
     assert "step_00000001" in left and "step_00000002" not in left
     assert not [name for name in left if name.startswith(".")], left  # no partial folder
+
+    # SIGTERM while step 3's checkpoint was being written: that write completed and verifies, the
+    # run stopped at the next step boundary with its own checkpoint and the requeue code, and the
+    # resumed run ended bit-identical to an uninterrupted one
+    mid = report["mid_checkpoint"]
+    assert mid["signalled_during"] == [".step_00000003.partial"]
+    assert (mid["step"], mid["exit_code"]) == (4, 143)
+    assert mid["tags"] == ["step_00000003", "step_00000004"]
+    assert mid["resumed_step"] == workers.MAX_STEPS
+    assert mid["resumed_equals_uninterrupted"]

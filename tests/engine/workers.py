@@ -343,4 +343,46 @@ def run_faults(model_dir: str, fingerprint: str, out_dir: str, disk_dir: str) ->
     report["latest"] = latest_tag(disk / "ckpt")
     verify_checkpoint(disk / "ckpt", first.name)  # raises if the earlier one was damaged
     report["left"] = sorted(p.name for p in (disk / "ckpt").iterdir())
+    report["mid_checkpoint"] = _signal_mid_checkpoint(model_dir, fingerprint, out)
     write_json(out / "report_faults.json", report)
+
+
+def _signal_mid_checkpoint(model_dir: str, fingerprint: str, out: Path) -> dict[str, Any]:
+    """SIGTERM while the cadence checkpoint of step 3 is being written (its shards on disk, its
+    manifest not yet): the write completes, the run stops at the next step boundary with a
+    checkpoint and the requeue code, and a resumed run ends where an uninterrupted one does."""
+    from megadistill.engine import checkpoint as ckpt_module
+    from megadistill.engine.checkpoint import complete_tags, latest_tag, verify_checkpoint
+
+    write_manifest = ckpt_module._distributed_manifest
+    sent: list[str] = []
+
+    def signalled_manifest(folder: Path) -> None:
+        if not sent:  # the first checkpoint only
+            sent.append(folder.name)
+            os.kill(os.getpid(), signal.SIGTERM)
+        write_manifest(folder)
+
+    ckpt = out / "ckpt_mid"
+    ckpt_module._distributed_manifest = signalled_manifest
+    try:
+        _, first = train(model_dir, fingerprint, out, "mid", ckpt_dir=ckpt)
+    finally:
+        ckpt_module._distributed_manifest = write_manifest
+    tags = complete_tags(ckpt)
+    for tag in tags:
+        verify_checkpoint(ckpt, tag)  # raises if a checkpoint was damaged
+    engine, resumed = train(model_dir, fingerprint, out, "mid_resumed", ckpt_dir=ckpt, resume=True)
+    final = full_weights(engine)
+    engine, straight = train(model_dir, fingerprint, out, "mid_straight")
+    reference = full_weights(engine)
+    return {
+        "signalled_during": sent,
+        "step": first.step,
+        "exit_code": first.exit_code,
+        "tags": tags,
+        "latest": latest_tag(ckpt) if resumed.step else None,
+        "resumed_step": resumed.step,
+        "resumed_equals_uninterrupted": sorted(final) == sorted(reference)
+        and all(torch.equal(final[k], reference[k]) for k in final),
+    }
