@@ -141,6 +141,10 @@ def mix_documents(
     return everything[perm]
 
 
+_WRITE_BUFFER_TOKENS = 1 << 22
+"""Tokens gathered before one write of :func:`_write_stream` (16 MiB)."""
+
+
 def _write_stream(
     work: Path, split: str, entries: np.ndarray, toks: list[Tokenized]
 ) -> dict[str, int]:
@@ -156,13 +160,32 @@ def _write_stream(
     if total == 0:  # an empty split (no held-out documents): a zero-length memmap is invalid
         np.save(work / f"{split}.tokens.npy", np.zeros(0, dtype=np.uint32))
         return {"tokens": 0, "documents": 0}
-    out = np.lib.format.open_memmap(
-        work / f"{split}.tokens.npy", mode="w+", dtype=np.uint32, shape=(total,)
-    )
-    for (s, d), start, n in zip(entries, starts, lengths, strict=True):
-        out[start : start + n] = toks[s].tokens[toks[s].offsets[d] : toks[s].offsets[d + 1]]
-    out.flush()
-    del out
+    # plain reads and buffered writes, not memory maps: the pages of a mapped file count in the
+    # process's resident memory until the kernel reclaims them, so copying a corpus through maps
+    # made the peak RSS grow with the corpus (4.3 GiB at 2 GB of text, against 1 GiB at 256 MB)
+    readers = [open(t.tokens.filename, "rb") for t in toks]  # noqa: SIM115 - closed below
+    try:
+        with open(work / f"{split}.tokens.npy", "wb") as fh:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint32)),
+                      "fortran_order": False, "shape": (total,)}  # fmt: skip
+            np.lib.format.write_array_header_1_0(fh, header)
+            pending, buffered = [], 0
+            for s, d in entries:
+                offset, n = (
+                    int(toks[s].offsets[d]),
+                    int(toks[s].offsets[d + 1] - toks[s].offsets[d]),
+                )
+                readers[s].seek(offset * 4)
+                pending.append(np.fromfile(readers[s], dtype=np.uint32, count=n))
+                buffered += n
+                if buffered >= _WRITE_BUFFER_TOKENS:
+                    fh.write(np.concatenate(pending).tobytes())
+                    pending, buffered = [], 0
+            if pending:
+                fh.write(np.concatenate(pending).tobytes())
+    finally:
+        for reader in readers:
+            reader.close()
     return {"tokens": total, "documents": len(entries)}
 
 
