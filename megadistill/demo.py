@@ -63,7 +63,7 @@ def _write_jsonl(path: Path, docs: list[str]) -> Path:
 
 def _quick_assets(root: Path) -> tuple[Path, dict[str, Path], Path]:
     from megadistill.assets import byte_tokenizer
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     teacher = root / "teacher"
     tiny_teacher("llama", seed=0).save_pretrained(teacher)

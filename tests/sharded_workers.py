@@ -50,7 +50,7 @@ def save_teacher(root_str: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from megadistill.assets import byte_tokenizer
-    from megadistill.testing import tiny_teacher_config
+    from megadistill.teachers.tiny import tiny_teacher_config
 
     torch.manual_seed(0)
     root = Path(root_str)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megadistill.config import ConfigError, parse_size
+from megadistill.engine.launch import run_distributed
 from megadistill.plan import (
     PREFETCH_BUCKET,
     REDUCE_BUCKET,
@@ -25,7 +26,7 @@ from megadistill.plan import (
     zero3_model_states,
 )
 from megadistill.teachers.conversion import load_teacher_config
-from megadistill.testing import run_distributed, tiny_teacher, tiny_teacher_config
+from megadistill.teachers.tiny import tiny_teacher, tiny_teacher_config
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=256)
 

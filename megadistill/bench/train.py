@@ -336,7 +336,7 @@ def summarise(results_dir: Path) -> dict[str, Any]:
 
 def run_train_bench(cfg: TrainBenchConfig) -> dict[str, Any]:
     """Build the models, run every (world size, model) process group, return the summary."""
-    from megadistill.testing import run_distributed
+    from megadistill.engine.launch import run_distributed
 
     with tempfile.TemporaryDirectory(prefix="md-bench-train-") as tmp:
         root = Path(cfg.work_dir or tmp)

@@ -105,7 +105,7 @@ def _train_and_save(
 
 def _student() -> tuple[torch.nn.Module, str]:
     from megadistill.teachers.conversion import convert
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     teacher = tiny_teacher("llama", tie_word_embeddings=True)
     student, fp = convert(teacher, seed=0)

@@ -8,7 +8,7 @@ from megadistill.model import HybridForCausalLM
 from megadistill.model.configuration import HYBRID_KEYS
 from megadistill.teachers import convert
 from megadistill.teachers.conversion import architecture_difference
-from megadistill.testing import TINY_FAMILIES, tiny_teacher
+from megadistill.teachers.tiny import TINY_FAMILIES, tiny_teacher
 
 
 def _student(family="llama", **hybrid):

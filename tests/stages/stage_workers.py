@@ -11,7 +11,7 @@ def make_models(root: Path) -> None:
     """Tiny Llama teacher + byte tokenizer, and its converted student (window 16, 2 sinks)."""
     from megadistill.assets import byte_tokenizer
     from megadistill.teachers.conversion import convert_pretrained
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     (root / "gpl3.txt").write_text(Path(TEXT).read_text())
     teacher = root / "teacher"
