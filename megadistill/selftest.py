@@ -325,7 +325,7 @@ def check_train_mfu(
             out = distill_loss(hidden, head, ids, t_lp, t_ids, chunk_size=4096)
             return out.loss, out.ce, out.kl
 
-        loss = engine(input_ids=ids, position_ids=pos, head_loss=head_loss).loss[0]
+        loss = engine(input_ids=ids, position_ids=pos, head_fn=head_loss).loss[0]
         engine.backward(loss)
         engine.step()
         return loss

@@ -37,3 +37,9 @@ def _offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
 
 def test_no_product_module_imports_the_test_helpers():
     assert _offenders("", ("megadistill.testing",)) == []
+
+
+def test_the_model_knows_no_training():
+    # Stage I observes the model through a probe (stages/align.py); the model imports none of it.
+    assert _offenders("model", ("megadistill.stages", "megadistill.engine", "megadistill.trainer",
+                                "deepspeed")) == []  # fmt: skip

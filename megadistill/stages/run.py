@@ -6,6 +6,7 @@ Each rank runs :func:`run_stage`; the stage owns the engines and the loss, the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -90,15 +91,6 @@ def _teacher_fn(path: str):
     return build
 
 
-def align_loss_fn(engine: Any, batch: dict[str, torch.Tensor]):
-    """Stage I: the summed per-layer MSE between hybrid and teacher attention outputs."""
-    dev = engine.device
-    out = engine(
-        input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev), align=True
-    )
-    return out.loss, {"align_mse": out.loss.detach()}
-
-
 class DistillLoss:
     """Stage II loss on one micro-batch: teacher top-k (online or offline), then the chunked
     CE + top-k KL on the student's final hidden states (full logits are never materialised for
@@ -135,7 +127,7 @@ class DistillLoss:
         out = engine(
             input_ids=batch["input_ids"].to(dev),
             position_ids=batch["position_ids"].to(dev),
-            head_loss=head_loss,
+            head_fn=head_loss,
         )
         loss, ce, kl = out.loss
         return loss, {"ce": ce, "kl": kl}
@@ -210,8 +202,12 @@ def run_stage(cfg: StageConfig) -> TrainResult:
         grad_accum=int(ds_cfg["gradient_accumulation_steps"]),
     )  # fmt: skip
     engine = build_student_engine(_student_fn(cfg), ds_cfg, cfg.optim, cfg.scheduler)
+    probe = contextlib.nullcontext()
     if cfg.stage == "align":
-        loss_fn: Any = align_loss_fn
+        from megadistill.stages.align import AlignLoss, AttentionProbe
+
+        probe = AttentionProbe(engine.module)
+        loss_fn: Any = AlignLoss(probe)
     else:
         loss_fn = _distill_loss(cfg, loader, world)
     meta = CheckpointMeta(
@@ -222,7 +218,8 @@ def run_stage(cfg: StageConfig) -> TrainResult:
         config_keys_must_match=RESUME_KEYS,
     )
     trainer = Trainer(engine, loss_fn, loader, cfg.trainer, meta=meta, callbacks=_callbacks(cfg))
-    result = trainer.fit()
+    with probe:
+        result = trainer.fit()
     _export_final(cfg, result)
     return result
 
