@@ -375,8 +375,6 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         from megadistill.engine.signals import catch_early
 
         catch_early()
-    from megadistill.stages.run import run_from_cli
-
     overrides = list(args.overrides)
     if args.recipe and "=" in args.recipe:  # only overrides were given
         overrides.insert(0, args.recipe)
@@ -384,9 +382,17 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if getattr(args, "resume", False):
         overrides.append("trainer.resume=true")
     from megadistill.engine.distributed import collective_guard
+    from megadistill.stages.runner import load_stage_config
 
     with collective_guard():  # a dead or hung peer rank -> one clear error naming it
-        return run_from_cli(args.recipe, overrides, stage)
+        if stage == "teacher-targets":
+            from megadistill.stages.teacher_targets import run_teacher_targets
+
+            run_teacher_targets(load_stage_config(args.recipe, ["stage=distill", *overrides]))
+            return 0
+        from megadistill.pipeline.stage import run_stage
+
+        return run_stage(load_stage_config(args.recipe, [f"stage={stage}", *overrides])).exit_code
 
 
 @command(

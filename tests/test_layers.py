@@ -43,3 +43,10 @@ def test_the_model_knows_no_training():
     # Stage I observes the model through a probe (stages/align.py); the model imports none of it.
     assert _offenders("model", ("megadistill.stages", "megadistill.engine", "megadistill.trainer",
                                 "deepspeed")) == []  # fmt: skip
+
+
+def test_stages_do_not_reach_up():
+    # Exporting a stage's result is the pipeline's step; the stages never import the merge.
+    up = ("megadistill.merge", "megadistill.pipeline", "megadistill.eval", "megadistill.cli")
+    assert _offenders("stages", up) == []
+    assert _offenders("engine", ("megadistill.stages", *up)) == []

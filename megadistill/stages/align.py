@@ -20,6 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from megadistill.stages.config import StageConfig
+from megadistill.stages.runner import train
+from megadistill.trainer import TrainResult
+
 
 def layer_mse(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens (``valid`` (B, T)) of the per-token mean squared error (B, T, D)."""
@@ -96,3 +100,22 @@ class AlignLoss:
         dev = engine.device
         loss = self.probe.loss(engine, batch["input_ids"].to(dev), batch["position_ids"].to(dev))
         return loss, {"align_mse": loss.detach()}
+
+
+def train_new_parameters_only(model: nn.Module) -> None:
+    """Freeze every parameter the teacher has: stage I trains feature maps and gates only."""
+    new = set(model.new_parameter_names())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in new)
+
+
+def run_align(cfg: StageConfig) -> TrainResult:
+    """Run stage I on every rank (call under torchrun / deepspeed / the SLURM entrypoint)."""
+    if cfg.stage != "align":
+        raise ValueError(f"run_align needs stage 'align', got {cfg.stage!r}")
+
+    def make_loss(engine: Any, _loader: Any, _world: int):
+        probe = AttentionProbe(engine.module)
+        return AlignLoss(probe), probe
+
+    return train(cfg, make_loss, prepare_student=train_new_parameters_only)

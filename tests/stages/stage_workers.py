@@ -48,7 +48,9 @@ def run_stages(root_str: str) -> None:
     """align (6 steps), distill online (6 steps), teacher-targets, distill offline (1 step)."""
     import torch.distributed as dist
 
-    from megadistill.stages.run import load_stage_config, run_stage, run_teacher_targets
+    from megadistill.pipeline.stage import run_stage
+    from megadistill.stages.runner import load_stage_config
+    from megadistill.stages.teacher_targets import run_teacher_targets
 
     root = Path(root_str)
     align = load_stage_config(None, ["stage=align", "optim.lr=1e-2", *overrides(root, "align", 6)])
