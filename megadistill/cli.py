@@ -102,7 +102,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 @command("plan", "per-rank memory of each stage and the smallest offload that fits", _plan_args)
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from megadistill.config import parse_override, parse_size
+    from megadistill.config import apply_overrides, parse_size
     from megadistill.plan import format_plan, plan_from_cli
 
     overrides = {
@@ -120,7 +120,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     }
     keep = {"nodes", "gpus_per_node", "gpu_mem", "cpu_mem"}
     overrides = {k: v for k, v in overrides.items() if v is not None or k in keep}
-    hybrid = {".".join(k): v for k, v in map(parse_override, args.hybrid)}
+    hybrid = apply_overrides({}, args.hybrid)
     plan = plan_from_cli(args.source, overrides, hybrid)
     print(format_plan(plan))
     return 0 if all(p.fits for p in plan.stages.values()) else 1

@@ -7,6 +7,8 @@ points up this list, or product code that imports the test helpers, fails here w
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megadistill"
@@ -50,3 +52,16 @@ def test_stages_do_not_reach_up():
     up = ("megadistill.merge", "megadistill.pipeline", "megadistill.eval", "megadistill.cli")
     assert _offenders("stages", up) == []
     assert _offenders("engine", ("megadistill.stages", *up)) == []
+
+
+def test_the_model_does_not_import_the_conversion():
+    # The hybrid settings are one typed object (megadistill/hybrid.py) below the model.
+    assert _offenders("model", ("megadistill.teachers.conversion",)) == []
+
+
+def test_a_recipe_and_its_hybrid_settings_load_without_torch():
+    code = (
+        "import sys; import megadistill.pipeline.dag, megadistill.hybrid; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from megadistill.hybrid import HYBRID_KEYS
 from megadistill.model import HybridForCausalLM
-from megadistill.model.configuration import HYBRID_KEYS
 from megadistill.stages.align import AttentionProbe
 from megadistill.teachers import convert
 from megadistill.teachers.conversion import architecture_difference
