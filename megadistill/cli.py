@@ -102,7 +102,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 @command("plan", "per-rank memory of each stage and the smallest offload that fits", _plan_args)
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from megadistill.config import parse_override, parse_size
+    from megadistill.config import apply_overrides, parse_size
     from megadistill.plan import format_plan, plan_from_cli
 
     overrides = {
@@ -120,7 +120,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     }
     keep = {"nodes", "gpus_per_node", "gpu_mem", "cpu_mem"}
     overrides = {k: v for k, v in overrides.items() if v is not None or k in keep}
-    hybrid = {".".join(k): v for k, v in map(parse_override, args.hybrid)}
+    hybrid = apply_overrides({}, args.hybrid)
     plan = plan_from_cli(args.source, overrides, hybrid)
     print(format_plan(plan))
     if args.source.endswith((".yaml", ".yml")):  # a pipeline recipe: its prepare step too
@@ -387,8 +387,6 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         from megadistill.engine.signals import catch_early
 
         catch_early()
-    from megadistill.stages.run import run_from_cli
-
     overrides = list(args.overrides)
     if args.recipe and "=" in args.recipe:  # only overrides were given
         overrides.insert(0, args.recipe)
@@ -396,9 +394,17 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if getattr(args, "resume", False):
         overrides.append("trainer.resume=true")
     from megadistill.engine.distributed import collective_guard
+    from megadistill.stages.runner import load_stage_config
 
     with collective_guard():  # a dead or hung peer rank -> one clear error naming it
-        return run_from_cli(args.recipe, overrides, stage)
+        if stage == "teacher-targets":
+            from megadistill.stages.teacher_targets import run_teacher_targets
+
+            run_teacher_targets(load_stage_config(args.recipe, ["stage=distill", *overrides]))
+            return 0
+        from megadistill.pipeline.stage import run_stage
+
+        return run_stage(load_stage_config(args.recipe, [f"stage={stage}", *overrides])).exit_code
 
 
 @command(

@@ -63,7 +63,7 @@ def _write_jsonl(path: Path, docs: list[str]) -> Path:
 
 def _quick_assets(root: Path) -> tuple[Path, dict[str, Path], Path]:
     from megadistill.assets import byte_tokenizer
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     teacher = root / "teacher"
     tiny_teacher("llama", seed=0).save_pretrained(teacher)
@@ -138,7 +138,7 @@ def _choose_layers(
     from megadistill.eval.runner import read_documents
 
     hybrid = load_recipe(recipe_file, list(cfg.overrides)).hybrid
-    window, sinks = int(hybrid.get("window", 512)), int(hybrid.get("num_sinks", 4))
+    window, sinks = hybrid.window, hybrid.num_sinks
     cache = root / f"layer_choice_w{window}_s{sinks}.json"
     if cache.is_file():
         result = json.loads(cache.read_text())

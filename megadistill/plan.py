@@ -567,7 +567,6 @@ def _from_model_path(path: str) -> tuple[Any, dict[str, Any]]:
     import json
 
     from megadistill.model import HybridConfig
-    from megadistill.model.configuration import HYBRID_KEYS
     from megadistill.teachers.conversion import load_teacher_config
 
     cfg_file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
@@ -575,7 +574,7 @@ def _from_model_path(path: str) -> tuple[Any, dict[str, Any]]:
         data = json.loads(cfg_file.read_text())
         if data.get("model_type") == HybridConfig.model_type:
             student = HybridConfig.from_dict(data)
-            hybrid = {k: getattr(student, k) for k in HYBRID_KEYS}
+            hybrid = student.hybrid_settings.to_dict()
             return student.teacher(), hybrid
     return load_teacher_config(path), {}
 

@@ -149,7 +149,7 @@ def check_swa(backend: str, device: str, tol: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- whole student
 def _tiny_student():
     from megadistill.teachers import convert
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     student, _ = convert(
         tiny_teacher("llama", seed=0), seed=0, window=32, num_sinks=4, chunk_size=16
@@ -248,7 +248,7 @@ def peak_bf16_flops(name: str) -> float | None:
 
 def llama_1b_config():
     """A Llama-3.2-1B-like teacher config (random weights are enough for throughput)."""
-    from megadistill.testing import tiny_teacher_config
+    from megadistill.teachers.tiny import tiny_teacher_config
 
     return tiny_teacher_config(
         "llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -267,7 +267,7 @@ def _fast_mlstm_backend() -> str:
 
 
 def _single_rank_env() -> None:
-    from megadistill.testing import free_port
+    from megadistill.engine.launch import free_port
 
     for key, val in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                      ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):  # fmt: skip
@@ -276,7 +276,7 @@ def _single_rank_env() -> None:
 
 
 def _tiny_bench_config():
-    from megadistill.testing import tiny_teacher_config
+    from megadistill.teachers.tiny import tiny_teacher_config
 
     return tiny_teacher_config("llama", max_position_embeddings=8192, attention_bias=False)
 
@@ -325,7 +325,7 @@ def check_train_mfu(
             out = distill_loss(hidden, head, ids, t_lp, t_ids, chunk_size=4096)
             return out.loss, out.ce, out.kl
 
-        loss = engine(input_ids=ids, position_ids=pos, head_loss=head_loss).loss[0]
+        loss = engine(input_ids=ids, position_ids=pos, head_fn=head_loss).loss[0]
         engine.backward(loss)
         engine.step()
         return loss
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.dry_run:
-        from megadistill.testing import cpu_distributed_env
+        from megadistill.engine.launch import cpu_distributed_env
 
         cpu_distributed_env()
         torch.set_num_threads(1)

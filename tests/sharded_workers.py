@@ -50,7 +50,7 @@ def save_teacher(root_str: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from megadistill.assets import byte_tokenizer
-    from megadistill.testing import tiny_teacher_config
+    from megadistill.teachers.tiny import tiny_teacher_config
 
     torch.manual_seed(0)
     root = Path(root_str)
@@ -145,7 +145,7 @@ def sharded_run(root_str: str) -> None:
     from megadistill.engine.distributed import init_distributed
     from megadistill.engine.ds_config import build_ds_config
     from megadistill.stages.config import default_teacher_engine
-    from megadistill.stages.run import _student_fn, _teacher_fn, load_stage_config
+    from megadistill.stages.runner import load_stage_config, student_builder, teacher_builder
 
     root = Path(root_str)
     rank, world = init_distributed(300)
@@ -156,10 +156,12 @@ def sharded_run(root_str: str) -> None:
     rec: dict = {"rank": rank}
     base = status_kib("VmRSS")
     student = build_student_engine(
-        _measured(_student_fn(cfg), rec, "student_build"), s_ds, cfg.optim, cfg.scheduler
+        _measured(student_builder(cfg), rec, "student_build"), s_ds, cfg.optim, cfg.scheduler
     )
     rec["student_engine_rss"] = (status_kib("VmRSS") - base) * 1024
-    teacher = build_teacher_engine(_measured(_teacher_fn(cfg.teacher), rec, "teacher_build"), t_ds)
+    teacher = build_teacher_engine(
+        _measured(teacher_builder(cfg.teacher), rec, "teacher_build"), t_ds
+    )
     rec["student_partition"] = partition_numel(student.module)
     rec["teacher_partition"] = partition_numel(teacher.module)
     rec["local_shards"] = [

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from megadistill.pipeline.local import free_port
+from megadistill.engine.launch import free_port
 from megadistill.pipeline.process import describe, matching_pids
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from megadistill.testing import free_port
+from megadistill.engine.launch import free_port
 from tests.stages.stage_workers import make_models, overrides
 
 TIMEOUT_S = 20  # the runs' collective timeout (timeout_s)

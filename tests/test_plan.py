@@ -3,6 +3,7 @@ the activation formula against saved tensors, and model states against a real 2-
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from megadistill.config import ConfigError, parse_size
+from megadistill.engine.launch import run_distributed
 from megadistill.plan import (
     PREFETCH_BUCKET,
     REDUCE_BUCKET,
@@ -24,8 +26,9 @@ from megadistill.plan import (
     plan_stage,
     zero3_model_states,
 )
+from megadistill.stages.align import AttentionProbe
 from megadistill.teachers.conversion import load_teacher_config
-from megadistill.testing import run_distributed, tiny_teacher, tiny_teacher_config
+from megadistill.teachers.tiny import tiny_teacher, tiny_teacher_config
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=256)
 
@@ -199,7 +202,6 @@ def _saved_bytes_per_token(family: str, precision: torch.dtype, stage: str) -> f
     layer = student.model.layers[0]
     x = torch.randn(1, tokens, TINY["hidden_size"], dtype=precision, requires_grad=stage != "align")
     info = student.model._seq_info(ids, None, pos, None)
-    info.align_losses = [] if stage == "align" else None
     rope_args = (layer.layer_type,) if family == "olmo3" else ()
     cos, sin = student.model.rotary_emb(x, info.pos, *rope_args)
     params = {p.untyped_storage().data_ptr() for p in student.parameters()}
@@ -211,8 +213,13 @@ def _saved_bytes_per_token(family: str, precision: torch.dtype, stage: str) -> f
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, cos, sin, info)
+    probe = AttentionProbe(student) if stage == "align" else None
+    with contextlib.ExitStack() as stack:
+        if probe is not None:  # stage I's forward: the layer's MSE to the teacher's attention
+            stack.enter_context(probe)
+            stack.enter_context(probe.recording())
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x, cos, sin, info)
     return sum(seen.values()) / tokens
 
 
@@ -321,8 +328,11 @@ def run_measure_model_states(out_file: str) -> None:
             return model
 
         engine = build_student_engine(build, ds, OptimizerConfig(lr=1e-3), SchedulerConfig())
-        out = engine(input_ids=ids, labels=ids, align=stage == "align")
-        engine.backward(out.loss)
+        if stage == "align":
+            with AttentionProbe(engine.module) as probe:
+                engine.backward(probe.loss(engine, ids))
+        else:
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
         trainable = sum(p.ds_numel for p in engine.module.parameters() if p.requires_grad)
         total = sum(p.ds_numel for p in engine.module.parameters())

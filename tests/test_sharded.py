@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from megadistill.testing import run_distributed
+from megadistill.engine.launch import run_distributed
 from tests import sharded_workers as w
 
 # Per rank, of the full model's bytes. A rank that ever held the whole model would grow by at
@@ -120,7 +120,7 @@ def _check_activation_checkpointing() -> None:
     import torch
 
     from megadistill.teachers import convert
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     torch.manual_seed(0)
     student, _ = convert(tiny_teacher("llama", max_position_embeddings=SEQ_AC), seed=0, window=512)

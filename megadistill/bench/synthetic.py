@@ -36,7 +36,7 @@ class SyntheticModelConfig:
 
     def teacher_config(self, max_positions: int, **extra: Any):
         """The transformers config of this size (``extra`` overrides any other field)."""
-        from megadistill.testing import tiny_teacher_config
+        from megadistill.teachers.tiny import tiny_teacher_config
 
         return tiny_teacher_config(
             self.family,

@@ -6,7 +6,7 @@ under the same ZeRO-3 engine config (``ds_configs/student_zero3.json`` by defaul
 
 - teacher: a plain causal-LM step, full-vocabulary cross-entropy, ``engine.backward`` +
   ``engine.step``;
-- student: a stage II step, :class:`~megadistill.stages.run.DistillLoss` (the chunked
+- student: a stage II step, :class:`~megadistill.stages.distill.DistillLoss` (the chunked
   ``gamma * CE + beta * top-k KL`` head loss) against random precomputed top-k targets, so only
   the student step is timed (no teacher forward).
 
@@ -209,7 +209,7 @@ def _loss_fn(kind: ModelKind, cfg: TrainBenchConfig, seed: int):
 
         return teacher_loss
     from megadistill.stages.config import DistillLossConfig
-    from megadistill.stages.run import DistillLoss
+    from megadistill.stages.distill import DistillLoss
 
     targets = RandomTopK((cfg.micro_batch_size, cfg.seq_len), cfg.vocab_size, cfg.top_k, seed)
     # DistillLoss reads only cfg.distill: the stage's own loss code, without a data config.
@@ -336,7 +336,7 @@ def summarise(results_dir: Path) -> dict[str, Any]:
 
 def run_train_bench(cfg: TrainBenchConfig) -> dict[str, Any]:
     """Build the models, run every (world size, model) process group, return the summary."""
-    from megadistill.testing import run_distributed
+    from megadistill.engine.launch import run_distributed
 
     with tempfile.TemporaryDirectory(prefix="md-bench-train-") as tmp:
         root = Path(cfg.work_dir or tmp)

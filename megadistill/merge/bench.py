@@ -98,7 +98,7 @@ def _perturbed_copy(src: Path, dst: Path, k: int) -> None:
 
 def make_experts(workdir: Path, num_experts: int, model_config: dict[str, Any]) -> list[Path]:
     """K synthetic ZeRO-3 experts under ``workdir`` (reused when already there)."""
-    from megadistill.testing import run_distributed
+    from megadistill.engine.launch import run_distributed
 
     experts = [workdir / f"expert_{k}" for k in range(num_experts)]
     for k, path in enumerate(experts):

@@ -33,7 +33,6 @@ class SeqInfo:
     pos: torch.Tensor  # (B,T) position in document (RoPE position)
     abs_idx: torch.Tensor  # (T,) index of each new token in the row's stream
     cache: HybridCache | None = None
-    align_losses: list[torch.Tensor] | None = None
     single_doc: bool = False  # every row holds one document (no reset after its first token)
 
 
@@ -61,7 +60,7 @@ class FeatureMap(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # Identity plus small noise: the features start as softmax(q), close to the teacher's
-        # exp(q.k) kernel, so stage I begins from a sensible linear-attention approximation.
+        # exp(q.k) kernel, so training begins from a sensible linear-attention approximation.
         h, d, f = self.weight.shape
         eye = torch.eye(d, f, dtype=torch.float32)
         noise = torch.randn(h, d, f, generator=generator, dtype=torch.float32) / math.sqrt(d)
@@ -81,7 +80,7 @@ class HybridAttention(nn.Module):
         self.num_kv = getattr(teacher_cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
-        # The teacher's own span in this layer (None: full causal) is stage I's target. A local
+        # The teacher's own span in this layer (None: full causal; see teacher_attention). A local
         # teacher layer's softmax branch sees what the teacher's sees: window min(W, the
         # teacher's), no sinks (the teacher has none), so gate "swa" reproduces it at any length.
         self.teacher_window = adapter.teacher_window(teacher_cfg, layer_idx)
@@ -108,6 +107,9 @@ class HybridAttention(nn.Module):
         self.apply_rotary = adapter.modeling().apply_rotary_pos_emb
         # A layer kept as the teacher's softmax attention has no new parameters at all.
         self.full = layer_idx in config.softmax_layers
+        # An observer installed from outside (None: none) sees the hybrid path's projections and
+        # output, called as observer(self, out, q_r, k_r, v, info); what it returns is the output.
+        self.observer = None
         if self.full:
             return
         fdim, pm = config.feature_dim, config.feature_map == "hedgehog_pm"
@@ -170,7 +172,7 @@ class HybridAttention(nn.Module):
         if mode == "learned" and self.shared:
             mixed = self._shared_norm(x, q_r, k_r, v, info, lc)
             out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
-            return self._align(out, q_r, k_r, v, info)
+            return self._observed(out, q_r, k_r, v, info)
         swa = self._swa(q_r, k_r, v, info, lc)
         if mode == "swa":
             mixed = swa
@@ -184,23 +186,19 @@ class HybridAttention(nn.Module):
         if lc is not None and lc.k is None:
             self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
         out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
-        return self._align(out, q_r, k_r, v, info)
+        return self._observed(out, q_r, k_r, v, info)
 
-    def _align(self, out, q_r, k_r, v, info: SeqInfo) -> torch.Tensor:
-        """Stage I: record the MSE to the teacher's attention output and pass the teacher's on."""
-        if info.align_losses is None:
-            return out
-        bsz, t = out.shape[:2]
-        with torch.no_grad():
-            full = swa_attention(
-                q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
-                "reference",
-            )  # fmt: skip
-            target = self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
-        err = (out.float() - target.float()).pow(2).mean(-1)
-        w = info.valid.to(err.dtype)
-        info.align_losses.append((err * w).sum() / w.sum().clamp(min=1))
-        return target
+    def _observed(self, out, q_r, k_r, v, info: SeqInfo) -> torch.Tensor:
+        return out if self.observer is None else self.observer(self, out, q_r, k_r, v, info)
+
+    def teacher_attention(self, q_r, k_r, v, info: SeqInfo) -> torch.Tensor:
+        """The teacher's attention output of this layer (its own span, no sinks, ``o_proj``
+        applied) from the layer's projections ``q_r, k_r, v`` (B, H, T, head_dim)."""
+        bsz, t = q_r.shape[0], q_r.shape[2]
+        full = swa_attention(
+            q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling, "reference"
+        )
+        return self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
 
     def _gates(self, x: torch.Tensor, info: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and forget gate pre-activations (B,H,T); padding steps are exact no-ops."""

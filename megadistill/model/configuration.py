@@ -6,27 +6,9 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from megadistill.model.mlstm import MLSTM_BACKENDS
-from megadistill.model.swa import SWA_BACKENDS
+from megadistill.config import from_dict
+from megadistill.hybrid import HYBRID_KEYS, HybridSettings
 
-GATE_MODES = ("learned", "swa", "mlstm")
-ROPE_ON = ("input", "features")
-FEATURE_MAPS = ("hedgehog", "hedgehog_pm")
-MIXES = ("gate", "shared_norm")
-HYBRID_KEYS = (
-    "window",
-    "num_sinks",
-    "gate_mode",
-    "mlstm_backend",
-    "swa_backend",
-    "chunk_size",
-    "feature_dim",
-    "rope_on",
-    "feature_map",
-    "fgate_bias",
-    "softmax_layers",
-    "mix",
-)
 # Teacher attributes mirrored at top level so generation, lm-eval and DeepSpeed see a normal LM.
 _MIRRORED = (
     "vocab_size",
@@ -45,66 +27,24 @@ _MIRRORED = (
 
 
 class HybridConfig(PretrainedConfig):
-    """Config of a hybrid mLSTM + SWA student.
+    """Config of a hybrid mLSTM + SWA student: the teacher's config plus the hybrid settings.
 
     Args:
         teacher_config: the teacher's full config dict (``model_type`` included); the student
             reuses its norms, MLP and RoPE settings.
-        window: sliding-window length W of the softmax branch.
-        num_sinks: number of sink tokens (first tokens of each document) every query sees.
-        gate_mode: ``learned`` (per-head sigmoid gate), ``swa`` (gate fixed to the softmax branch;
-            with W >= length the student equals the teacher) or ``mlstm``.
-        mlstm_backend: one of ``chunkwise`` (default), ``recurrent``, ``native``, ``triton``.
-        swa_backend: one of ``auto``, ``reference``, ``blocked``, ``flex``.
-        chunk_size: chunk length of the chunkwise mLSTM.
-        feature_dim: output size of the Hedgehog feature maps (default: head_dim).
-        rope_on: ``input`` applies the feature map to RoPE'd q/k; ``features`` applies RoPE to
-            the feature-mapped q/k (then feature_dim must equal head_dim; allows folding the
-            feature map into W_q/W_k when the teacher has no q/k norm).
-        feature_map: ``hedgehog`` (softmax(xW), feature_dim features) or ``hedgehog_pm``
-            ([softmax(xW), softmax(-xW)], 2 * feature_dim features; Hedgehog/LoLCATs' form).
-        fgate_bias: (low, high) of the forget-gate biases at initialisation, spread linearly over
-            the heads; sigmoid(b) = 1 - 1/(1 + e^b), so memory spans ~e^b tokens.
-        softmax_layers: layers kept as the teacher's full softmax attention (no mLSTM, no window;
-            their decoding cache grows with the context). Empty by default (the paper's setting).
-        mix: how the branches combine with ``gate_mode='learned'``: ``gate`` (the paper's
-            per-head sigmoid gate between the two normalised outputs) or ``shared_norm`` (exact
-            softmax inside the window, the mLSTM's keys beyond it, one normaliser; see
-            ``model/shared_norm.py``).
+        **kwargs: the hybrid settings (the fields of :class:`HybridSettings`, stored flat, as in
+            ``config.json``) and ``PretrainedConfig``'s own keys. ``feature_dim`` None becomes
+            the teacher's head_dim.
     """
 
     model_type = "megadistill_hybrid"
 
-    def __init__(
-        self,
-        teacher_config: dict[str, Any] | None = None,
-        window: int = 512,
-        num_sinks: int = 4,
-        gate_mode: str = "learned",
-        mlstm_backend: str = "chunkwise",
-        swa_backend: str = "auto",
-        chunk_size: int = 64,
-        feature_dim: int | None = None,
-        rope_on: str = "input",
-        feature_map: str = "hedgehog",
-        fgate_bias: tuple[float, float] | list[float] = (3.0, 6.0),
-        softmax_layers: tuple[int, ...] | list[int] = (),
-        mix: str = "gate",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, teacher_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         teacher_config = dict(teacher_config or {})
         self.teacher_config = teacher_config
-        self.window = int(window)
-        self.num_sinks = int(num_sinks)
-        self.gate_mode = gate_mode
-        self.mlstm_backend = mlstm_backend
-        self.swa_backend = swa_backend
-        self.chunk_size = int(chunk_size)
-        self.rope_on = rope_on
-        self.feature_map = feature_map
-        self.fgate_bias = [float(b) for b in fgate_bias]
-        self.softmax_layers = sorted(int(i) for i in softmax_layers)
-        self.mix = mix
+        settings = from_dict(HybridSettings, {k: kwargs.pop(k) for k in HYBRID_KEYS if k in kwargs})
+        for key, value in settings.to_dict().items():
+            setattr(self, key, value)
         for key in _MIRRORED:
             if key in teacher_config and key not in kwargs:
                 kwargs[key] = teacher_config[key]
@@ -119,39 +59,21 @@ class HybridConfig(PretrainedConfig):
             else 0
         )
         self.head_dim = head_dim
-        self.feature_dim = int(feature_dim) if feature_dim else head_dim
+        self.feature_dim = settings.feature_dim or head_dim
         self.validate_hybrid()
 
+    @property
+    def hybrid_settings(self) -> HybridSettings:
+        """The hybrid settings of this student (``feature_dim`` resolved)."""
+        return HybridSettings(**{key: getattr(self, key) for key in HYBRID_KEYS})
+
     def validate_hybrid(self) -> None:
-        """Raise ValueError naming the bad hybrid setting and its valid values."""
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.num_sinks < 0:
-            raise ValueError(f"num_sinks must be >= 0, got {self.num_sinks}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        for key, choices in (
-            ("gate_mode", GATE_MODES),
-            ("mlstm_backend", MLSTM_BACKENDS),
-            ("swa_backend", SWA_BACKENDS),
-            ("rope_on", ROPE_ON),
-            ("feature_map", FEATURE_MAPS),
-            ("mix", MIXES),
-        ):
-            if getattr(self, key) not in choices:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {choices}")
+        """Raise ValueError naming the bad hybrid setting: the checks that need the teacher (the
+        rest are :class:`HybridSettings`')."""
         if self.rope_on == "features" and self.feature_dim != self.head_dim:
             raise ValueError(
                 f"rope_on='features' needs feature_dim == head_dim ({self.head_dim}), "
                 f"got {self.feature_dim}"
-            )
-        if self.mix == "shared_norm" and self.rope_on != "input":
-            raise ValueError("mix='shared_norm' needs rope_on='input'")
-        if self.rope_on == "features" and self.feature_map != "hedgehog":
-            raise ValueError("rope_on='features' needs feature_map='hedgehog'")
-        if len(self.fgate_bias) != 2 or self.fgate_bias[0] > self.fgate_bias[1]:
-            raise ValueError(
-                f"fgate_bias must be [low, high] with low <= high, got {self.fgate_bias}"
             )
         num_layers = self.teacher_config.get("num_hidden_layers")
         bad = [i for i in self.softmax_layers if i < 0 or (num_layers and i >= num_layers)]
@@ -181,12 +103,9 @@ class HybridConfig(PretrainedConfig):
 
     @classmethod
     def from_teacher(cls, teacher: PretrainedConfig, **hybrid: Any) -> HybridConfig:
-        """Student config for a teacher config, with hybrid settings (see class docstring)."""
-        unknown = sorted(set(hybrid) - set(HYBRID_KEYS))
-        if unknown:
-            raise ValueError(
-                f"unknown hybrid setting '{unknown[0]}'; valid settings: {', '.join(HYBRID_KEYS)}"
-            )
+        """Student config for a teacher config, with hybrid settings (the fields of
+        :class:`HybridSettings`; an unknown name is an error listing the valid ones)."""
+        from_dict(HybridSettings, hybrid)
         data = teacher.to_dict()
         data["model_type"] = teacher.model_type
         for drop in ("architectures", "auto_map", "quantization_config", "transformers_version"):

@@ -21,13 +21,11 @@ Backends:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-MLSTMBackend = Literal["chunkwise", "recurrent", "native", "triton"]
-MLSTM_BACKENDS: tuple[str, ...] = ("chunkwise", "recurrent", "native", "triton")
+from megadistill.hybrid import MLSTM_BACKENDS
+
 EPS = 1e-6
 # Gate pre-activations that make a step an exact no-op: exp(PAD_I - m) == 0 and logsigmoid(PAD_F) == 0.
 PAD_I = -1.0e4

@@ -23,7 +23,7 @@ from megadistill.teachers.registry import adapter_for
 
 @dataclass
 class HybridCausalLMOutput(ModelOutput):
-    """Output of :class:`HybridForCausalLM` (``loss`` is the stage-I loss when ``align=True``).
+    """Output of :class:`HybridForCausalLM` (``loss``: from ``labels``, or ``head_fn``'s value).
 
     The decoding cache is ``cache``; under a transformers release whose ``generate()`` reads the
     cache back from ``past_key_values`` (4.x) it is returned under that key too (see
@@ -169,13 +169,9 @@ class HybridModel(HybridPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: HybridCache | None = None,
-        align: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Final hidden states; with ``align`` also the summed per-layer alignment MSE."""
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, hidden)."""
         info = self._seq_info(input_ids, attention_mask, position_ids, cache)
-        # The list lives in SeqInfo (passed by reference): module hooks such as ZeRO-3's rebuild
-        # list arguments, so it must not travel as an argument of its own.
-        info.align_losses = [] if align else None
         x = self.embed_tokens(input_ids)
         rope = {}
         for layer in self.layers:
@@ -192,12 +188,7 @@ class HybridModel(HybridPreTrainedModel):
                 cache.next_pos = info.pos.masked_fill(~info.valid, -1).amax(-1) + 1
             if not cache.sinks_full:
                 cache.sinks_full = bool((cache.next_pos >= self.config.num_sinks).all())
-        hidden = self.norm(x)
-        if align:
-            losses = info.align_losses
-            # Softmax layers add no loss (they are the teacher); keep the graph connected.
-            return hidden, torch.stack(losses).sum() if losses else hidden.sum() * 0.0
-        return hidden
+        return self.norm(x)
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
@@ -250,10 +241,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         cache: HybridCache | None = None,
         use_cache: bool | None = None,
-        align: bool = False,
         logits_to_keep: int = 0,
         past_key_values: HybridCache | None = None,
-        head_loss: Callable[[torch.Tensor, nn.Module], Any] | None = None,
+        head_fn: Callable[[torch.Tensor, nn.Module], Any] | None = None,
         **kwargs,
     ) -> HybridCausalLMOutput:
         """Args:
@@ -262,21 +252,17 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         position_ids: (B, T); a 0 starts a new document (mLSTM reset, SWA mask).
         labels: (B, T) targets for next-token CE (shifted inside; -100 ignored).
         cache: a :class:`HybridCache` to continue from (``use_cache`` creates one).
-        align: stage I: return the summed per-layer MSE to the teacher's attention as ``loss``.
         logits_to_keep: if > 0, only the last that many positions get logits.
-        head_loss: ``(final hidden states, lm_head module) -> loss``: computes a loss from the
-            hidden states (e.g. chunked distillation) instead of materialising all logits;
+        head_fn: ``(final hidden states, lm_head module) -> value``, called instead of computing
+            the logits (e.g. a chunked objective that never materialises them all); its value is
             returned as ``loss``. Calling the head inside forward lets ZeRO-3 gather it.
         """
         cache = cache if cache is not None else past_key_values
-        if use_cache and cache is None and not align:
+        if use_cache and cache is None:
             cache = self.new_cache()
-        if align:
-            hidden, loss = self.model(input_ids, attention_mask, position_ids, None, True)
-            return HybridCausalLMOutput(loss=loss, hidden_states=hidden)
         hidden = self.model(input_ids, attention_mask, position_ids, cache)
-        if head_loss is not None:
-            return HybridCausalLMOutput(loss=head_loss(hidden, self.lm_head))
+        if head_fn is not None:
+            return HybridCausalLMOutput(loss=head_fn(hidden, self.lm_head))
         h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = self.lm_head(h)
         loss = None

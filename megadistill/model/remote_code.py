@@ -1,7 +1,7 @@
 """The code a student folder ships, so that Hugging Face tools load it like any custom-code model.
 
-Every student folder (converted, a stage's ``final/``, a merge) holds two small modules and an
-``auto_map`` in its ``config.json``, as custom-code models on the Hub do, so that
+Every student folder (converted, a training run's ``final/``, a merge) holds two small modules
+and an ``auto_map`` in its ``config.json``, as custom-code models on the Hub do, so that
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 

@@ -15,13 +15,11 @@ Backends (all exact):
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-SWABackend = Literal["auto", "reference", "blocked", "flex"]
-SWA_BACKENDS: tuple[str, ...] = ("auto", "reference", "blocked", "flex")
+from megadistill.hybrid import SWA_BACKENDS
 
 
 def document_layout(reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

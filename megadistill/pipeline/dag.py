@@ -125,7 +125,7 @@ def default_commands(recipe: PipelineRecipe | None, step: str) -> list[list[str]
         return [[*md, "prepare-data", f"{configs}/expert_{{expert}}.{stage}.yaml", tok]
                 for stage in ("align", "distill")]  # fmt: skip
     if step == "convert":
-        hybrid = [_override(k, v) for k, v in recipe.hybrid.items()]
+        hybrid = [_override(k, v) for k, v in recipe.hybrid.changed().items()]
         return [[*md, "convert", "--teacher", "{teacher}", "--out", "{step_dir}",
                  "seed={seed}", *hybrid]]  # fmt: skip
     if step == "expert":
@@ -173,7 +173,7 @@ def step_configs(recipe: PipelineRecipe, run_dir: Path) -> dict[str, dict[str, A
     """Every config file the steps read, by file name under ``RUN_DIR/configs``."""
     base = {"teacher": recipe.teacher, "seed": recipe.seed, "run_dir": str(run_dir)}
     student0 = run_dir / STEP_DIRS["convert"]
-    out = {"convert.yaml": {**base, "hybrid": recipe.hybrid}}
+    out = {"convert.yaml": {**base, "hybrid": recipe.hybrid.to_dict()}}
     for e in recipe.experts:
         root = run_dir / "experts" / e.name
         align = _stage_yaml(recipe.align, "align", student0, root / "align", recipe.teacher, e.data)

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megadistill.engine.launch import free_port
 from megadistill.integrity import atomic_write_json
 from megadistill.pipeline.dag import PipelineError, Step, check_inputs, read_plan, write_plan
 from megadistill.pipeline.lock import lock_holder, run_lock
@@ -69,13 +69,6 @@ class LocalResult:
     finished: float
     log: Path
     attempts: int
-
-
-def free_port() -> int:
-    """A TCP port on localhost that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

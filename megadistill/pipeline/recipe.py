@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from megadistill.config import ConfigError, from_dict, load_config
+from megadistill.hybrid import HybridSettings
 
 STEP_NAMES = ("convert", "prepare", "expert", "merge", "final", "eval")
 """The pipeline's steps in dependency order (``prepare`` only where a stage reads data, see
@@ -203,7 +204,7 @@ class PipelineRecipe:
     """Teacher model: a Hugging Face id or local folder."""
     seed: int = 0
     """Seed of the new student parameters; every expert starts from the same initial student."""
-    hybrid: dict[str, Any] = field(default_factory=dict)
+    hybrid: HybridSettings = field(default_factory=HybridSettings)
     """Student architecture settings for ``megadistill convert`` (e.g. window, num_sinks)."""
     experts: list[Expert]
     """The experts, one SLURM array task each."""

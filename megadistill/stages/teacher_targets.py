@@ -1,5 +1,8 @@
 """Offline teacher targets: the teacher's top-k log-probs and ids per token, on disk.
 
+:func:`run_teacher_targets` is the stage (``megadistill teacher-targets``): the teacher engine on
+every rank writes the targets of a stage II config's data; :class:`TeacherTargets` reads them.
+
 Folder layout (written atomically with :func:`megadistill.integrity.atomic_dir`)::
 
     <out>/index.json                          format, k, seq_len, dtype, fingerprints, shard names
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megadistill.config import ConfigError
 from megadistill.errors import CheckpointError, MegadistillError
 from megadistill.integrity import (
     atomic_dir,
@@ -38,7 +42,9 @@ from megadistill.integrity import (
     verify_manifest_shared,
 )
 from megadistill.progress import progress_bar
+from megadistill.stages.config import StageConfig
 from megadistill.stages.losses import DEFAULT_CHUNK, topk_logprobs
+from megadistill.stages.runner import build_teacher, student_fingerprint, teacher_logits
 
 log = logging.getLogger(__name__)
 
@@ -339,3 +345,31 @@ class TeacherTargets:
             logprobs[j] = _from_storage(self._logprobs[shard][row], self.spec.dtype)
             ids[j] = torch.from_numpy(np.asarray(self._ids[shard][row], dtype=np.int64))
         return logprobs, ids
+
+
+def run_teacher_targets(cfg: StageConfig) -> Path:
+    """Precompute the teacher's top-k targets for cfg.data into cfg.distill.targets_dir (call on
+    every rank, as a stage)."""
+    from megadistill.data.loader import build_loader
+    from megadistill.engine.distributed import init_distributed
+    from megadistill.model import load_tokenizer
+
+    if not cfg.teacher or not cfg.distill.targets_dir:
+        raise ConfigError("teacher-targets needs 'teacher' and 'distill.targets_dir'")
+    _, world = init_distributed(cfg.timeout_s)
+    tok = load_tokenizer(cfg.teacher)
+    loader = build_loader(
+        cfg.data, tok, micro_batch=cfg.engine.micro_batch_size, shuffle=False, drop_last=False
+    )
+    teacher = build_teacher(cfg, world)
+    dev = teacher.device
+
+    def forward(batch: dict[str, torch.Tensor]):
+        with torch.no_grad():
+            logits = teacher_logits(teacher, batch, dev)
+            return topk_logprobs(logits, cfg.distill.top_k, cfg.distill.chunk_size)
+
+    return write_teacher_targets(
+        forward, loader, cfg.distill.targets_dir, cfg.distill.top_k,
+        teacher_fingerprint=student_fingerprint(cfg.teacher), tokenizer=cfg.teacher,
+    )  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from megadistill.errors import CheckpointError, MegadistillError
+from megadistill.hybrid import HybridSettings
 from megadistill.integrity import atomic_dir
 from megadistill.model import HybridConfig, HybridForCausalLM
 from megadistill.model.remote_code import write_remote_code
@@ -43,7 +44,7 @@ def architecture(config: dict[str, Any]) -> dict[str, Any]:
     (``HYBRID_KEYS``: window, sinks, feature dim, gate mode, backends, ...) and every field of the
     teacher config it carries (sliding windows, layer types, RoPE, ...), minus bookkeeping keys.
     Keys are ``window`` or ``teacher_config.sliding_window``; values are JSON-normalised."""
-    from megadistill.model.configuration import HYBRID_KEYS
+    from megadistill.hybrid import HYBRID_KEYS
 
     arch: dict[str, Any] = {key: config.get(key) for key in HYBRID_KEYS}
     teacher = config.get("teacher_config") or {}
@@ -149,18 +150,23 @@ def convert(
     return student, fingerprint(student)
 
 
-def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    import yaml
+def hybrid_overrides(
+    overrides: list[str] | tuple[str, ...], base: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``key=value`` hybrid settings (the dotted overrides of every config) over ``base``,
+    checked against :class:`~megadistill.hybrid.HybridSettings`; ``seed`` passes through.
 
-    out = {}
-    for text in overrides:
-        if "=" not in text:
-            raise MegadistillError(
-                f"hybrid setting {text!r} must look like key=value (e.g. window=512)"
-            )
-        key, val = text.split("=", 1)
-        out[key.strip()] = yaml.safe_load(val)
-    return out
+    Returns:
+        the given settings by name (those not given keep their defaults).
+    """
+    from megadistill.config import apply_overrides, from_dict
+
+    try:
+        given = apply_overrides(dict(base or {}), overrides)
+        from_dict(HybridSettings, {k: v for k, v in given.items() if k != "seed"})
+    except ValueError as exc:
+        raise MegadistillError(f"hybrid settings: {exc}") from exc
+    return given
 
 
 def convert_pretrained(
@@ -178,7 +184,7 @@ def convert_pretrained(
     memory is one layer's new parameters plus one tensor while fingerprinting. The folder is
     written atomically with checksums.
     """
-    hybrid = _parse_overrides(overrides)
+    hybrid = hybrid_overrides(overrides)
     seed = int(hybrid.pop("seed", seed))
     teacher_path, out_dir = Path(teacher_path), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -500,7 +506,8 @@ def inspect_teacher(name_or_path: str | Path, overrides: list[str] | tuple[str, 
     settings; ``overrides`` win)."""
     cfg = load_teacher_config(name_or_path)
     recipe = recipe_teacher(str(name_or_path))
-    hybrid = {**(recipe[1] if recipe else {}), **_parse_overrides(overrides)}
+    hybrid = hybrid_overrides(overrides, recipe[1] if recipe else None)
+    hybrid.pop("seed", None)
     counts = count_parameters(cfg, **hybrid)
     share = counts["new"] / counts["student"]
     return (

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megadistill.data.masks import document_causal_mask, document_ids
-from megadistill.testing import tiny_teacher
+from megadistill.teachers.tiny import tiny_teacher
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from megadistill.data import DataConfig, SourceConfig, build_loader, prepare_packed
+from megadistill.engine.launch import run_distributed
 from megadistill.integrity import MANIFEST, verify_manifest_shared
-from megadistill.testing import run_distributed
 from tests.data.conftest import make_docs
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megadistill.testing import run_distributed
+from megadistill.engine.launch import run_distributed
 from tests.engine import workers
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from megadistill.testing import run_distributed
+from megadistill.engine.launch import run_distributed
 from tests.engine import workers
 
 pytestmark = pytest.mark.slow

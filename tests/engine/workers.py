@@ -1,4 +1,4 @@
-"""Rank functions for the engine tests (run through megadistill.testing.run_distributed).
+"""Rank functions for the engine tests (run through megadistill.engine.launch.run_distributed).
 
 Each worker runs several checks in one process group (DeepSpeed import costs ~10 s per rank) and
 writes what it measured to ``out_dir``; the tests in test_engine.py assert on those files.
@@ -29,7 +29,7 @@ def write_models(folder: str) -> str:
     """A tiny Llama teacher in ``folder/teacher`` and its converted hybrid student in
     ``folder/student``; return the student's fingerprint."""
     from megadistill.teachers.conversion import INIT_FILE, convert_pretrained
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     tiny_teacher("llama", seed=0).save_pretrained(Path(folder) / "teacher")
     student = convert_pretrained(Path(folder) / "teacher", Path(folder) / "student", seed=0)

@@ -5,7 +5,7 @@ import json
 from megadistill.assets import byte_tokenizer
 from megadistill.cli import main
 from megadistill.eval.layer_choice import rank_softmax_layers
-from megadistill.testing import tiny_teacher
+from megadistill.teachers.tiny import tiny_teacher
 
 DOC = "Call me Ishmael. Some years ago, never mind how long precisely, having little money. " * 3
 

@@ -7,7 +7,7 @@ import pytest
 from megadistill.assets import byte_tokenizer
 from megadistill.cli import main
 from megadistill.teachers import convert
-from megadistill.testing import tiny_teacher
+from megadistill.teachers.tiny import tiny_teacher
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "

@@ -17,7 +17,7 @@ from megadistill.errors import MegadistillError
 from megadistill.eval.heldout import parse_heldout
 from megadistill.eval.positions import add_recovered, bucket_stats, ratio_se
 from megadistill.eval.report import task_rows
-from megadistill.testing import tiny_teacher
+from megadistill.teachers.tiny import tiny_teacher
 
 W = 16
 MAX_LEN = 128

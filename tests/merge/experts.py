@@ -105,7 +105,7 @@ def _train_and_save(
 
 def _student() -> tuple[torch.nn.Module, str]:
     from megadistill.teachers.conversion import convert
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     teacher = tiny_teacher("llama", tie_word_embeddings=True)
     student, fp = convert(teacher, seed=0)
@@ -118,9 +118,8 @@ def build_experts(root: str, num_experts: int) -> None:
     Layout under ``root``: ``theta0/`` (HF folder), ``tokenizer/``, ``expert_<k>/`` (all params
     trainable), ``frozen_<k>/`` (only attention q/o projections trainable, like stage I),
     ``wide/`` (different intermediate size), ``student_<k>/`` (the hybrid student with tied
-    embeddings, only its new parameters trainable as in stage I; trained with next-token CE because
-    ``align=True`` loses its per-layer losses under ZeRO-3: DeepSpeed's forward hooks copy the list
-    argument the model appends them to).
+    embeddings, only its new parameters trainable as in stage I; trained with next-token CE: the
+    merge needs trained weights, not stage I's loss).
     """
     import deepspeed
     import torch.distributed as dist

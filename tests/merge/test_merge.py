@@ -11,12 +11,13 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from megadistill.config import ConfigError
+from megadistill.engine.launch import run_distributed
 from megadistill.errors import CheckpointError
 from megadistill.integrity import write_manifest
 from megadistill.merge import MergeConfig, ZeroCheckpoint, consolidate, merge_experts
 from megadistill.merge.merge import ties_merge
 from megadistill.merge.tools import inspect_checkpoint, to_universal
-from megadistill.testing import load_in_fresh_process, run_distributed
+from megadistill.testing import load_in_fresh_process
 from tests.merge.experts import TAG, build_experts
 
 NUM_EXPERTS = 3
@@ -217,7 +218,7 @@ def test_refuses_students_of_different_hybrid_settings(experts: Path, tmp_path: 
 def test_refuses_student_folders_of_different_windows(tmp_path: Path) -> None:
     # Hugging Face folders (no checkpoint metadata): config.json carries the settings.
     from megadistill.teachers import convert
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     teacher = tiny_teacher("llama")
     for window in (8, 16):

@@ -19,7 +19,7 @@ from megadistill.teachers.conversion import (
     shipped_configs,
     shipped_recipes,
 )
-from megadistill.testing import tiny_teacher
+from megadistill.teachers.tiny import tiny_teacher
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from megadistill.eval.tasks import write_tiny_task
 from megadistill.integrity import verify_manifest
 from megadistill.model.remote_code import AUTO_MAP, CODE_FILES
 from megadistill.teachers import convert
-from megadistill.testing import load_in_fresh_process, tiny_teacher
+from megadistill.teachers.tiny import tiny_teacher
+from megadistill.testing import load_in_fresh_process
 
 STUDENT_CLASS = "megadistill.model.modeling.HybridForCausalLM"
 

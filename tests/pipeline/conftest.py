@@ -79,7 +79,7 @@ def real_tiny_recipe(root: Path, align_steps: int = 2) -> PipelineRecipe:
     """The real stages on a tiny Llama teacher: convert, 2 experts x (2-rank ZeRO-3 align for
     ``align_steps`` + distill for 2 steps), merge, 2-rank final distill, eval on 4 tiny_mc items."""
     from megadistill.assets import byte_tokenizer
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     root.mkdir(parents=True, exist_ok=True)
     text = root / "gpl3.txt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -44,10 +45,13 @@ def test_weights_are_uniform_by_default_and_explicit_weights_are_kept():
         ({"commands": {"merge": [["x", "{nope}"]]}}, "placeholder {nope}"),
         ({"commands": {"eval": [[]]}}, "must not be empty"),
         ({"seed": "one"}, "'seed' must be int"),
+        ({"hybrid": {"windw": 8}}, "unknown config key 'hybrid.windw' for HybridSettings"),
+        ({"hybrid": {"gate_mode": "soft"}}, "'hybrid.gate_mode' = 'soft' is not one of"),
+        ({"hybrid": {"fgate_bias": [5, 1]}}, "fgate_bias must be [low, high]"),
     ],
 )
 def test_invalid_recipes_name_the_field(changes, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         recipe_from_dict(_recipe(**changes))
 
 
@@ -58,6 +62,24 @@ def test_yaml_recipe_with_overrides(tmp_path):
     assert recipe.seed == 7 and recipe.resources.expert.num_ranks == 32
     with pytest.raises(ConfigError, match="unknown config key 'sed'"):
         load_recipe(path, ["sed=1"])
+
+
+def test_the_recipes_hybrid_settings_reach_the_converted_students_config():
+    # One typed object from the recipe, through `megadistill convert key=value ...` (the plan's
+    # command), to the student's config.
+    from megadistill.model import HybridConfig
+    from megadistill.pipeline.dag import default_commands
+    from megadistill.teachers.conversion import hybrid_overrides
+    from megadistill.teachers.tiny import tiny_teacher_config
+
+    hybrid = {"window": 8, "mix": "shared_norm", "fgate_bias": [2, 4], "softmax_layers": [1]}
+    recipe = recipe_from_dict(_recipe(hybrid=hybrid))
+    argv = default_commands(recipe, "convert")[0]
+    given = hybrid_overrides([a for a in argv if "=" in a and "{" not in a])
+    cfg = HybridConfig.from_teacher(tiny_teacher_config("llama"), **given)
+    assert cfg.hybrid_settings == recipe.hybrid.__class__(**{**recipe.hybrid.to_dict(),
+                                                            "feature_dim": cfg.head_dim})  # fmt: skip
+    assert recipe.hybrid.fgate_bias == [2.0, 4.0] and cfg.softmax_layers == [1]
 
 
 _STAGE = {

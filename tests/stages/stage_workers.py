@@ -11,7 +11,7 @@ def make_models(root: Path) -> None:
     """Tiny Llama teacher + byte tokenizer, and its converted student (window 16, 2 sinks)."""
     from megadistill.assets import byte_tokenizer
     from megadistill.teachers.conversion import convert_pretrained
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     (root / "gpl3.txt").write_text(Path(TEXT).read_text())
     teacher = root / "teacher"
@@ -48,7 +48,9 @@ def run_stages(root_str: str) -> None:
     """align (6 steps), distill online (6 steps), teacher-targets, distill offline (1 step)."""
     import torch.distributed as dist
 
-    from megadistill.stages.run import load_stage_config, run_stage, run_teacher_targets
+    from megadistill.pipeline.stage import run_stage
+    from megadistill.stages.runner import load_stage_config
+    from megadistill.stages.teacher_targets import run_teacher_targets
 
     root = Path(root_str)
     align = load_stage_config(None, ["stage=align", "optim.lr=1e-2", *overrides(root, "align", 6)])

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megadistill.engine.launch import run_distributed
 from megadistill.integrity import verify_manifest
-from megadistill.testing import load_in_fresh_process, run_distributed
+from megadistill.testing import load_in_fresh_process
 from tests.stages.stage_workers import make_models, run_stages
 
 

@@ -14,9 +14,9 @@ import torch
 
 from megadistill.data import DataConfig, SourceConfig, build_loader
 from megadistill.data.masks import document_causal_mask
+from megadistill.engine.launch import run_distributed
 from megadistill.stages.losses import distill_loss, teacher_topk
 from megadistill.stages.teacher_targets import TargetsError, TeacherTargets, write_teacher_targets
-from megadistill.testing import run_distributed
 
 K = 8
 WORDS = "the quick brown fox jumps over a lazy dog while seven cats sleep".split()
@@ -41,7 +41,7 @@ def _setup(root: Path) -> tuple[DataConfig, object]:
 
 
 def _teacher():
-    from megadistill.testing import tiny_teacher
+    from megadistill.teachers.tiny import tiny_teacher
 
     return tiny_teacher("llama", seed=0)
 

@@ -1,0 +1,109 @@
+"""The hybrid settings: what makes a student out of a teacher (window, sinks, gate, backends, ...).
+
+One typed object, read everywhere the settings are given: a recipe's ``hybrid:`` section,
+``megadistill convert ... window=512 num_sinks=4`` (the same dotted ``key=value`` overrides as
+every config, :func:`megadistill.config.apply_overrides`), and the student's
+:class:`~megadistill.model.configuration.HybridConfig`, which stores them flat in ``config.json``.
+Checks that need the teacher (``feature_dim`` against its head size, ``softmax_layers`` against
+its depth) are the config's. This module needs neither torch nor transformers: a recipe is read
+and checked without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
+
+from megadistill.config import ConfigError
+
+GateMode = Literal["learned", "swa", "mlstm"]
+MLSTMBackend = Literal["chunkwise", "recurrent", "native", "triton"]
+SWABackend = Literal["auto", "reference", "blocked", "flex"]
+RopeOn = Literal["input", "features"]
+FeatureMap = Literal["hedgehog", "hedgehog_pm"]
+Mix = Literal["gate", "shared_norm"]
+
+GATE_MODES: tuple[str, ...] = get_args(GateMode)
+MLSTM_BACKENDS: tuple[str, ...] = get_args(MLSTMBackend)
+SWA_BACKENDS: tuple[str, ...] = get_args(SWABackend)
+ROPE_ON: tuple[str, ...] = get_args(RopeOn)
+FEATURE_MAPS: tuple[str, ...] = get_args(FeatureMap)
+MIXES: tuple[str, ...] = get_args(Mix)
+
+
+@dataclass(kw_only=True)
+class HybridSettings:
+    """How each attention block of the teacher becomes a hybrid block."""
+
+    window: int = 512
+    """Sliding-window length W of the softmax branch."""
+    num_sinks: int = 4
+    """Sink tokens (the first tokens of each document) that every query sees."""
+    gate_mode: GateMode = "learned"
+    """``learned`` (per-head gate), ``swa`` (softmax branch only: with W >= length the student is
+    the teacher) or ``mlstm`` (mLSTM branch only)."""
+    mlstm_backend: MLSTMBackend = "chunkwise"
+    """mLSTM kernel: ``chunkwise`` (plain torch), ``recurrent``, ``native``, ``triton``."""
+    swa_backend: SWABackend = "auto"
+    """Sliding-window attention kernel: ``auto``, ``reference``, ``blocked``, ``flex``."""
+    chunk_size: int = 64
+    """Chunk length of the chunkwise mLSTM."""
+    feature_dim: int | None = None
+    """Output size of the Hedgehog feature maps (None: the teacher's head_dim)."""
+    rope_on: RopeOn = "input"
+    """``input``: feature maps on RoPE'd q/k; ``features``: RoPE on the feature-mapped q/k (needs
+    feature_dim == head_dim and feature_map 'hedgehog')."""
+    feature_map: FeatureMap = "hedgehog"
+    """``hedgehog`` (softmax(xW)) or ``hedgehog_pm`` ([softmax(xW), softmax(-xW)], twice the
+    features; the Hedgehog/LoLCATs form)."""
+    fgate_bias: list[float] = field(default_factory=lambda: [3.0, 6.0])
+    """[low, high] of the forget-gate biases at initialisation, spread linearly over the heads;
+    memory spans ~e^b tokens."""
+    softmax_layers: list[int] = field(default_factory=list)
+    """Layers kept as the teacher's full softmax attention (their cache grows with the context)."""
+    mix: Mix = "gate"
+    """How the branches combine with gate_mode 'learned': ``gate`` (the paper's per-head sigmoid
+    gate) or ``shared_norm`` (exact softmax inside the window, mLSTM keys beyond, one
+    normaliser)."""
+
+    def __post_init__(self) -> None:
+        self.window, self.num_sinks = int(self.window), int(self.num_sinks)
+        self.chunk_size = int(self.chunk_size)
+        self.feature_dim = int(self.feature_dim) if self.feature_dim else None
+        self.fgate_bias = [float(b) for b in self.fgate_bias]
+        self.softmax_layers = sorted(int(i) for i in self.softmax_layers)
+        for name, low in (("window", 1), ("num_sinks", 0), ("chunk_size", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name, choices in (("gate_mode", GATE_MODES), ("mlstm_backend", MLSTM_BACKENDS),
+                              ("swa_backend", SWA_BACKENDS), ("rope_on", ROPE_ON),
+                              ("feature_map", FEATURE_MAPS), ("mix", MIXES)):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        if self.mix == "shared_norm" and self.rope_on != "input":
+            raise ConfigError("mix='shared_norm' needs rope_on='input'")
+        if self.rope_on == "features" and self.feature_map != "hedgehog":
+            raise ConfigError("rope_on='features' needs feature_map='hedgehog'")
+        if len(self.fgate_bias) != 2 or self.fgate_bias[0] > self.fgate_bias[1]:
+            raise ConfigError(
+                f"fgate_bias must be [low, high] with low <= high, got {self.fgate_bias}"
+            )
+        if len(set(self.softmax_layers)) != len(self.softmax_layers) or any(
+            i < 0 for i in self.softmax_layers
+        ):
+            raise ConfigError(
+                f"softmax_layers={self.softmax_layers}: each must be a distinct layer index >= 0"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting by name (plain values: YAML, JSON and ``key=value`` safe)."""
+        return asdict(self)
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from the defaults (all a ``key=value`` command line needs:
+        every reader of the settings shares these defaults)."""
+        default = HybridSettings().to_dict()
+        return {k: v for k, v in self.to_dict().items() if v != default[k]}
+
+
+HYBRID_KEYS: tuple[str, ...] = tuple(f.name for f in fields(HybridSettings))
