@@ -80,7 +80,7 @@ class HybridAttention(nn.Module):
         self.num_heads = teacher_cfg.num_attention_heads
         self.num_kv = getattr(teacher_cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
+        self.scaling = adapter.attention_scaling(teacher_cfg, self.head_dim)
         # The teacher's own span in this layer (None: full causal) is stage I's target. A local
         # teacher layer's softmax branch sees what the teacher's sees: window min(W, the
         # teacher's), no sinks (the teacher has none), so gate "swa" reproduces it at any length.
