@@ -13,6 +13,8 @@ GATE_MODES = ("learned", "swa", "mlstm")
 ROPE_ON = ("input", "features")
 FEATURE_MAPS = ("hedgehog", "hedgehog_pm")
 MIXES = ("gate", "shared_norm")
+LOCAL_LAYERS = ("hybrid", "swa")
+DEFAULT_LOCAL_LAYERS = "swa"
 HYBRID_KEYS = (
     "window",
     "num_sinks",
@@ -26,6 +28,7 @@ HYBRID_KEYS = (
     "fgate_bias",
     "softmax_layers",
     "mix",
+    "local_layers",
 )
 # Teacher attributes mirrored at top level so generation, lm-eval and DeepSpeed see a normal LM.
 _MIRRORED = (
@@ -71,6 +74,13 @@ class HybridConfig(PretrainedConfig):
             per-head sigmoid gate between the two normalised outputs) or ``shared_norm`` (exact
             softmax inside the window, the mLSTM's keys beyond it, one normaliser; see
             ``model/shared_norm.py``).
+        local_layers: what a layer becomes where the teacher attends to a sliding window of W_t
+            tokens (Mistral, Olmo3's and Gemma 3's local layers, ...): ``swa`` (default) keeps
+            the teacher's own sliding-window attention (exact, no new parameters, a W_t-slot
+            cache) or ``hybrid`` makes it a hybrid layer whose softmax branch has window
+            min(W, W_t) and no sinks and whose stage I target is the teacher's windowed
+            attention (README: "Sliding-window teachers"). A config saved before this setting
+            existed loads as ``hybrid``, as it was converted.
     """
 
     model_type = "megadistill_hybrid"
@@ -90,6 +100,7 @@ class HybridConfig(PretrainedConfig):
         fgate_bias: tuple[float, float] | list[float] = (3.0, 6.0),
         softmax_layers: tuple[int, ...] | list[int] = (),
         mix: str = "gate",
+        local_layers: str | None = None,
         **kwargs: Any,
     ) -> None:
         teacher_config = dict(teacher_config or {})
@@ -105,6 +116,12 @@ class HybridConfig(PretrainedConfig):
         self.fgate_bias = [float(b) for b in fgate_bias]
         self.softmax_layers = sorted(int(i) for i in softmax_layers)
         self.mix = mix
+        if local_layers is None:
+            # A config saved before this setting existed (it has a transformers_version but no
+            # local_layers) was converted with hybrid local layers: load it as it was made.
+            saved = "transformers_version" in kwargs
+            local_layers = "hybrid" if saved else DEFAULT_LOCAL_LAYERS
+        self.local_layers = local_layers
         for key in _MIRRORED:
             if key in teacher_config and key not in kwargs:
                 kwargs[key] = teacher_config[key]
@@ -137,6 +154,7 @@ class HybridConfig(PretrainedConfig):
             ("rope_on", ROPE_ON),
             ("feature_map", FEATURE_MAPS),
             ("mix", MIXES),
+            ("local_layers", LOCAL_LAYERS),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {choices}")

@@ -70,7 +70,10 @@ def test_real_configs_build_on_meta_with_the_teachers_layout(
     assert [layer.layer_type == "full_attention" for layer in layers] == [
         w is None for w in expected
     ]
-    assert layers[0].self_attn.window == min(512, window) and layers[0].self_attn.num_sinks == 0
+    # By default a local layer stays the teacher's SWA (W_t slots, no sinks, no new parameters).
+    local = layers[0].self_attn
+    assert local.keep_local and local.window == window and local.num_sinks == 0
+    assert not any(".layers.0." in n for n in student.new_parameter_names())
     assert layers[5].self_attn.window == 512 and layers[5].self_attn.num_sinks == 4
     assert all(layer.self_attn.scaling == scalar**-0.5 for layer in layers)
     # The student's copy of the teacher config rebuilds the same RoPE per layer type.
@@ -103,9 +106,12 @@ def test_student_keeps_the_teachers_gemma_modules():
 SLIDING = {"sliding_window": 12}  # the tiny config: layer 0 local, layer 1 global
 
 
-def test_gate_on_swa_equals_teacher_beyond_the_local_window_and_stage_one_target():
+@pytest.mark.parametrize("local_layers", ["hybrid", "swa"])
+def test_gate_on_swa_equals_teacher_beyond_the_local_window_and_stage_one_target(local_layers):
     teacher = tiny_teacher("gemma3_text", **SLIDING)
-    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, num_sinks=4)
+    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, num_sinks=4,
+                         local_layers=local_layers)  # fmt: skip
+    assert student.model.layers[0].self_attn.keep_local == (local_layers == "swa")
     ids = torch.randint(0, 256, (2, 48))  # 4x the local window, within the global one
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, teacher(ids).logits)
@@ -117,9 +123,11 @@ def test_gate_on_swa_equals_teacher_beyond_the_local_window_and_stage_one_target
             assert (other(ids).logits - teacher(ids).logits).abs().max() > 1e-3, change
 
 
-def test_decoding_and_generate_equal_the_teacher_beyond_the_local_window():
+@pytest.mark.parametrize("local_layers", ["hybrid", "swa"])
+def test_decoding_and_generate_equal_the_teacher_beyond_the_local_window(local_layers):
     teacher = tiny_teacher("gemma3_text", **SLIDING)
-    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, num_sinks=4)
+    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, num_sinks=4,
+                         local_layers=local_layers)  # fmt: skip
     prompt = torch.randint(3, 256, (2, 10))
     kwargs = {"max_new_tokens": 40, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
@@ -136,7 +144,7 @@ def test_decoding_and_generate_equal_the_teacher_beyond_the_local_window():
 
 def test_learned_gate_decodes_as_its_parallel_forward():
     student, _ = convert(tiny_teacher("gemma3_text", **SLIDING), seed=0, window=16,
-                         num_sinks=2, chunk_size=4)  # fmt: skip
+                         num_sinks=2, chunk_size=4, local_layers="hybrid")  # fmt: skip
     student.eval()
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
