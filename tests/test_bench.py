@@ -73,3 +73,23 @@ def test_merge_bench_script_smoke(tmp_path):
     for mode in ("baseline", "streaming_noverify", "streaming"):
         assert results[mode]["peak_rss_mib"] > 0 and results[mode]["wall_s"] > 0
     assert set(results["summary"]) == {"streaming_vs_baseline", "streaming_noverify_vs_baseline"}
+
+
+def test_local_layers_bench_teacher_is_smollm2_inside_its_window():
+    # The measured sliding-window teacher computes what SmolLM2 computes while the sequence fits
+    # its window, and differs beyond it (its local layers cut the context).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.assets import smollm2_teacher
+    from megadistill.bench.local_layers import sliding_teacher
+
+    folder = smollm2_teacher()
+    teacher = sliding_teacher(folder, window=16)
+    source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(3, 1000, (1, 40))
+    with torch.no_grad():
+        got, want = teacher(ids).logits, source(ids).logits
+    torch.testing.assert_close(got[:, :16], want[:, :16], rtol=1e-4, atol=1e-4)
+    assert (got[:, 20:] - want[:, 20:]).abs().max() > 1e-2
+    assert teacher.config.layer_types[:4] == ["sliding_attention"] * 3 + ["full_attention"]

@@ -158,12 +158,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     students = {}
     for mode in ("hybrid", "swa"):
         student, _ = convert(
-            teacher, seed=0, window=args.window, num_sinks=4, local_layers=mode, mix="gate"
-        )
+            teacher, seed=0, window=args.window, num_sinks=4, local_layers=mode, mix="gate",
+            gate_mode=args.gate_mode,
+        )  # fmt: skip
         t0 = time.perf_counter()
-        losses = stage_one(student, train, args.lr, args.warmup)
+        losses = stage_one(student, train, args.lr, args.warmup) if args.steps else [0.0]
         results[f"{mode}/stage1"] = {
-            "first": sum(losses[:5]) / 5, "last": sum(losses[-5:]) / 5,
+            "first": sum(losses[:5]) / len(losses[:5]), "last": sum(losses[-5:]) / len(losses[-5:]),
             "seconds": time.perf_counter() - t0,
             "new_parameters": sum(p.numel() for n, p in student.named_parameters()
                                   if n in set(student.new_parameter_names())),
@@ -188,10 +189,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row[m] = gap.mean().item()
             row[f"{m}_se"] = (gap.std() / len(gap) ** 0.5).item()
         results[f"nll_gap/{name}"] = row
+        log.info("nll_gap %s: %s", name, row)
     for batch in args.batches:
         results[f"speed/batch{batch}"] = speed(
             {"teacher": teacher, **students}, args.context, batch, args.decode, args.repeats
         )
+        log.info("speed batch %d: %s", batch, results[f"speed/batch{batch}"])
     return results
 
 
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-window", type=int, default=256)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=60, help="stage I steps (0: untrained)")
+    p.add_argument("--gate-mode", default="learned", help="learned, or swa: the SWA floors")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--eval-len", type=int, default=1024)
