@@ -22,6 +22,7 @@ SWABackend = Literal["auto", "reference", "blocked", "flex"]
 RopeOn = Literal["input", "features"]
 FeatureMap = Literal["hedgehog", "hedgehog_pm"]
 Mix = Literal["gate", "shared_norm"]
+LocalLayers = Literal["swa", "hybrid"]
 
 GATE_MODES: tuple[str, ...] = get_args(GateMode)
 MLSTM_BACKENDS: tuple[str, ...] = get_args(MLSTMBackend)
@@ -29,6 +30,7 @@ SWA_BACKENDS: tuple[str, ...] = get_args(SWABackend)
 ROPE_ON: tuple[str, ...] = get_args(RopeOn)
 FEATURE_MAPS: tuple[str, ...] = get_args(FeatureMap)
 MIXES: tuple[str, ...] = get_args(Mix)
+LOCAL_LAYERS: tuple[str, ...] = get_args(LocalLayers)
 
 
 @dataclass(kw_only=True)
@@ -65,6 +67,13 @@ class HybridSettings:
     """How the branches combine with gate_mode 'learned': ``gate`` (the paper's per-head sigmoid
     gate) or ``shared_norm`` (exact softmax inside the window, mLSTM keys beyond, one
     normaliser)."""
+    local_layers: LocalLayers = "swa"
+    """What a layer becomes where the teacher attends to a sliding window of W_t tokens (Mistral,
+    Olmo3's and Gemma 3's local layers, ...): ``swa`` keeps the teacher's own sliding-window
+    attention (exact, no new parameters, a W_t-slot cache); ``hybrid`` makes it a hybrid layer
+    whose softmax branch has window min(W, W_t) and no sinks and whose stage I target is the
+    teacher's windowed attention (README: "Sliding-window teachers"). A student config saved
+    before this setting existed loads as ``hybrid``, as it was converted."""
 
     def __post_init__(self) -> None:
         self.window, self.num_sinks = int(self.window), int(self.num_sinks)
@@ -77,7 +86,8 @@ class HybridSettings:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
         for name, choices in (("gate_mode", GATE_MODES), ("mlstm_backend", MLSTM_BACKENDS),
                               ("swa_backend", SWA_BACKENDS), ("rope_on", ROPE_ON),
-                              ("feature_map", FEATURE_MAPS), ("mix", MIXES)):  # fmt: skip
+                              ("feature_map", FEATURE_MAPS), ("mix", MIXES),
+                              ("local_layers", LOCAL_LAYERS)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {choices}")
         if self.mix == "shared_norm" and self.rope_on != "input":

@@ -104,6 +104,11 @@ class ModelShape:
     student_largest_module: int
     """Parameters of the largest single module (DeepSpeed's ``largest_layer_params``)."""
     teacher_largest_module: int
+    kept_local_windows: tuple[int, ...] = ()
+    """Window W_t of each teacher sliding-window layer kept as the teacher's SWA (W_t KV slots,
+    no mLSTM state)."""
+    teacher_windows: tuple[int | None, ...] = ()
+    """The teacher's window per layer (None: full attention); empty: full everywhere."""
 
 
 def _largest_module(model: Any) -> int:
@@ -141,7 +146,11 @@ def model_shape(teacher_cfg: Any, **hybrid: Any) -> ModelShape:
         feature_dim=cfg.feature_dim,
         window=cfg.window,
         num_sinks=cfg.num_sinks,
-        num_softmax_layers=len(cfg.softmax_layers),
+        num_softmax_layers=sum(layer.self_attn.full for layer in student.model.layers),
+        kept_local_windows=tuple(
+            layer.self_attn.window for layer in student.model.layers if layer.self_attn.keep_local
+        ),
+        teacher_windows=tuple(layer.self_attn.teacher_window for layer in student.model.layers),
         mlstm_feature_dim=cfg.mlstm_feature_dim,
         chunk_size=cfg.chunk_size,
         qk_norm=adapter_for(teacher_cfg.model_type).qk_norm != "none",
@@ -624,17 +633,21 @@ def _gib(n: int | float) -> str:
 
 
 def decode_cache_bytes(s: ModelShape, context: int, bytes_per_value: int = 2) -> dict[str, int]:
-    """Decoding cache of one sequence after ``context`` tokens: the teacher's KV cache, the
-    student's constant part (mLSTM state + sink/window KV of each hybrid layer, the state in fp32)
-    and the growing KV cache of its softmax layers."""
+    """Decoding cache of one sequence after ``context`` tokens: the teacher's KV cache (W_t
+    tokens in its sliding-window layers), the student's constant part (mLSTM state + sink/window
+    KV of each hybrid layer, the state in fp32; W_t KV slots in each local layer kept as the
+    teacher's SWA) and the growing KV cache of its softmax layers."""
     kv_per_token = 2 * s.num_kv_heads * s.head_dim * bytes_per_value
-    hybrid_layers = s.num_layers - s.num_softmax_layers
+    hybrid_layers = s.num_layers - s.num_softmax_layers - len(s.kept_local_windows)
     f, d = s.mlstm_feature_dim, s.head_dim
     state = s.num_heads * (f * d + f + 1) * 4
     window = min(context, s.window + s.num_sinks) * kv_per_token
+    kept_local = sum(min(context, w) for w in s.kept_local_windows) * kv_per_token
+    spans = s.teacher_windows or (None,) * s.num_layers
+    teacher = sum(context if w is None else min(context, w) for w in spans) * kv_per_token
     return {
-        "teacher": s.num_layers * context * kv_per_token,
-        "student_constant": hybrid_layers * (state + window),
+        "teacher": teacher,
+        "student_constant": hybrid_layers * (state + window) + kept_local,
         "student_softmax_layers": s.num_softmax_layers * context * kv_per_token,
     }
 

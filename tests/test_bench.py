@@ -92,3 +92,23 @@ def test_data_bench_counts_the_same_tokens_as_the_datasets_baseline(tmp_path, ca
         assert ours[n]["tokens"] == base[n]["tokens"] + base[n]["documents"]
         assert ours[n]["peak_rss_mib"] > 0 and base[n]["peak_rss_mib"] > 0
     assert 20000 <= budget["train_tokens"] < ours[1]["tokens"] / 2  # only a prefix was read
+
+
+def test_local_layers_bench_teacher_is_smollm2_inside_its_window():
+    # The measured sliding-window teacher computes what SmolLM2 computes while the sequence fits
+    # its window, and differs beyond it (its local layers cut the context).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.assets import smollm2_teacher
+    from megadistill.bench.local_layers import sliding_teacher
+
+    folder = smollm2_teacher()
+    teacher = sliding_teacher(folder, window=16)
+    source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(3, 1000, (1, 40))
+    with torch.no_grad():
+        got, want = teacher(ids).logits, source(ids).logits
+    torch.testing.assert_close(got[:, :16], want[:, :16], rtol=1e-4, atol=1e-4)
+    assert (got[:, 20:] - want[:, 20:]).abs().max() > 1e-2
+    assert teacher.config.layer_types[:4] == ["sliding_attention"] * 3 + ["full_attention"]

@@ -190,8 +190,10 @@ def _saved_bytes_per_token(family: str, precision: torch.dtype, stage: str) -> f
     torch.manual_seed(0)
     from megadistill.teachers import convert
 
+    # The formula is a hybrid layer's (layer 0 of olmo3 is local: make it a hybrid; a local
+    # layer kept as the teacher's SWA saves less, so the plan is an upper bound there).
     student, _ = convert(tiny_teacher(family, **TINY), window=64, num_sinks=4, chunk_size=32,
-                         swa_backend="blocked")  # fmt: skip
+                         swa_backend="blocked", local_layers="hybrid")  # fmt: skip
     student = student.to(precision).train()
     if stage == "align":
         new = set(student.new_parameter_names())
@@ -232,7 +234,7 @@ def test_activation_formula_matches_saved_tensors(family, dtype, stage) -> None:
     measured = _saved_bytes_per_token(family, dtype, stage)
     shape = model_shape(
         tiny_teacher_config(family, **TINY), window=64, num_sinks=4, chunk_size=32,
-        swa_backend="blocked",
+        swa_backend="blocked", local_layers="hybrid",
     )  # fmt: skip
     a = 2 if dtype == torch.bfloat16 else 4
     predicted = sum(layer_activation_terms(shape, a, stage).values())
@@ -382,3 +384,24 @@ def test_plan_states_the_prepare_step_time_and_disk(capsys) -> None:
     assert math["tokens"] == 5_655_000_000 and math["cache_bytes"] >= 4 * math["tokens"]
     assert math["seconds"] == pytest.approx(5.655e9 / (32 * MEASURED_TOKENS_PER_S_PER_WORKER))
     assert math["peak_bytes"] == 2 * math["cache_bytes"]
+
+
+def test_decode_cache_counts_local_layers_at_the_teachers_window():
+    from megadistill.plan import decode_cache_bytes, model_shape
+    from megadistill.teachers.tiny import tiny_teacher_config
+
+    # Teacher: three sliding-window layers of 16 tokens and one full layer; the student keeps
+    # two of the local layers as the teacher's SWA (16 slots each, no mLSTM state).
+    shape = _toy_shape(num_layers=4, kept_local_windows=(16, 16),
+                       teacher_windows=(16, 16, 16, None))  # fmt: skip
+    kv = 2 * 1 * 4 * 2
+    state = 2 * (4 * 4 + 4 + 1) * 4
+    c = decode_cache_bytes(shape, 1000)
+    assert c["teacher"] == (3 * 16 + 1000) * kv
+    assert c["student_constant"] == 2 * (state + (4 + 1) * kv) + 2 * 16 * kv
+    assert c["student_constant"] == decode_cache_bytes(shape, 5000)["student_constant"]
+    # The shape read off a real student: which layers are kept, and the teacher's windows.
+    cfg = tiny_teacher_config("olmo3", sliding_window=12)
+    kept = model_shape(cfg, window=8, local_layers="swa")
+    assert kept.kept_local_windows == (12,) and kept.teacher_windows == (12, None)
+    assert model_shape(cfg, window=8, local_layers="hybrid").kept_local_windows == ()

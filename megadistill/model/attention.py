@@ -79,13 +79,19 @@ class HybridAttention(nn.Module):
         self.num_heads = teacher_cfg.num_attention_heads
         self.num_kv = getattr(teacher_cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
+        self.scaling = adapter.attention_scaling(teacher_cfg, self.head_dim)
         # The teacher's own span in this layer (None: full causal; see teacher_attention). A local
-        # teacher layer's softmax branch sees what the teacher's sees: window min(W, the
-        # teacher's), no sinks (the teacher has none), so gate "swa" reproduces it at any length.
+        # teacher layer is kept as the teacher's sliding-window attention (local_layers "swa",
+        # or listed in softmax_layers), or becomes a hybrid whose softmax branch sees what the
+        # teacher's sees: window min(W, the teacher's), no sinks (the teacher has none), so gate
+        # "swa" reproduces it at any length.
         self.teacher_window = adapter.teacher_window(teacher_cfg, layer_idx)
         local = self.teacher_window is not None
+        kept = layer_idx in config.softmax_layers
+        self.keep_local = local and (kept or config.local_layers == "swa")
         self.window = min(config.window, self.teacher_window) if local else config.window
+        if self.keep_local:
+            self.window = self.teacher_window
         self.num_sinks = 0 if local else config.num_sinks
         qkv_bias = adapter.has_qkv_bias(teacher_cfg)
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv * self.head_dim] * 2
@@ -105,12 +111,14 @@ class HybridAttention(nn.Module):
             self.q_norm = norm_cls(q_size, eps=teacher_cfg.rms_norm_eps)
             self.k_norm = norm_cls(k_size, eps=teacher_cfg.rms_norm_eps)
         self.apply_rotary = adapter.modeling().apply_rotary_pos_emb
-        # A layer kept as the teacher's softmax attention has no new parameters at all.
-        self.full = layer_idx in config.softmax_layers
+        # A layer kept as the teacher's attention (full, or its sliding window: a ring buffer of
+        # W_t slots) has no new parameters at all.
+        self.full = kept and not local
+        self.kept = self.full or self.keep_local
         # An observer installed from outside (None: none) sees the hybrid path's projections and
         # output, called as observer(self, out, q_r, k_r, v, info); what it returns is the output.
         self.observer = None
-        if self.full:
+        if self.kept:
             return
         fdim, pm = config.feature_dim, config.feature_map == "hedgehog_pm"
         self.q_feature = FeatureMap(self.num_heads, self.head_dim, fdim, both_signs=pm)
@@ -125,7 +133,7 @@ class HybridAttention(nn.Module):
     @torch.no_grad()
     def init_new_parameters(self, generator: torch.Generator | None = None) -> None:
         """Initialise only the new parameters (seeded by ``generator``)."""
-        if self.full:
+        if self.kept:
             return
         self.q_feature.reset_parameters(generator)
         self.k_feature.reset_parameters(generator)
@@ -165,9 +173,15 @@ class HybridAttention(nn.Module):
         bsz, t, _ = x.shape
         q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
         lc = info.cache.layers[self.layer_idx] if info.cache is not None else None
+        # ``full`` first: eval/layer_choice flips it on a layer to measure keeping that layer.
         if self.full:
             full = self._full(q_r, k_r, v, info, lc)
             return self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
+        if self.keep_local:
+            local = self._swa(q_r, k_r, v, info, lc)
+            if lc is not None and lc.k is None:
+                self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
+            return self.o_proj(local.transpose(1, 2).reshape(bsz, t, -1))
         mode = self.config.gate_mode
         if mode == "learned" and self.shared:
             mixed = self._shared_norm(x, q_r, k_r, v, info, lc)
@@ -307,10 +321,11 @@ class HybridAttention(nn.Module):
     def _full(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
         """The teacher's full causal attention; with a cache, every past key is kept (the cache
         of this layer grows with the context, like the teacher's)."""
-        if lc is None:
+        if lc is None:  # the teacher's own span (its window, where layer_choice flips a local one)
             return swa_attention(
-                q_r, k_r, v, info.reset, info.valid, None, 0, self.scaling, "reference"
-            )
+                q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
+                "reference",
+            )  # fmt: skip
         t = q_r.shape[2]
         past = 0 if lc.k is None else lc.k.shape[2]
         new_ok = info.valid

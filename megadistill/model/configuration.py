@@ -42,7 +42,13 @@ class HybridConfig(PretrainedConfig):
     def __init__(self, teacher_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         teacher_config = dict(teacher_config or {})
         self.teacher_config = teacher_config
-        settings = from_dict(HybridSettings, {k: kwargs.pop(k) for k in HYBRID_KEYS if k in kwargs})
+        given = {k: kwargs.pop(k) for k in HYBRID_KEYS if k in kwargs}
+        if given.get("local_layers") is None and "transformers_version" in kwargs:
+            # a config saved before `local_layers` existed (it has a transformers_version but no
+            # local_layers) was converted with hybrid local layers: load it as it was made
+            given["local_layers"] = "hybrid"
+        given = {k: v for k, v in given.items() if v is not None or k == "feature_dim"}
+        settings = from_dict(HybridSettings, given)
         for key, value in settings.to_dict().items():
             setattr(self, key, value)
         for key in _MIRRORED:

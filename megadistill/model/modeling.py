@@ -54,23 +54,32 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HybridConfig, layer_idx: int, teacher_cfg) -> None:
         super().__init__()
         adapter = adapter_for(teacher_cfg.model_type)
-        self.post_norm = adapter.norm_placement == "post"
+        self.norm_placement = adapter.norm_placement
         norm_cls = adapter.cls("RMSNorm")
         hidden, eps = teacher_cfg.hidden_size, teacher_cfg.rms_norm_eps
         self.self_attn = HybridAttention(config, layer_idx, adapter, teacher_cfg)
         self.mlp = adapter.build_mlp(teacher_cfg, layer_idx)
-        self.post_attention_layernorm = norm_cls(hidden, eps=eps)
-        if self.post_norm:
-            self.post_feedforward_layernorm = norm_cls(hidden, eps=eps)
-        else:
-            self.input_layernorm = norm_cls(hidden, eps=eps)
+        # The teacher's norms under the teacher's names: pre (Llama) has input/post_attention,
+        # post (Olmo2/3) post_attention/post_feedforward, sandwich (Gemma 3) all four.
+        names = {
+            "pre": ("input_layernorm", "post_attention_layernorm"),
+            "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+            "sandwich": ("input_layernorm", "post_attention_layernorm",
+                         "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        }[self.norm_placement]  # fmt: skip
+        for name in names:
+            setattr(self, name, norm_cls(hidden, eps=eps))
         types = getattr(teacher_cfg, "layer_types", None)
         self.layer_type = types[layer_idx] if types else "full_attention"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, info: SeqInfo):
-        if self.post_norm:
+        if self.norm_placement == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, info))
             return x + self.post_feedforward_layernorm(self.mlp(x))
+        if self.norm_placement == "sandwich":
+            attn = self.self_attn(self.input_layernorm(x), cos, sin, info)
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, info)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -91,6 +100,12 @@ class HybridPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, HybridAttention):
             module.init_new_parameters()
+        elif hasattr(module, "scalar_embed_scale"):
+            # Gemma 3's scaled embedding: sqrt(hidden) lives in a non-persistent buffer that
+            # from_pretrained leaves empty unless initialised here (as the teacher's own init).
+            if module.embed_scale.device.type != "meta":
+                with torch.no_grad():
+                    module.embed_scale.fill_(module.scalar_embed_scale)
         elif "RotaryEmbedding" in type(module).__name__:
             # Teacher families initialise RoPE buffers in their own _init_weights (Olmo3 and
             # Gemma3 keep one inv_freq per layer type, which the generic init does not know), so
@@ -125,11 +140,7 @@ class HybridModel(HybridPreTrainedModel):
         super().__init__(config)
         teacher_cfg = config.teacher()
         self.adapter = adapter_for(teacher_cfg.model_type)
-        self.embed_tokens = nn.Embedding(
-            teacher_cfg.vocab_size,
-            teacher_cfg.hidden_size,
-            getattr(teacher_cfg, "pad_token_id", None),
-        )
+        self.embed_tokens = self.adapter.build_embedding(teacher_cfg)
         self.layers = nn.ModuleList(
             HybridDecoderLayer(config, i, teacher_cfg) for i in range(teacher_cfg.num_hidden_layers)
         )

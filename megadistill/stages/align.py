@@ -49,7 +49,7 @@ class AttentionProbe:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [layer.self_attn for layer in model.model.layers if not layer.self_attn.full]
+        self.layers = [layer.self_attn for layer in model.model.layers if not layer.self_attn.kept]
         self._losses: list[torch.Tensor] | None = None
 
     def __enter__(self) -> AttentionProbe:

@@ -84,7 +84,9 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def check_teacher_config(cfg: PretrainedConfig) -> None:
     """Refuse configs the student cannot reproduce, naming the field."""
-    adapter_for(cfg.model_type)
+    reason = adapter_for(cfg.model_type).refusal(cfg)
+    if reason is not None:
+        raise MegadistillError(f"teacher config of {cfg.model_type} is not supported: {reason}")
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

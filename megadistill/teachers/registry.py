@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from megadistill.errors import UnsupportedTeacherError
 
 
@@ -23,8 +25,10 @@ class TeacherAdapter:
     """transformers ``model_type`` of the teacher config."""
     prefix: str
     """Class-name prefix in the modeling module (``Llama`` -> ``LlamaRMSNorm``)."""
-    norm_placement: Literal["pre", "post"]
-    """``pre``: norm before attention/MLP (Llama); ``post``: norm after, before the residual (Olmo2/3)."""
+    norm_placement: Literal["pre", "post", "sandwich"]
+    """``pre``: norm before attention/MLP (Llama); ``post``: norm after, before the residual
+    (Olmo2/3); ``sandwich``: both, four norms per layer (Gemma 3: input, post-attention,
+    pre-feedforward and post-feedforward)."""
     qk_norm: Literal["none", "head", "full"]
     """RMSNorm on q/k: none, per head over head_dim (Qwen3), or over the whole projection (Olmo2/3)."""
     qkv_bias: Literal["attention_bias", "always", "never"]
@@ -42,14 +46,43 @@ class TeacherAdapter:
     """Where the teacher's attention is a sliding window of ``config.sliding_window`` tokens: in
     no layer (Llama, Olmo2), in every layer when the config sets it (Mistral), or in the layers
     that ``config.layer_types`` marks ``sliding_attention`` (Qwen2/3, Olmo3), as its mask does."""
+    scaled_embedding: bool = False
+    """Token embeddings are multiplied by sqrt(hidden_size) in the weights' dtype (Gemma 3's
+    ``TextScaledWordEmbedding``, used as it is)."""
+    query_pre_attn_scalar: bool = False
+    """Attention logits are scaled by ``config.query_pre_attn_scalar ** -0.5`` instead of
+    ``head_dim ** -0.5`` (Gemma 3: 256 for head_dim 256, but 168 for the 27B's head_dim 128)."""
+
+    module: str = ""
+    """transformers.models package of the family when it is not ``model_type`` (``gemma3``)."""
 
     def modeling(self) -> Any:
-        return importlib.import_module(
-            f"transformers.models.{self.model_type}.modeling_{self.model_type}"
-        )
+        module = self.module or self.model_type
+        return importlib.import_module(f"transformers.models.{module}.modeling_{module}")
 
     def cls(self, suffix: str) -> type:
         return getattr(self.modeling(), f"{self.prefix}{suffix}")
+
+    def attention_scaling(self, cfg: Any, head_dim: int) -> float:
+        """The factor on q.k before the softmax, as the teacher's attention applies it."""
+        if self.query_pre_attn_scalar:
+            return float(cfg.query_pre_attn_scalar) ** -0.5
+        return head_dim**-0.5
+
+    def build_embedding(self, cfg: Any) -> Any:
+        """The teacher's token embedding module (weight ``embed_tokens.weight`` either way)."""
+        pad = getattr(cfg, "pad_token_id", None)
+        if self.scaled_embedding:
+            cls = self.cls("TextScaledWordEmbedding")
+            return cls(cfg.vocab_size, cfg.hidden_size, pad, embed_scale=cfg.hidden_size**0.5)
+        return torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size, pad)
+
+    def refusal(self, cfg: Any) -> str | None:
+        """Why this config of the family cannot be reproduced exactly (None: it can)."""
+        for field, why in _REFUSED_FIELDS.get(self.model_type, ()):
+            if getattr(cfg, field, None):
+                return f"{field}={getattr(cfg, field)!r}: {why}"
+        return None
 
     def has_qkv_bias(self, cfg: Any) -> bool:
         if self.qkv_bias == "attention_bias":
@@ -101,17 +134,34 @@ ADAPTERS: dict[str, TeacherAdapter] = {
                        sliding="all_layers"),
         TeacherAdapter("qwen3_moe", "Qwen3Moe", "pre", "head", "attention_bias",
                        "attention_bias", moe="qwen3_moe", sliding="all_layers"),
+        TeacherAdapter("gemma3_text", "Gemma3", "sandwich", "head", "attention_bias",
+                       "attention_bias", rope_per_layer_type=True, sliding="layer_types",
+                       scaled_embedding=True, query_pre_attn_scalar=True, module="gemma3"),
     )
+}
+# Config fields that, when set (truthy), change what a family computes in a way the student does
+# not reproduce: the config is refused naming the field. Released Gemma 3 checkpoints set none.
+_REFUSED_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemma3_text": (
+        ("attn_logit_softcapping", "tanh soft-capping of the attention logits is not in the "
+         "student's attention kernels (SDPA, FlexAttention, shared_norm, the mLSTM); Gemma 3 "
+         "checkpoints ship it as null (Gemma 2 used 50.0)"),
+        ("final_logit_softcapping", "tanh soft-capping of the output logits is not in the "
+         "student's LM head nor in the chunked distillation losses; Gemma 3 checkpoints ship "
+         "it as null"),
+        ("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma) is not a "
+         "causal language model; the student is causal"),
+    ),
 }
 # Families the student cannot reproduce exactly yet, with the reason (named in the error).
 REFUSED: dict[str, str] = {
-    "gemma3_text": (
-        "Gemma 3 needs query_pre_attn_scalar scaling, sandwich norms (pre/post attention and MLP), "
-        "(1 + weight) RMSNorm and sqrt(hidden)-scaled embeddings in the student's layer code, "
-        "which it does not have yet"
+    "gemma3": (
+        "this is a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration: vision tower + "
+        "language model, whose weights are nested under the language model); convert a text-only Gemma 3 "
+        "(model_type gemma3_text, e.g. google/gemma-3-1b-pt), or save the language model of "
+        "this one as a Gemma3ForCausalLM folder (its text_config) and convert that"
     ),
 }
-REFUSED["gemma3"] = REFUSED["gemma3_text"]
 # fmt: on
 
 

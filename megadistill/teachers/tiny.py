@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "phi3", "qwen3_moe")
+TINY_FAMILIES = (
+    "llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "phi3", "qwen3_moe", "gemma3_text",
+)  # fmt: skip
 
 
 def tiny_teacher_config(family: str = "llama", **overrides: Any):
@@ -43,6 +45,14 @@ def tiny_teacher_config(family: str = "llama", **overrides: Any):
         # Layer 0 dense (mlp_only_layers), layer 1 a 4-expert top-2 MoE, as real configs mix.
         base.update(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                     mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True)  # fmt: skip
+    if family == "gemma3_text":
+        # As the real configs: explicit head_dim, a query_pre_attn_scalar that is not head_dim
+        # (the 27B's 168 vs 128), local/global layers with their own RoPE (linear scaling on the
+        # global ones, as the 4B+), tied embeddings.
+        base.update(head_dim=16, query_pre_attn_scalar=24, sliding_window=4096,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_theta=1e6,
+                    rope_local_base_freq=1e4, tie_word_embeddings=True)  # fmt: skip
     base.update(overrides)
     return AutoConfig.for_model(family, **base)
 

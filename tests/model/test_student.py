@@ -19,7 +19,7 @@ def align_loss(student, ids):
 
 
 def _student(family="llama", **hybrid):
-    hybrid = {"window": 8, "num_sinks": 2, "chunk_size": 4, **hybrid}
+    hybrid = {"window": 8, "num_sinks": 2, "chunk_size": 4, "local_layers": "hybrid", **hybrid}
     student, _ = convert(tiny_teacher(family), seed=0, **hybrid)
     with torch.no_grad():  # make both branches matter in the learned gate
         for layer in student.model.layers:
@@ -51,10 +51,12 @@ SLIDING = {
 }
 
 
+@pytest.mark.parametrize("local_layers", ["hybrid", "swa"])
 @pytest.mark.parametrize("family", sorted(SLIDING))
-def test_sliding_window_teacher_equals_student_beyond_its_window(family):
+def test_sliding_window_teacher_equals_student_beyond_its_window(family, local_layers):
     teacher = tiny_teacher(family, **SLIDING[family])
-    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, num_sinks=4)
+    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, num_sinks=4,
+                         local_layers=local_layers)  # fmt: skip
     windows = [layer.self_attn.teacher_window for layer in student.model.layers]
     assert 12 in windows and (family in ("mistral", "phi3", "qwen3_moe") or None in windows)
     ids = torch.randint(0, 256, (2, 48))  # 4x the teacher's window
@@ -82,7 +84,8 @@ def test_moe_mlp_passes_through_untouched():
 @pytest.mark.parametrize("family", ["mistral", "olmo3"])
 def test_sliding_teacher_prefill_plus_decode_equals_full_forward(family):
     teacher = tiny_teacher(family, **SLIDING[family])
-    student, _ = convert(teacher, seed=0, window=16, num_sinks=2, chunk_size=4)
+    student, _ = convert(teacher, seed=0, window=16, num_sinks=2, chunk_size=4,
+                         local_layers="hybrid")  # fmt: skip
     student.eval()
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
@@ -114,7 +117,8 @@ def test_same_teacher_and_seed_give_same_fingerprint():
 @pytest.mark.parametrize(
     "change",
     [{"window": 16}, {"num_sinks": 2}, {"feature_dim": 8}, {"gate_mode": "swa"},
-     {"mlstm_backend": "recurrent"}, {"swa_backend": "blocked"}, {"chunk_size": 16}],
+     {"mlstm_backend": "recurrent"}, {"swa_backend": "blocked"}, {"chunk_size": 16},
+     {"local_layers": "hybrid"}],
 )  # fmt: skip
 def test_fingerprint_covers_the_hybrid_settings(change):
     # Same weights (same teacher and seed), different architecture: different students.
@@ -396,3 +400,57 @@ def test_shared_norm_blocked_equals_parallel(num_sinks, pad):
     ref = sn.shared_norm_parallel(q, k, v, fq, fk, i_pre, f_pre, reset, valid, w, num_sinks, 0.3)
     blk = sn.shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, valid, pos, w, num_sinks, 0.3)
     torch.testing.assert_close(blk, ref)
+
+
+# ----------------------------------------------------------------------------- local layers
+@pytest.mark.parametrize("family", ["mistral", "olmo3", "gemma3_text"])
+def test_local_layers_swa_keeps_the_teachers_window_exactly(family):
+    teacher = tiny_teacher(family, **SLIDING.get(family, {"sliding_window": 12}))
+    student, _ = convert(teacher, seed=0, window=8, num_sinks=2, chunk_size=4,
+                         local_layers="swa")  # fmt: skip
+    local = [layer.self_attn.teacher_window is not None for layer in student.model.layers]
+    kept = [layer.self_attn.keep_local for layer in student.model.layers]
+    assert kept == local and any(local)
+    new = student.new_parameter_names()
+    assert [any(f".layers.{i}." in n for n in new) for i in range(2)] == [not x for x in local]
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        if all(local):  # every layer kept: the teacher itself, whatever W is (8 < W_t = 12)
+            torch.testing.assert_close(student(ids).logits, teacher(ids).logits)
+            assert align_loss(student, ids).item() == 0.0
+    student.eval()
+    _assert_decoding_equals_parallel(student, ids)
+    with torch.no_grad():
+        cache = student.new_cache()
+        student(ids, cache=cache)
+    sizes = [lc.k.shape[2] for lc in cache.layers]
+    assert sizes == [12 if is_local else 8 + 2 for is_local in local]  # W_t slots vs S + W
+
+
+def test_softmax_layers_keep_a_local_layers_window():
+    # A local teacher layer listed in softmax_layers is the teacher's windowed attention (a
+    # W_t-slot ring buffer), not full attention.
+    teacher = tiny_teacher("olmo3", **SLIDING["olmo3"])
+    student, _ = convert(teacher, seed=0, gate_mode="swa", window=64, local_layers="hybrid",
+                         softmax_layers=[0, 1])  # fmt: skip
+    assert student.new_parameter_names() == []
+    ids = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits)
+
+
+def test_default_keeps_local_layers_and_older_students_load_as_they_were_made(tmp_path):
+    import json
+
+    teacher = tiny_teacher("olmo3", **SLIDING["olmo3"])
+    assert convert(teacher, seed=0)[0].config.local_layers == "swa"
+    student, _ = convert(teacher, seed=0, window=8, local_layers="hybrid")
+    student.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["local_layers"]  # as saved before the setting existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.local_layers == "hybrid"
+    ids = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=0, atol=0)
