@@ -178,10 +178,24 @@ def adapter_for(model_type: str) -> TeacherAdapter:
             f"supported model types: {', '.join(supported_families())}"
         )
     try:
-        return ADAPTERS[model_type]
+        adapter = ADAPTERS[model_type]
     except KeyError:
         raise UnsupportedTeacherError(
             f"teacher architecture '{model_type}' is not supported; supported model types: "
             f"{', '.join(supported_families())}. Adding one is an adapter in "
             "megadistill/teachers/registry.py plus a parity test."
         ) from None
+    if adapter.rope_per_layer_type and _transformers_major() < 5:
+        import transformers
+
+        raise UnsupportedTeacherError(
+            f"teacher architecture '{model_type}' needs transformers >= 5 (RoPE per layer type); "
+            f"found {transformers.__version__}: pip install -U 'transformers>=5'"
+        )
+    return adapter
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
