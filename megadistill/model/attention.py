@@ -10,7 +10,8 @@ input/forget gate projections (one scalar per head each) and the output gate fro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
-from megadistill.model.mlstm import PAD_F, PAD_I, mlstm_forward
+from megadistill.model.mlstm import PAD_F, PAD_I, _reset_rows, mlstm_forward, mlstm_step_
 from megadistill.model.swa import _sdpa, swa_attention
 
 NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate")
@@ -35,6 +36,11 @@ class SeqInfo:
     cache: HybridCache | None = None
     align_losses: list[torch.Tensor] | None = None
     single_doc: bool = False  # every row holds one document (no reset after its first token)
+    all_valid: bool = False  # no padding anywhere (decided once per forward: no per-layer sync)
+    any_reset: bool = True  # some row starts a document in this forward
+    # Structures every layer with the same window/sinks shares (masks, block layouts), built by
+    # the first layer that needs them, once per forward.
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 class FeatureMap(nn.Module):
@@ -171,7 +177,10 @@ class HybridAttention(nn.Module):
             mixed = self._shared_norm(x, q_r, k_r, v, info, lc)
             out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
             return self._align(out, q_r, k_r, v, info)
-        swa = self._swa(q_r, k_r, v, info, lc)
+        if lc is not None and lc.k is not None and t == 1:
+            mixed = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
+            return self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
+        swa = self._swa(q_r, k_r, v, info, lc) if mode != "mlstm" else None
         if mode == "swa":
             mixed = swa
         else:
@@ -181,7 +190,7 @@ class HybridAttention(nn.Module):
             else:
                 o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,T,1)
                 mixed = o * mem + (1 - o) * swa
-        if lc is not None and lc.k is None:
+        if lc is not None and (lc.k is None or mode == "mlstm"):
             self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
         out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
         return self._align(out, q_r, k_r, v, info)
@@ -206,8 +215,8 @@ class HybridAttention(nn.Module):
         """Input and forget gate pre-activations (B,H,T); padding steps are exact no-ops."""
         i_pre = self.igate(x).transpose(1, 2)
         f_pre = self.fgate(x).transpose(1, 2)
-        pad = ~info.valid[:, None, :]
-        if bool(pad.any()):
+        if not info.all_valid:
+            pad = ~info.valid[:, None, :]
             i_pre = i_pre.masked_fill(pad, PAD_I)
             f_pre = f_pre.masked_fill(pad, PAD_F)
         return i_pre, f_pre
@@ -287,11 +296,53 @@ class HybridAttention(nn.Module):
         mask |= (lc.idx == t) & ~is_sink
         return sn.shared_norm_step(q1, lc.k, lc.v, mask, fq1, lc.mlstm, self.scaling)
 
-    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
+    def _features(self, q, k, q_r, k_r, cos, sin):
+        """Feature-mapped q and k of the mLSTM branch (RoPE before or after the map)."""
         if self.config.rope_on == "input":
-            fq, fk = self.q_feature(q_r), self.k_feature(k_r)
-        else:
-            fq, fk = self.apply_rotary(self.q_feature(q), self.k_feature(k), cos, sin)
+            return self.q_feature(q_r), self.k_feature(k_r)
+        return self.apply_rotary(self.q_feature(q), self.k_feature(k), cos, sin)
+
+    def _decode(self, x, q, k, q_r, k_r, v, cos, sin, gate_in, info: SeqInfo, lc: LayerCache):
+        """One decoding step (T = 1) after a prefill: the token goes into the ring buffer, the
+        SWA branch attends over the buffer in place with the step's mask (shared by every layer
+        of the same window), the mLSTM state is updated in place; only the branches the gate
+        mode uses are computed."""
+        mode = self.config.gate_mode
+        self._write_kv(k_r, v, info, lc)
+        swa = mem = None
+        if mode != "mlstm":
+            key = ("decode_mask", self.window, self.num_sinks)
+            mask = info.memo.get(key)
+            if mask is None:
+                w, s = self.window, self.num_sinks
+                is_sink = torch.arange(s + w, device=q_r.device) < s
+                age = info.abs_idx[0] - lc.idx  # (B, S+W)
+                mask = lc.ok & torch.where(is_sink, age >= w, age < w)
+                mask |= (lc.idx == info.abs_idx[0]) & ~is_sink  # always see itself
+                info.memo[key] = mask = mask[:, None, :]
+            swa = _sdpa(q_r, lc.k, lc.v, mask, self.scaling)
+        if mode != "swa":
+            fq, fk = self._features(q, k, q_r, k_r, cos, sin)
+            rep = self.num_heads // self.num_kv
+            vm = v
+            if rep > 1:
+                fk, vm = fk.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            i_pre, f_pre = self._gates(x, info)
+            if info.any_reset:
+                lc.mlstm = _reset_rows(lc.mlstm, info.reset[:, 0])
+            h, lc.mlstm = mlstm_step_(
+                fq[:, :, 0], fk[:, :, 0], vm[:, :, 0], i_pre[..., 0], f_pre[..., 0], lc.mlstm
+            )
+            mem = h[:, :, None].to(v.dtype)
+        if mode == "swa":
+            return swa
+        if mode == "mlstm":
+            return mem
+        o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,1,1)
+        return torch.lerp(swa, mem, o)
+
+    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
+        fq, fk = self._features(q, k, q_r, k_r, cos, sin)
         rep = self.num_heads // self.num_kv
         if rep > 1:
             fk = fk.repeat_interleave(rep, dim=1)
