@@ -91,6 +91,9 @@ class TrainBenchConfig(SyntheticModelConfig):
     """Limit of each process group (and of its collectives)."""
     kinds: tuple[str, ...] = ("teacher", "student")
     """Steps to time: ``teacher`` (CE), ``student`` (stage II), ``align`` (stage I)."""
+    interleave: bool = True
+    """All kinds in one process group, steps interleaved; False: one process group per kind,
+    one after the other (one engine in memory at a time; compare the CPU-time ratios then)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -398,12 +401,14 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict[str, Any]:
         results = root / "results"
         for f in results.glob("*.json") if results.is_dir() else ():
             f.unlink()
+        groups = [list(cfg.kinds)] if cfg.interleave else [[k] for k in cfg.kinds]
         for world in cfg.world_sizes:
-            t0 = time.perf_counter()
-            run_distributed(
-                bench_rank, world, list(cfg.kinds), asdict(cfg), str(root), timeout_s=cfg.timeout_s
-            )
-            log.info("%s on %d rank(s): %.0f s", cfg.kinds, world, time.perf_counter() - t0)
+            for kinds in groups:
+                t0 = time.perf_counter()
+                run_distributed(
+                    bench_rank, world, kinds, asdict(cfg), str(root), timeout_s=cfg.timeout_s
+                )
+                log.info("%s on %d rank(s): %.0f s", kinds, world, time.perf_counter() - t0)
         summary = summarise(results)
     summary["config"] = asdict(cfg)
     summary["threads_per_rank"] = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megadistill.model import shared_norm as sn
@@ -37,6 +38,7 @@ class SeqInfo:
     align_losses: list[torch.Tensor] | None = None
     single_doc: bool = False  # every row holds one document (no reset after its first token)
     all_valid: bool = False  # no padding anywhere (decided once per forward: no per-layer sync)
+    one_doc: bool = False  # no document starts after a row's first token
     any_reset: bool = True  # some row starts a document in this forward
     # Structures every layer with the same window/sinks shares (masks, block layouts), built by
     # the first layer that needs them, once per forward.
@@ -59,7 +61,7 @@ class FeatureMap(nn.Module):
         self.both_signs = both_signs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, head_dim)
-        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight)
+        z = x @ self.weight  # (B,H,T,d) @ (H,d,f): one batched product per head
         if self.both_signs:
             return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
         return torch.softmax(z, dim=-1)
@@ -203,7 +205,8 @@ class HybridAttention(nn.Module):
         with torch.no_grad():
             full = swa_attention(
                 q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
-                "reference",
+                "auto" if info.one_doc and info.all_valid else "reference",
+                plain=info.one_doc and info.all_valid,
             )  # fmt: skip
             target = self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
         err = (out.float() - target.float()).pow(2).mean(-1)
@@ -308,10 +311,11 @@ class HybridAttention(nn.Module):
         of the same window), the mLSTM state is updated in place; only the branches the gate
         mode uses are computed."""
         mode = self.config.gate_mode
-        self._write_kv(k_r, v, info, lc)
+        self._write_kv_step(k_r, v, info, lc)
         swa = mem = None
+        rep = self.num_heads // self.num_kv
         if mode != "mlstm":
-            key = ("decode_mask", self.window, self.num_sinks)
+            key = ("decode_mask", self.window, self.num_sinks, rep)
             mask = info.memo.get(key)
             if mask is None:
                 w, s = self.window, self.num_sinks
@@ -319,19 +323,20 @@ class HybridAttention(nn.Module):
                 age = info.abs_idx[0] - lc.idx  # (B, S+W)
                 mask = lc.ok & torch.where(is_sink, age >= w, age < w)
                 mask |= (lc.idx == info.abs_idx[0]) & ~is_sink  # always see itself
-                info.memo[key] = mask = mask[:, None, :]
-            swa = _sdpa(q_r, lc.k, lc.v, mask, self.scaling)
+                # GQA: the rep query heads of a K/V head are folded into the query length.
+                info.memo[key] = mask = mask[:, None, None, :].expand(-1, -1, rep, -1)
+            bsz, _, _, d = q_r.shape
+            swa = F.scaled_dot_product_attention(
+                q_r.reshape(bsz, self.num_kv, rep, d), lc.k, lc.v, attn_mask=mask,
+                scale=self.scaling,
+            ).reshape(bsz, self.num_heads, 1, -1)  # fmt: skip
         if mode != "swa":
             fq, fk = self._features(q, k, q_r, k_r, cos, sin)
-            rep = self.num_heads // self.num_kv
-            vm = v
-            if rep > 1:
-                fk, vm = fk.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             i_pre, f_pre = self._gates(x, info)
             if info.any_reset:
                 lc.mlstm = _reset_rows(lc.mlstm, info.reset[:, 0])
             h, lc.mlstm = mlstm_step_(
-                fq[:, :, 0], fk[:, :, 0], vm[:, :, 0], i_pre[..., 0], f_pre[..., 0], lc.mlstm
+                fq[:, :, 0], fk[:, :, 0], v[:, :, 0], i_pre[..., 0], f_pre[..., 0], lc.mlstm
             )
             mem = h[:, :, None].to(v.dtype)
         if mode == "swa":
@@ -361,9 +366,11 @@ class HybridAttention(nn.Module):
         """The teacher's full causal attention; with a cache, every past key is kept (the cache
         of this layer grows with the context, like the teacher's)."""
         if lc is None:
+            plain = info.one_doc and info.all_valid
             return swa_attention(
-                q_r, k_r, v, info.reset, info.valid, None, 0, self.scaling, "reference"
-            )
+                q_r, k_r, v, info.reset, info.valid, None, 0, self.scaling,
+                "auto" if plain else "reference", plain=plain,
+            )  # fmt: skip
         t = q_r.shape[2]
         past = 0 if lc.k is None else lc.k.shape[2]
         new_ok = info.valid
@@ -383,7 +390,7 @@ class HybridAttention(nn.Module):
         if lc is None or lc.k is None:
             return swa_attention(
                 q_r, k_r, v, info.reset, info.valid, self.window, self.num_sinks, self.scaling,
-                self.config.swa_backend,
+                self.config.swa_backend, plain=info.one_doc and info.all_valid,
             )  # fmt: skip
         w, s = self.window, self.num_sinks
         is_sink = torch.arange(s + w, device=q_r.device) < s
@@ -407,6 +414,20 @@ class HybridAttention(nn.Module):
         )
         self._write_kv(k_r, v, info, lc)
         return out
+
+    @torch.no_grad()
+    def _write_kv_step(self, k_r, v, info: SeqInfo, lc: LayerCache) -> None:
+        """:meth:`_write_kv` for one decoding step (the slot is known on the host)."""
+        assert info.cache is not None
+        if self.num_sinks and not info.cache.sinks_full:
+            self._write_kv(k_r, v, info, lc)
+            return
+        t = info.cache.seen
+        slot = self.num_sinks + t % self.window
+        lc.k[:, :, slot] = k_r[:, :, 0]
+        lc.v[:, :, slot] = v[:, :, 0]
+        lc.idx[:, slot] = t
+        lc.ok[:, slot] = info.valid[:, 0]
 
     @torch.no_grad()
     def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:

@@ -100,20 +100,30 @@ def mlstm_step_(
     eps: float = EPS,
 ) -> tuple[torch.Tensor, State]:
     """:func:`mlstm_step` that updates ``state`` in place when no gradient is recorded (decoding
-    allocates no new state); with autograd on it is :func:`mlstm_step` (new state tensors)."""
-    if torch.is_grad_enabled():
-        return mlstm_step(q, k, v, i_pre, f_pre, state, eps)
+    allocates no new state); with autograd on it is :func:`mlstm_step` (new state tensors).
+    ``k`` and ``v`` may have fewer heads than ``q`` (GQA: each is shared by H / KV query heads,
+    which keep their own gates and state)."""
     c, n, m = state
+    bsz, nh, fd = q.shape
+    rep = nh // k.shape[1]
+    if torch.is_grad_enabled():
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return mlstm_step(q, k, v, i_pre, f_pre, state, eps)
     dt = c.dtype
-    q, k, v, i_pre, f_pre = (x.to(dt) for x in (q, k, v, i_pre, f_pre))
+    if q.dtype != dt:
+        q, k, v, i_pre, f_pre = (x.to(dt) for x in (q, k, v, i_pre, f_pre))
     logf = F.logsigmoid(f_pre)
     m_new = torch.maximum(logf + m, i_pre)
     fa = torch.exp(logf + m - m_new)
-    ka = k * torch.exp(i_pre - m_new)[..., None]
-    c.mul_(fa[..., None, None]).addcmul_(ka[..., :, None], v[..., None, :])
-    n.mul_(fa[..., None]).add_(ka)
+    ia = torch.exp(i_pre - m_new).view(bsz, -1, rep, 1)
+    ka = k[:, :, None, :] * ia  # (B,KV,rep,F)
+    cg = c.view(bsz, -1, rep, fd, c.shape[-1])
+    c.mul_(fa[..., None, None])
+    cg.addcmul_(ka[..., :, None], v[:, :, None, None, :])
+    n.mul_(fa[..., None]).add_(ka.view(bsz, nh, fd))
     m.copy_(m_new)
-    qs = q * q.shape[-1] ** -0.5
+    qs = q * fd**-0.5
     num = (qs[..., None, :] @ c).squeeze(-2)
     den = torch.maximum((qs * n).sum(-1).abs(), torch.exp(-m_new)) + eps
     return num / den[..., None], state

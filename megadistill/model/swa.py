@@ -110,6 +110,15 @@ def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=128
     return torch.cat(outs, dim=2)
 
 
+def causal_attention(q, k, v, scaling):
+    """Plain causal attention (every row one document from its first token, no padding): SDPA's
+    ``is_causal`` path, which skips the masked half and builds no mask. Exact."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+
+
 def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling):
     """FlexAttention with a document/window/sink block mask (compiled; meant for CUDA)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -148,8 +157,14 @@ def swa_attention(
     num_sinks: int,
     scaling: float,
     backend: str = "auto",
+    plain: bool = False,
 ) -> torch.Tensor:
-    """Dispatch to a backend (``auto``: flex on CUDA, blocked on CPU beyond one window, else reference)."""
+    """Dispatch to a backend (``auto``: flex on CUDA, blocked on CPU beyond one window, else
+    reference). ``plain``: the caller knows that every row is one document from its first token
+    and holds no padding; then, where the window covers the whole sequence (or there is none),
+    ``auto`` uses SDPA's causal path (the same function, no mask)."""
+    if backend == "auto" and plain and (window is None or q.shape[2] <= window):
+        return causal_attention(q, k, v, scaling)
     if backend == "auto":
         if q.is_cuda:
             backend = "flex"
