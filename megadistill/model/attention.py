@@ -206,7 +206,7 @@ class HybridAttention(nn.Module):
             full = swa_attention(
                 q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
                 "auto" if info.one_doc and info.all_valid else "reference",
-                plain=info.one_doc and info.all_valid,
+                plain=info.one_doc and info.all_valid, memo=info.memo,
             )  # fmt: skip
             target = self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
         err = (out.float() - target.float()).pow(2).mean(-1)
@@ -390,7 +390,7 @@ class HybridAttention(nn.Module):
         if lc is None or lc.k is None:
             return swa_attention(
                 q_r, k_r, v, info.reset, info.valid, self.window, self.num_sinks, self.scaling,
-                self.config.swa_backend, plain=info.one_doc and info.all_valid,
+                self.config.swa_backend, plain=info.one_doc and info.all_valid, memo=info.memo,
             )  # fmt: skip
         w, s = self.window, self.num_sinks
         is_sink = torch.arange(s + w, device=q_r.device) < s
