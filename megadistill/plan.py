@@ -303,12 +303,14 @@ def _mlstm_terms(s: ModelShape, a: int, stage: str) -> dict[str, float]:
     if s.mlstm_backend in ("triton", "native"):
         # The kernel saves its inputs and the per-chunk states and recomputes the rest.
         return {"mlstm_inputs": 4 * nh * f + kv, "mlstm_states": states, "mlstm_out": a * nh * d}
-    # chunkwise: q/sqrt(d), q@C, numerator; log-decay, q@k^T and its decay weights (c x c, fp32)
+    # chunkwise: q/sqrt(d), q@C, numerator; log-decay, q@k^T and its decay weights (c x c, fp32);
+    # three (C, n) per chunk: the entering states (stacked), the scan's carried states and each
+    # chunk's own contribution
     terms = {
         "mlstm_inputs": 4 * nh * f + kv,
         "mlstm_vectors": 8 * nh * d,
         "mlstm_scores": 12 * nh * c + c,
-        "mlstm_states": states,
+        "mlstm_states": 3 * states,
         "mlstm_out": a * nh * d,
     }
     if stage != "align":  # v needs a gradient: the weighted scores s and k*w are kept too

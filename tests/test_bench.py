@@ -44,6 +44,55 @@ def test_inference_bench_softmax_layer_cache_grows_with_context(capsys):
     assert teacher_layer[1] - teacher_layer[0] == pytest.approx(growth[1] - growth[0], rel=0.05)
 
 
+def test_inference_bench_on_a_teacher_folder_interleaved(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.teachers.tiny import tiny_teacher_config
+
+    folder = tmp_path / "teacher"
+    AutoModelForCausalLM.from_config(
+        tiny_teacher_config(max_position_embeddings=128)
+    ).save_pretrained(folder)
+    base = [f"teacher={folder}", "decode_tokens=3", "window=32", "threads=1"]
+    assert main(["bench", "inference", *base, "contexts=[64,128]", "repeats=2"]) == 0
+    out = capsys.readouterr().out
+    assert "student decode tok/s at 128 / at 64" in out
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [r["context"] for r in rows] == [64, 128]
+    assert rows[0]["student_cache_mib"] == rows[1]["student_cache_mib"]
+    # The real teacher's own limit bounds the contexts; a missing folder is named.
+    assert main(["bench", "inference", *base, "contexts=[256]"]) == 2
+    assert "max_position_embeddings is 128" in capsys.readouterr().err
+    assert main(["bench", "inference", f"teacher={tmp_path / 'nothing'}"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_train_bench_stage1_and_stage2_on_a_teacher_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.teachers.tiny import tiny_teacher_config
+
+    folder = tmp_path / "teacher"
+    AutoModelForCausalLM.from_config(tiny_teacher_config(attention_bias=False)).save_pretrained(
+        folder
+    )
+    cfg = TrainBenchConfig(
+        teacher=str(folder), seq_len=96, num_steps=2, top_k=16, loss_chunk_size=64, window=32,
+        world_sizes=(1,), kinds=("teacher", "student", "align"), threads=1,
+        work_dir=str(tmp_path / "work"),
+    )  # fmt: skip
+    summary = run_train_bench(cfg)
+    assert sorted(summary["groups"]) == ["align_w1", "student_w1", "teacher_w1"]
+    for name, group in summary["groups"].items():
+        assert group["tokens_per_cpu_s"] > 0 and group["last_loss"] < group["first_loss"], name
+    # Stage I trains only the new parameters: its optimizer holds far less than stage II's.
+    states = {k: g["model_states_by_kind_mib"]["optim"] for k, g in summary["groups"].items()}
+    assert states["align_w1"] < 0.5 * states["student_w1"]
+    assert summary["ratios"]["step_cpu_align_over_teacher_w1"] > 0
+    with pytest.raises(ConfigError, match="kinds"):
+        TrainBenchConfig(kinds=("teacher", "stage3"))
+
+
 def test_train_bench_halves_model_states_at_two_ranks(tmp_path):
     cfg = TrainBenchConfig(
         hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -87,7 +87,7 @@ def test_layer_activation_terms_by_hand() -> None:
         "mlstm_inputs": 4 * 2 * 4 + 4 * 2 * (4 + 4),  # fp32 q/sqrt(d); fp32 k, v (repeated)
         "mlstm_vectors": 8 * 2 * 4 + 4 * 2 * 4,
         "mlstm_scores": 12 * 2 * 2 + 2 + 4 * 2 * 2,
-        "mlstm_states": 4 * 2 * 4 * 4 / 2,
+        "mlstm_states": 3 * 4 * 2 * 4 * 4 / 2,  # entering, carried and own (C, n) per chunk
         "mlstm_out": 2 * 2 * 4,
         "mixing": 2 * 2 * 4 + 2 * 2 * 2,
         "o_proj_input": 2 * 2 * 4,

@@ -1,11 +1,16 @@
-"""The random teacher both benchmarks build: its size fields and its transformers config."""
+"""The teacher both benchmarks use: a random one of a given size, or a real HF folder."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from megadistill.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(kw_only=True)
@@ -26,6 +31,13 @@ class SyntheticModelConfig:
     """Key/value heads."""
     vocab_size: int = 4096
     """Vocabulary size."""
+    teacher: str = ""
+    """A real teacher instead of the random one: a Hugging Face folder of a supported family, or
+    ``smollm2`` (the demo's cached SmolLM2-135M-Instruct). The size fields are then ignored."""
+    dtype: str = "float32"
+    """Weights and activations: float32, bfloat16 or float16."""
+    threads: int = 0
+    """torch threads per process (0: leave torch's default)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -33,6 +45,39 @@ class SyntheticModelConfig:
                 "hidden_size must divide by num_heads and num_heads by num_kv_heads; got "
                 f"{self.hidden_size}, {self.num_heads}, {self.num_kv_heads}"
             )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def teacher_path(self) -> Path | None:
+        """The real teacher's folder (None: the random teacher); ``smollm2`` is fetched/cached."""
+        if not self.teacher:
+            return None
+        if self.teacher == "smollm2":
+            from megadistill.assets import smollm2_teacher
+
+            return smollm2_teacher()
+        path = Path(self.teacher).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"teacher={self.teacher}: no config.json there; give a Hugging Face model folder "
+                "or 'smollm2'"
+            )
+        return path
+
+    def max_positions(self) -> int | None:
+        """The real teacher's ``max_position_embeddings`` (None for the random teacher)."""
+        path = self.teacher_path()
+        if path is None:
+            return None
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
 
     def teacher_config(self, max_positions: int, **extra: Any):
         """The transformers config of this size (``extra`` overrides any other field)."""

@@ -1,20 +1,24 @@
-"""Stage II training step of the hybrid student vs a plain training step of its teacher.
+"""Stage II (and stage I) training steps of the hybrid student vs a plain step of its teacher.
 
-``megadistill bench train`` builds a random teacher of a given size and its converted student
-(same shared weights), then, for every world size asked for, runs one process group per model
-under the same ZeRO-3 engine config (``ds_configs/student_zero3.json`` by default):
+``megadistill bench train`` takes a random teacher of a given size or a real one
+(``teacher=PATH`` or ``teacher=smollm2``) and its converted student (same shared weights), then,
+for every world size asked for, runs one process group that builds one engine per kind under the
+same ZeRO-3 engine config (``ds_configs/student_zero3.json`` by default) and times their steps
+interleaved (teacher, student, align, teacher, ...), so a busy machine slows all kinds alike:
 
 - teacher: a plain causal-LM step, full-vocabulary cross-entropy, ``engine.backward`` +
   ``engine.step``;
 - student: a stage II step, :class:`~megadistill.stages.distill.DistillLoss` (the chunked
   ``gamma * CE + beta * top-k KL`` head loss) against random precomputed top-k targets, so only
-  the student step is timed (no teacher forward).
+  the student step is timed (no teacher forward);
+- align (with ``kinds=[teacher,student,align]``): a stage I step, only the new parameters
+  trainable, the summed per-layer MSE to the teacher's attention (the stage I probe).
 
 Each rank reports wall and CPU time per step (CPU time is the process's own compute: on a
 machine shared with other jobs it moves less than wall time), the bytes of its ZeRO-3 model
 states (partitioned parameters, persistent parameters, gradient partitions, optimizer states;
 DeepSpeed's communication buckets are reported apart) and its peak RSS. The summary prints the
-two goals of the issue: hybrid step time / teacher step time (<= 1.5) and per-rank model-state
+two goals of the issue: hybrid step time / teacher step time (<= 1.15) and per-rank model-state
 memory at 2 ranks / at 1 rank (<= 0.6).
 """
 
@@ -39,9 +43,10 @@ from megadistill.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-ModelKind = Literal["teacher", "student"]
-KINDS: tuple[ModelKind, ...] = ("teacher", "student")
-GOAL_STEP_RATIO = 1.5
+ModelKind = Literal["teacher", "student", "align"]
+KINDS: tuple[ModelKind, ...] = ("teacher", "student", "align")
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+GOAL_STEP_RATIO = 1.15
 GOAL_MEMORY_RATIO = 0.6
 
 
@@ -84,9 +89,19 @@ class TrainBenchConfig(SyntheticModelConfig):
     """Folder for the models and per-rank results (default: a temporary folder)."""
     timeout_s: float = 1200.0
     """Limit of each process group (and of its collectives)."""
+    kinds: tuple[str, ...] = ("teacher", "student")
+    """Steps to time: ``teacher`` (CE), ``student`` (stage II), ``align`` (stage I)."""
+    interleave: bool = True
+    """All kinds in one process group, steps interleaved; False: one process group per kind,
+    one after the other (one engine in memory at a time; compare the CPU-time ratios then)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ConfigError(f"kinds={list(self.kinds)}: each must be one of {KINDS}")
+        if self.dtype not in PRECISION:
+            raise ConfigError(f"dtype={self.dtype!r}: training runs in one of {tuple(PRECISION)}")
         if self.num_steps < 1 or self.num_warmup_steps < 0:
             raise ConfigError("num_steps must be >= 1 and num_warmup_steps >= 0")
         if not self.world_sizes or any(w < 1 for w in self.world_sizes):
@@ -96,22 +111,28 @@ class TrainBenchConfig(SyntheticModelConfig):
 
 
 # ----------------------------------------------------------------------------- models
+def teacher_folder(cfg: TrainBenchConfig, root: Path) -> Path:
+    """The teacher's folder: the real one, or the random one written to ``root/teacher``."""
+    return cfg.teacher_path() or root / "teacher"
+
+
 def write_models(cfg: TrainBenchConfig, root: Path) -> None:
-    """A random teacher of the configured size in ``root/teacher``, its student in
-    ``root/student`` (every shared weight identical)."""
+    """A random teacher of the configured size in ``root/teacher`` (unless the teacher is real),
+    its student in ``root/student`` (every shared weight identical)."""
     from transformers import AutoModelForCausalLM
 
     from megadistill.teachers.conversion import convert_pretrained
 
-    tcfg = cfg.teacher_config(cfg.seq_len, attention_bias=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tcfg).save_pretrained(root / "teacher")
+    if cfg.teacher_path() is None:
+        tcfg = cfg.teacher_config(cfg.seq_len, attention_bias=False)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(tcfg).save_pretrained(root / "teacher")
     hybrid = [
         f"window={cfg.window}",
         f"num_sinks={cfg.num_sinks}",
         f"chunk_size={cfg.mlstm_chunk_size}",
     ]
-    convert_pretrained(root / "teacher", root / "student", hybrid, overwrite=True)
+    convert_pretrained(teacher_folder(cfg, root), root / "student", hybrid, overwrite=True)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -184,18 +205,32 @@ class RandomTopK:
         return self.logprobs, self.ids
 
 
-def _batch(cfg: TrainBenchConfig, seed: int) -> dict[str, torch.Tensor]:
+def _batch(cfg: TrainBenchConfig, vocab: int, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     shape = (cfg.micro_batch_size, cfg.seq_len)
-    ids = torch.randint(3, cfg.vocab_size, shape, generator=gen)
+    ids = torch.randint(3, vocab, shape, generator=gen)
     labels = torch.cat([ids[:, 1:], torch.full((shape[0], 1), -100)], dim=1)
     pos = torch.arange(cfg.seq_len).expand(shape).contiguous()
     sample_ids = torch.arange(shape[0])
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "sample_ids": sample_ids}
 
 
-def _loss_fn(kind: ModelKind, cfg: TrainBenchConfig, seed: int):
-    """``engine, batch -> loss`` of a plain teacher step or a stage II student step."""
+def _loss_fn(kind: ModelKind, cfg: TrainBenchConfig, vocab: int, seed: int):
+    """``engine, batch -> loss`` of a plain teacher step, a stage II or a stage I student step."""
+    if kind == "align":
+        from megadistill.stages.align import AttentionProbe
+
+        probes: dict[int, AttentionProbe] = {}
+
+        def align_loss(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            dev = engine.device
+            if id(engine) not in probes:  # installed for the rest of the run, as stage I does
+                probes[id(engine)] = AttentionProbe(engine.module).__enter__()
+            return probes[id(engine)].loss(
+                engine, batch["input_ids"].to(dev), batch["position_ids"].to(dev)
+            )
+
+        return align_loss
     if kind == "teacher":
 
         def teacher_loss(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -211,7 +246,7 @@ def _loss_fn(kind: ModelKind, cfg: TrainBenchConfig, seed: int):
     from megadistill.stages.config import DistillLossConfig
     from megadistill.stages.distill import DistillLoss
 
-    targets = RandomTopK((cfg.micro_batch_size, cfg.seq_len), cfg.vocab_size, cfg.top_k, seed)
+    targets = RandomTopK((cfg.micro_batch_size, cfg.seq_len), vocab, cfg.top_k, seed)
     # DistillLoss reads only cfg.distill: the stage's own loss code, without a data config.
     loss_cfg = DistillLossConfig(top_k=cfg.top_k, chunk_size=cfg.loss_chunk_size)
     distill = DistillLoss(SimpleNamespace(distill=loss_cfg), targets=targets)  # type: ignore[arg-type]
@@ -228,7 +263,7 @@ def _build_engine(kind: ModelKind, cfg: TrainBenchConfig, root: Path, world: int
         ds_config=cfg.ds_config,
         global_batch_size=cfg.micro_batch_size * world,
         micro_batch_size=cfg.micro_batch_size,
-        precision="auto",
+        precision=PRECISION[cfg.dtype],  # type: ignore[arg-type]
         param_persistence_threshold=cfg.param_persistence_threshold,
     )
     ds_cfg = build_ds_config(run, world_size=world, device_type=device_type())
@@ -237,56 +272,75 @@ def _build_engine(kind: ModelKind, cfg: TrainBenchConfig, root: Path, world: int
         if kind == "teacher":
             from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(
+                teacher_folder(cfg, root), dtype=torch.float32
+            )
         from megadistill.model import HybridForCausalLM
 
-        return HybridForCausalLM.from_pretrained(root / "student", dtype=torch.float32)
+        model = HybridForCausalLM.from_pretrained(root / "student", dtype=torch.float32)
+        if kind == "align":  # stage I trains only the new parameters
+            new = set(model.new_parameter_names())
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in new)
+        return model
 
     return build_student_engine(model_fn, ds_cfg, OptimizerConfig(lr=1e-5), SchedulerConfig())
 
 
-def bench_rank(kind: ModelKind, cfg_dict: dict[str, Any], root_str: str) -> None:
-    """Rank entry point: build one engine, time its steps, write ``<kind>_w<W>_r<R>.json``."""
+def bench_rank(kinds: list[ModelKind], cfg_dict: dict[str, Any], root_str: str) -> None:
+    """Rank entry point: build one engine per kind, time their steps interleaved, write
+    ``<kind>_w<W>_r<R>.json`` per kind."""
     import torch.distributed as dist
 
     from megadistill.config import from_dict
     from megadistill.engine.distributed import init_distributed
 
     cfg = from_dict(TrainBenchConfig, cfg_dict)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     root = Path(root_str)
     rank, world = init_distributed(cfg.timeout_s)
-    engine = _build_engine(kind, cfg, root, world)
-    rss_built = peak_rss_bytes()
-    loss_fn = _loss_fn(kind, cfg, seed=rank)
-    batch = _batch(cfg, seed=rank)
-    wall, cpu, losses = [], [], []
+    engines, rss_built = {}, {}
+    for kind in kinds:
+        engines[kind] = _build_engine(kind, cfg, root, world)
+        rss_built[kind] = peak_rss_bytes()
+    vocab = engines[kinds[0]].module.config.vocab_size
+    batch = _batch(cfg, vocab, seed=rank)
+    loss_fns = {kind: _loss_fn(kind, cfg, vocab, seed=rank) for kind in kinds}
+    wall: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    losses: dict[str, list[float]] = {k: [] for k in kinds}
     for step in range(cfg.num_warmup_steps + cfg.num_steps):
-        dist.barrier()  # every rank starts the step together: the step time is the slowest's
-        w0, c0 = time.perf_counter(), time.process_time()
-        loss = loss_fn(engine, batch)
-        engine.backward(loss)
-        engine.step()
-        w1, c1 = time.perf_counter(), time.process_time()
-        losses.append(float(loss.detach()))
-        if step >= cfg.num_warmup_steps:
-            wall.append(w1 - w0)
-            cpu.append(c1 - c0)
-    result = {
-        "kind": kind,
-        "world_size": world,
-        "rank": rank,
-        "step_wall_s": wall,
-        "step_cpu_s": cpu,
-        "losses": losses,
-        "tokens_per_step": cfg.micro_batch_size * cfg.seq_len * world,
-        "model_state_bytes": model_state_bytes(engine),
-        "peak_rss_after_build_bytes": rss_built,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "num_threads": torch.get_num_threads(),
-    }
-    out = root / "results" / f"{kind}_w{world}_r{rank}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+        order = kinds if step % 2 == 0 else kinds[::-1]
+        for kind in order:
+            engine = engines[kind]
+            dist.barrier()  # every rank starts the step together: the step time is the slowest's
+            w0, c0 = time.perf_counter(), time.process_time()
+            loss = loss_fns[kind](engine, batch)
+            engine.backward(loss)
+            engine.step()
+            w1, c1 = time.perf_counter(), time.process_time()
+            losses[kind].append(float(loss.detach()))
+            if step >= cfg.num_warmup_steps:
+                wall[kind].append(w1 - w0)
+                cpu[kind].append(c1 - c0)
+    for kind in kinds:
+        result = {
+            "kind": kind,
+            "world_size": world,
+            "rank": rank,
+            "step_wall_s": wall[kind],
+            "step_cpu_s": cpu[kind],
+            "losses": losses[kind],
+            "tokens_per_step": cfg.micro_batch_size * cfg.seq_len * world,
+            "model_state_bytes": model_state_bytes(engines[kind]),
+            "peak_rss_after_build_bytes": rss_built[kind],
+            "peak_rss_bytes": peak_rss_bytes(),
+            "num_threads": torch.get_num_threads(),
+        }
+        out = root / "results" / f"{kind}_w{world}_r{rank}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
     dist.barrier()
 
 
@@ -303,6 +357,7 @@ def _summarise_group(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "step_wall_s": wall,
         "step_cpu_s": cpu,
         "tokens_per_s": rows[0]["tokens_per_step"] / wall,
+        "tokens_per_cpu_s": rows[0]["tokens_per_step"] / cpu,
         "model_states_mib_per_rank": max(states) / 2**20,
         "model_states_by_kind_mib": {k: v / 2**20 for k, v in rank0["model_state_bytes"].items()},
         "peak_rss_mib_per_rank": max(r["peak_rss_bytes"] for r in rows) / 2**20,
@@ -325,6 +380,9 @@ def summarise(results_dir: Path) -> dict[str, Any]:
         if t and s:
             ratios[f"step_time_student_over_teacher_w{w}"] = s["step_wall_s"] / t["step_wall_s"]
             ratios[f"step_cpu_student_over_teacher_w{w}"] = s["step_cpu_s"] / t["step_cpu_s"]
+        a = groups.get(f"align_w{w}")
+        if t and a:
+            ratios[f"step_cpu_align_over_teacher_w{w}"] = a["step_cpu_s"] / t["step_cpu_s"]
     for kind in KINDS:
         one, two = groups.get(f"{kind}_w1"), groups.get(f"{kind}_w2")
         if one and two:
@@ -346,23 +404,25 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict[str, Any]:
         results = root / "results"
         for f in results.glob("*.json") if results.is_dir() else ():
             f.unlink()
+        groups = [list(cfg.kinds)] if cfg.interleave else [[k] for k in cfg.kinds]
         for world in cfg.world_sizes:
-            for kind in KINDS:
+            for kinds in groups:
                 t0 = time.perf_counter()
                 run_distributed(
-                    bench_rank, world, kind, asdict(cfg), str(root), timeout_s=cfg.timeout_s
+                    bench_rank, world, kinds, asdict(cfg), str(root), timeout_s=cfg.timeout_s
                 )
-                log.info("%s on %d rank(s): %.0f s", kind, world, time.perf_counter() - t0)
+                log.info("%s on %d rank(s): %.0f s", kinds, world, time.perf_counter() - t0)
         summary = summarise(results)
     summary["config"] = asdict(cfg)
-    summary["threads_per_rank"] = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    summary["threads_per_rank"] = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
     return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table plus the goal ratios."""
     head = (
-        f"{'run':<12}{'step s':>9}{'cpu s':>9}{'cpu/wall':>9}{'tok/s':>9}{'states MiB/rank':>17}"
+        f"{'run':<12}{'step s':>9}{'cpu s':>9}{'cpu/wall':>9}{'tok/s':>9}{'tok/cpu-s':>10}"
+        f"{'states MiB/rank':>17}"
         f"{'peak RSS MiB':>14}{'loss first->last':>20}"
     )
     lines = [head]
@@ -370,10 +430,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"{name:<12}{g['step_wall_s']:>9.3f}{g['step_cpu_s']:>9.3f}"
             f"{g['step_cpu_s'] / g['step_wall_s']:>9.2f}{g['tokens_per_s']:>9.0f}"
+            f"{g['tokens_per_cpu_s']:>10.0f}"
             f"{g['model_states_mib_per_rank']:>17.1f}{g['peak_rss_mib_per_rank']:>14.0f}"
             f"{g['first_loss']:>10.4f}->{g['last_loss']:<9.4f}"
         )
     for key, value in summary["ratios"].items():
+        if "align" in key:
+            lines.append(f"{key}: {value:.3f}")
+            continue
         goal = GOAL_STEP_RATIO if key.startswith("step") else GOAL_MEMORY_RATIO
         mark = "ok" if value <= goal else "ABOVE GOAL"
         lines.append(f"{key}: {value:.3f} (goal <= {goal}; {mark})")

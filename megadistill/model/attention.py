@@ -10,15 +10,17 @@ input/forget gate projections (one scalar per head each) and the output gate fro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
-from megadistill.model.mlstm import PAD_F, PAD_I, mlstm_forward
+from megadistill.model.mlstm import PAD_F, PAD_I, _reset_rows, mlstm_forward, mlstm_step_
 from megadistill.model.swa import _sdpa, swa_attention
 
 NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate")
@@ -34,6 +36,12 @@ class SeqInfo:
     abs_idx: torch.Tensor  # (T,) index of each new token in the row's stream
     cache: HybridCache | None = None
     single_doc: bool = False  # every row holds one document (no reset after its first token)
+    all_valid: bool = False  # no padding anywhere (decided once per forward: no per-layer sync)
+    one_doc: bool = False  # no document starts after a row's first token
+    any_reset: bool = True  # some row starts a document in this forward
+    # Structures every layer with the same window/sinks shares (masks, block layouts), built by
+    # the first layer that needs them, once per forward.
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 class FeatureMap(nn.Module):
@@ -52,7 +60,7 @@ class FeatureMap(nn.Module):
         self.both_signs = both_signs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, head_dim)
-        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight)
+        z = x @ self.weight  # (B,H,T,d) @ (H,d,f): one batched product per head
         if self.both_signs:
             return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
         return torch.softmax(z, dim=-1)
@@ -187,7 +195,10 @@ class HybridAttention(nn.Module):
             mixed = self._shared_norm(x, q_r, k_r, v, info, lc)
             out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
             return self._observed(out, q_r, k_r, v, info)
-        swa = self._swa(q_r, k_r, v, info, lc)
+        if lc is not None and lc.k is not None and t == 1:
+            mixed = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
+            return self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
+        swa = self._swa(q_r, k_r, v, info, lc) if mode != "mlstm" else None
         if mode == "swa":
             mixed = swa
         else:
@@ -197,7 +208,7 @@ class HybridAttention(nn.Module):
             else:
                 o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,T,1)
                 mixed = o * mem + (1 - o) * swa
-        if lc is not None and lc.k is None:
+        if lc is not None and (lc.k is None or mode == "mlstm"):
             self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
         out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
         return self._observed(out, q_r, k_r, v, info)
@@ -207,19 +218,22 @@ class HybridAttention(nn.Module):
 
     def teacher_attention(self, q_r, k_r, v, info: SeqInfo) -> torch.Tensor:
         """The teacher's attention output of this layer (its own span, no sinks, ``o_proj``
-        applied) from the layer's projections ``q_r, k_r, v`` (B, H, T, head_dim)."""
+        applied) from the layer's projections ``q_r, k_r, v`` (B, H, T, head_dim): the cheapest
+        exact path (SDPA's causal kernel when every row is one document without padding)."""
         bsz, t = q_r.shape[0], q_r.shape[2]
+        plain = info.one_doc and info.all_valid
         full = swa_attention(
-            q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling, "reference"
-        )
+            q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
+            "auto" if plain else "reference", plain=plain, memo=info.memo,
+        )  # fmt: skip
         return self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
 
     def _gates(self, x: torch.Tensor, info: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and forget gate pre-activations (B,H,T); padding steps are exact no-ops."""
         i_pre = self.igate(x).transpose(1, 2)
         f_pre = self.fgate(x).transpose(1, 2)
-        pad = ~info.valid[:, None, :]
-        if bool(pad.any()):
+        if not info.all_valid:
+            pad = ~info.valid[:, None, :]
             i_pre = i_pre.masked_fill(pad, PAD_I)
             f_pre = f_pre.masked_fill(pad, PAD_F)
         return i_pre, f_pre
@@ -299,11 +313,55 @@ class HybridAttention(nn.Module):
         mask |= (lc.idx == t) & ~is_sink
         return sn.shared_norm_step(q1, lc.k, lc.v, mask, fq1, lc.mlstm, self.scaling)
 
-    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
+    def _features(self, q, k, q_r, k_r, cos, sin):
+        """Feature-mapped q and k of the mLSTM branch (RoPE before or after the map)."""
         if self.config.rope_on == "input":
-            fq, fk = self.q_feature(q_r), self.k_feature(k_r)
-        else:
-            fq, fk = self.apply_rotary(self.q_feature(q), self.k_feature(k), cos, sin)
+            return self.q_feature(q_r), self.k_feature(k_r)
+        return self.apply_rotary(self.q_feature(q), self.k_feature(k), cos, sin)
+
+    def _decode(self, x, q, k, q_r, k_r, v, cos, sin, gate_in, info: SeqInfo, lc: LayerCache):
+        """One decoding step (T = 1) after a prefill: the token goes into the ring buffer, the
+        SWA branch attends over the buffer in place with the step's mask (shared by every layer
+        of the same window), the mLSTM state is updated in place; only the branches the gate
+        mode uses are computed."""
+        mode = self.config.gate_mode
+        self._write_kv_step(k_r, v, info, lc)
+        swa = mem = None
+        rep = self.num_heads // self.num_kv
+        if mode != "mlstm":
+            key = ("decode_mask", self.window, self.num_sinks, rep)
+            mask = info.memo.get(key)
+            if mask is None:
+                w, s = self.window, self.num_sinks
+                is_sink = torch.arange(s + w, device=q_r.device) < s
+                age = info.abs_idx[0] - lc.idx  # (B, S+W)
+                mask = lc.ok & torch.where(is_sink, age >= w, age < w)
+                mask |= (lc.idx == info.abs_idx[0]) & ~is_sink  # always see itself
+                # GQA: the rep query heads of a K/V head are folded into the query length.
+                info.memo[key] = mask = mask[:, None, None, :].expand(-1, -1, rep, -1)
+            bsz, _, _, d = q_r.shape
+            swa = F.scaled_dot_product_attention(
+                q_r.reshape(bsz, self.num_kv, rep, d), lc.k, lc.v, attn_mask=mask,
+                scale=self.scaling,
+            ).reshape(bsz, self.num_heads, 1, -1)  # fmt: skip
+        if mode != "swa":
+            fq, fk = self._features(q, k, q_r, k_r, cos, sin)
+            i_pre, f_pre = self._gates(x, info)
+            if info.any_reset:
+                lc.mlstm = _reset_rows(lc.mlstm, info.reset[:, 0])
+            h, lc.mlstm = mlstm_step_(
+                fq[:, :, 0], fk[:, :, 0], v[:, :, 0], i_pre[..., 0], f_pre[..., 0], lc.mlstm
+            )
+            mem = h[:, :, None].to(v.dtype)
+        if mode == "swa":
+            return swa
+        if mode == "mlstm":
+            return mem
+        o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,1,1)
+        return torch.lerp(swa, mem, o)
+
+    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
+        fq, fk = self._features(q, k, q_r, k_r, cos, sin)
         rep = self.num_heads // self.num_kv
         if rep > 1:
             fk = fk.repeat_interleave(rep, dim=1)
@@ -322,9 +380,10 @@ class HybridAttention(nn.Module):
         """The teacher's full causal attention; with a cache, every past key is kept (the cache
         of this layer grows with the context, like the teacher's)."""
         if lc is None:  # the teacher's own span (its window, where layer_choice flips a local one)
+            plain = info.one_doc and info.all_valid
             return swa_attention(
                 q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
-                "reference",
+                "auto" if plain else "reference", plain=plain,
             )  # fmt: skip
         t = q_r.shape[2]
         past = 0 if lc.k is None else lc.k.shape[2]
@@ -345,7 +404,7 @@ class HybridAttention(nn.Module):
         if lc is None or lc.k is None:
             return swa_attention(
                 q_r, k_r, v, info.reset, info.valid, self.window, self.num_sinks, self.scaling,
-                self.config.swa_backend,
+                self.config.swa_backend, plain=info.one_doc and info.all_valid, memo=info.memo,
             )  # fmt: skip
         w, s = self.window, self.num_sinks
         is_sink = torch.arange(s + w, device=q_r.device) < s
@@ -369,6 +428,20 @@ class HybridAttention(nn.Module):
         )
         self._write_kv(k_r, v, info, lc)
         return out
+
+    @torch.no_grad()
+    def _write_kv_step(self, k_r, v, info: SeqInfo, lc: LayerCache) -> None:
+        """:meth:`_write_kv` for one decoding step (the slot is known on the host)."""
+        assert info.cache is not None
+        if self.num_sinks and not info.cache.sinks_full:
+            self._write_kv(k_r, v, info, lc)
+            return
+        t = info.cache.seen
+        slot = self.num_sinks + t % self.window
+        lc.k[:, :, slot] = k_r[:, :, 0]
+        lc.v[:, :, slot] = v[:, :, 0]
+        lc.idx[:, slot] = t
+        lc.ok[:, slot] = info.valid[:, 0]
 
     @torch.no_grad()
     def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:

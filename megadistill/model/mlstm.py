@@ -88,6 +88,45 @@ def mlstm_step(
     return num / den[..., None], (c, n, m_new)
 
 
+def mlstm_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i_pre: torch.Tensor,
+    f_pre: torch.Tensor,
+    state: State,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, State]:
+    """:func:`mlstm_step` that updates ``state`` in place when no gradient is recorded (decoding
+    allocates no new state); with autograd on it is :func:`mlstm_step` (new state tensors).
+    ``k`` and ``v`` may have fewer heads than ``q`` (GQA: each is shared by H / KV query heads,
+    which keep their own gates and state)."""
+    c, n, m = state
+    bsz, nh, fd = q.shape
+    rep = nh // k.shape[1]
+    if torch.is_grad_enabled():
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return mlstm_step(q, k, v, i_pre, f_pre, state, eps)
+    dt = c.dtype
+    if q.dtype != dt:
+        q, k, v, i_pre, f_pre = (x.to(dt) for x in (q, k, v, i_pre, f_pre))
+    logf = F.logsigmoid(f_pre)
+    m_new = torch.maximum(logf + m, i_pre)
+    fa = torch.exp(logf + m - m_new)
+    ia = torch.exp(i_pre - m_new).view(bsz, -1, rep, 1)
+    ka = k[:, :, None, :] * ia  # (B,KV,rep,F)
+    cg = c.view(bsz, -1, rep, fd, c.shape[-1])
+    c.mul_(fa[..., None, None])
+    cg.addcmul_(ka[..., :, None], v[:, :, None, None, :])
+    n.mul_(fa[..., None]).add_(ka.view(bsz, nh, fd))
+    m.copy_(m_new)
+    qs = q * fd**-0.5
+    num = (qs[..., None, :] @ c).squeeze(-2)
+    den = torch.maximum((qs * n).sum(-1).abs(), torch.exp(-m_new)) + eps
+    return num / den[..., None], state
+
+
 def mlstm_recurrent(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,51 +150,16 @@ def mlstm_recurrent(
     return torch.stack(outs, dim=2), state
 
 
-def _chunk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    i_pre: torch.Tensor,
-    logf: torch.Tensor,
-    reset: torch.Tensor,
-    state: State,
-    eps: float,
-) -> tuple[torch.Tensor, State]:
-    """One chunk (length l) of the chunkwise form; see the module docstring for the maths."""
-    c, n, m = state
-    length = q.shape[2]
-    idx = torch.arange(length, device=q.device)
-    b = logf.cumsum(-1)  # (B,H,l): log-decay from the chunk start to t (inclusive)
-    b_excl = b - logf
-    last_reset = torch.where(reset, idx, -1).cummax(-1).values  # (B,l)
-    cont = last_reset < 0  # the carried state still applies at t
-    seg = reset.long().cumsum(-1)  # segment (document) index inside the chunk
-    off = b_excl.gather(-1, last_reset.clamp(min=0)[:, None, :].expand_as(b_excl))
-    # Log-weight of the state before t's segment began: carried (C, n, m) or a fresh zero state.
-    base = torch.where(cont[:, None, :], b + m[..., None], b - off)
-    same = (seg[:, :, None] == seg[:, None, :]) & (idx[:, None] >= idx[None, :])
-    logd = (b[..., :, None] - b[..., None, :] + i_pre[..., None, :]).masked_fill(
-        ~same[:, None], float("-inf")
-    )
-    m_t = torch.maximum(base, logd.amax(-1))
-    scale = q.shape[-1] ** -0.5
-    qs = q * scale
-    s = (qs @ k.transpose(-1, -2)) * torch.exp(logd - m_t[..., None])
-    w_state = torch.exp(base - m_t) * cont[:, None, :]
-    num = s @ v + w_state[..., None] * (qs @ c)
-    den = s.sum(-1) + w_state * (qs @ n[..., None]).squeeze(-1)
-    h = num / (torch.maximum(den.abs(), torch.exp(-m_t)) + eps)[..., None]
-    # State after the last position of the chunk.
-    m_end = m_t[..., -1]
-    in_last = seg == seg[:, -1:]
-    logw = (b[..., -1:] - b + i_pre - m_end[..., None]).masked_fill(
-        ~in_last[:, None], float("-inf")
-    )
-    kw = k * torch.exp(logw)[..., None]
-    w_end = w_state[..., -1]
-    c = w_end[..., None, None] * c + kw.transpose(-1, -2) @ v
-    n = w_end[..., None] * n + kw.sum(-2)
-    return h, (c, n, m_end)
+def _chunk_layout(reset: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
+    """Per-chunk document structure from ``reset`` (B,NC,L): for every position, the index of
+    the last document start in its chunk (-1: none, the carried state still applies); for every
+    pair (t, s), whether s <= t lie in the same document; whether t lies in the chunk's last."""
+    idx = torch.arange(length, device=reset.device)
+    last_reset = torch.where(reset, idx, -1).cummax(-1).values  # (B,NC,L)
+    seg = reset.long().cumsum(-1)
+    same = (seg[..., :, None] == seg[..., None, :]) & (idx[:, None] >= idx[None, :])
+    in_last = seg == seg[..., -1:]
+    return last_reset, same, in_last
 
 
 def mlstm_chunkwise(
@@ -169,22 +173,74 @@ def mlstm_chunkwise(
     chunk_size: int = 64,
     eps: float = EPS,
 ) -> tuple[torch.Tensor, State]:
-    """Chunkwise-parallel mLSTM with exact document resets (any length, any device)."""
+    """Chunkwise-parallel mLSTM with exact document resets (any length, any device).
+
+    The sequence is cut into NC chunks of L steps (the tail padded with no-op steps). Each
+    chunk's own contribution to the state it hands on (its last document's keys) is computed for
+    all chunks at once; a short scan over the NC chunks carries the states (C, n, m) across
+    chunk borders (a chunk that holds a document start carries nothing over it); then the
+    outputs of every chunk (intra-chunk terms plus its entering state) are one batched product.
+    """
     dt = _compute_dtype(q)
-    state = _start_state(q, v, state)
+    c, n, m = _start_state(q, v, state)
     q, k, v, i_pre = (x.to(dt) for x in (q, k, v, i_pre))
     logf = F.logsigmoid(f_pre.to(dt))
+    bsz, nh, t, fd = q.shape
+    dv = v.shape[-1]
+    el = min(chunk_size, t)
+    pad = (-t) % el
     if reset is None:
-        reset = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-    outs = []
-    for s in range(0, q.shape[2], chunk_size):
-        e = s + chunk_size
-        h, state = _chunk(
-            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], i_pre[..., s:e], logf[..., s:e],
-            reset[:, s:e], state, eps,
-        )  # fmt: skip
-        outs.append(h)
-    return torch.cat(outs, dim=2), state
+        reset = torch.zeros(bsz, t, dtype=torch.bool, device=q.device)
+    if pad:  # no-op steps: input gate exp(PAD_I - m) == 0, log forget gate 0
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        i_pre = F.pad(i_pre, (0, pad), value=PAD_I)
+        logf = F.pad(logf, (0, pad), value=0.0)
+        reset = F.pad(reset, (0, pad), value=False)
+    nc = (t + pad) // el
+    q, k = q.reshape(bsz, nh, nc, el, fd), k.reshape(bsz, nh, nc, el, fd)
+    v = v.reshape(bsz, nh, nc, el, dv)
+    i_pre, logf = i_pre.reshape(bsz, nh, nc, el), logf.reshape(bsz, nh, nc, el)
+    last_reset, same, in_last = _chunk_layout(reset.reshape(bsz, nc, el), el)
+    cont = (last_reset < 0)[:, None]  # (B,1,NC,L): the entering state still applies at t
+    b = logf.cumsum(-1)  # (B,H,NC,L): log-decay from the chunk start to t (inclusive)
+    b_excl = b - logf
+    # Log-weight at t of a fresh zero state (m = 0) begun at t's document start in the chunk.
+    fresh = b - b_excl.gather(-1, last_reset.clamp(min=0)[:, None].expand_as(b_excl))
+    # Each chunk's own contribution to the state it hands on: its last document's keys.
+    logw = (b[..., -1:] - b + i_pre).masked_fill(~in_last[:, None], float("-inf"))
+    m_loc = logw.amax(-1)  # (B,H,NC); finite: the last step is in the last document
+    kw = k * torch.exp(logw - m_loc[..., None])[..., None]
+    c_loc = kw.transpose(-1, -2) @ v  # (B,H,NC,F,D)
+    n_loc = kw.sum(-2)  # (B,H,NC,F)
+    # Scan over chunks: the state entering each chunk.
+    carry = cont[..., -1].expand(bsz, nh, nc)  # the entering state survives the whole chunk
+    through_log = torch.where(carry, b[..., -1], fresh[..., -1])  # + m where carried
+    cs, ns, ms = [], [], []
+    for j in range(nc):
+        cs.append(c)
+        ns.append(n)
+        ms.append(m)
+        through = through_log[..., j] + m * carry[..., j]
+        m_new = torch.maximum(through, m_loc[..., j])
+        a = torch.exp(through - m_new) * carry[..., j]
+        w = torch.exp(m_loc[..., j] - m_new)
+        c = a[..., None, None] * c + w[..., None, None] * c_loc[:, :, j]
+        n = a[..., None] * n + w[..., None] * n_loc[:, :, j]
+        m = m_new
+    c_in, n_in, m_in = torch.stack(cs, 2), torch.stack(ns, 2), torch.stack(ms, 2)
+    # Outputs of all chunks at once.
+    base = torch.where(cont, b + m_in[..., None], fresh)  # (B,H,NC,L)
+    logd = (b[..., :, None] - b[..., None, :] + i_pre[..., None, :]).masked_fill(
+        ~same[:, None], float("-inf")
+    )  # (B,H,NC,L,L)
+    m_t = torch.maximum(base, logd.amax(-1))
+    qs = q * fd**-0.5
+    s_mat = (qs @ k.transpose(-1, -2)) * torch.exp(logd - m_t[..., None])
+    w_state = torch.exp(base - m_t) * cont
+    num = s_mat @ v + w_state[..., None] * (qs @ c_in)
+    den = s_mat.sum(-1) + w_state * (qs @ n_in[..., None]).squeeze(-1)
+    h = num / (torch.maximum(den.abs(), torch.exp(-m_t)) + eps)[..., None]
+    return h.reshape(bsz, nh, nc * el, dv)[:, :, :t], (c, n, m)
 
 
 def _kernel_fn(backend: str):

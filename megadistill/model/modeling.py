@@ -168,10 +168,14 @@ class HybridModel(HybridPreTrainedModel):
         reset = (position_ids == 0) & valid
         seen = cache.seen if cache is not None else 0
         abs_idx = torch.arange(seen, seen + t, device=dev)
-        single = self.config.mix == "shared_norm" and bool((reset.sum(-1) <= 1).all())
+        # The facts layers branch on, read back in one host sync per forward (not one per layer).
+        all_valid, any_reset, one_doc, no_late_start = torch.stack(
+            [valid.all(), reset.any(), (reset.sum(-1) <= 1).all(), ~reset[:, 1:].any()]
+        ).tolist()
         return SeqInfo(
             reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx, cache=cache,
-            single_doc=single,
+            single_doc=self.config.mix == "shared_norm" and one_doc, all_valid=all_valid,
+            any_reset=any_reset, one_doc=no_late_start,
         )  # fmt: skip
 
     def forward(
@@ -195,7 +199,7 @@ class HybridModel(HybridPreTrainedModel):
         if cache is not None:
             cache.seen += input_ids.shape[1]
             cache.next_pos = info.pos[:, -1] + info.valid[:, -1].long()
-            if not bool(info.valid[:, -1].all()):
+            if not info.all_valid and not bool(info.valid[:, -1].all()):
                 cache.next_pos = info.pos.masked_fill(~info.valid, -1).amax(-1) + 1
             if not cache.sinks_full:
                 cache.sinks_full = bool((cache.next_pos >= self.config.num_sinks).all())

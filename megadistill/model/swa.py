@@ -75,37 +75,57 @@ def swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling):
     return _sdpa(q, k, v, mask, scaling)
 
 
-def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=128):
-    """Blocked SWA + sinks: per query block, keys = the block's window + its document's sinks."""
-    if window is None:
-        return swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling)
-    bsz, _, t, _ = q.shape
+def blocked_layout(reset, key_valid, window, num_sinks, t, block=128):
+    """Per query block of :func:`swa_blocked`: (start, end, key indices (B,K), mask (B,L,K)).
+    Depends only on the document layout, so a model builds it once per forward for all layers."""
+    bsz = reset.shape[0]
+    dev = reset.device
     seg, pos = document_layout(reset)
-    idx = torch.arange(t, device=q.device)
+    idx = torch.arange(t, device=dev)
     doc_start = idx - pos  # (B,T)
-    outs = []
+    out = []
     for s in range(0, t, block):
         e = min(s + block, t)
         ws = max(0, s - window + 1)
         q_idx = idx[s:e].expand(bsz, -1)
         # Sinks of the first query's document that lie before the window (later queries of the
         # block either share that document or started a new one inside the window).
-        sink_idx = (doc_start[:, s : s + 1] + torch.arange(num_sinks, device=q.device)).clamp(
-            max=t - 1
-        )
+        sink_idx = (doc_start[:, s : s + 1] + torch.arange(num_sinks, device=dev)).clamp(max=t - 1)
         sink_ok = (sink_idx < ws) & (pos.gather(1, sink_idx) < num_sinks)
         k_idx = torch.cat([sink_idx, idx[ws:e].expand(bsz, -1)], dim=1)
-        k_ok = torch.cat([sink_ok, torch.ones(bsz, e - ws, dtype=torch.bool, device=q.device)], 1)
+        k_ok = torch.cat([sink_ok, torch.ones(bsz, e - ws, dtype=torch.bool, device=dev)], 1)
         mask = visible(
             q_idx, k_idx, seg[:, s:e], seg.gather(1, k_idx), pos.gather(1, k_idx), window, num_sinks
         )
         mask &= (k_ok & key_valid.gather(1, k_idx))[:, None, :]
         # A token always sees itself (keeps padding rows finite); the sink part never holds it.
         mask |= (k_idx[:, None, :] == q_idx[:, :, None]) & k_ok[:, None, :]
+        out.append((s, e, k_idx, mask))
+    return out
+
+
+def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=128, layout=None):
+    """Blocked SWA + sinks: per query block, keys = the block's window + its document's sinks.
+    ``layout``: :func:`blocked_layout` of these arguments, when the caller has built it."""
+    if window is None:
+        return swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling)
+    if layout is None:
+        layout = blocked_layout(reset, key_valid, window, num_sinks, q.shape[2], block)
+    outs = []
+    for s, e, k_idx, mask in layout:
         gather = k_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
         kb, vb = k.gather(2, gather), v.gather(2, gather)
         outs.append(_sdpa(q[:, :, s:e], kb, vb, mask, scaling))
     return torch.cat(outs, dim=2)
+
+
+def causal_attention(q, k, v, scaling):
+    """Plain causal attention (every row one document from its first token, no padding): SDPA's
+    ``is_causal`` path, which skips the masked half and builds no mask. Exact."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
 
 
 def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling):
@@ -146,8 +166,16 @@ def swa_attention(
     num_sinks: int,
     scaling: float,
     backend: str = "auto",
+    plain: bool = False,
+    memo: dict | None = None,
 ) -> torch.Tensor:
-    """Dispatch to a backend (``auto``: flex on CUDA, blocked on CPU beyond one window, else reference)."""
+    """Dispatch to a backend (``auto``: flex on CUDA, blocked on CPU beyond one window, else
+    reference). ``plain``: the caller knows that every row is one document from its first token
+    and holds no padding; then, where the window covers the whole sequence (or there is none),
+    ``auto`` uses SDPA's causal path (the same function, no mask). ``memo``: a dict shared by the
+    layers of one forward; the blocked backend keeps its block layout there (built once)."""
+    if backend == "auto" and plain and (window is None or q.shape[2] <= window):
+        return causal_attention(q, k, v, scaling)
     if backend == "auto":
         if q.is_cuda:
             backend = "flex"
@@ -158,7 +186,14 @@ def swa_attention(
     if backend == "reference":
         return swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling)
     if backend == "blocked":
-        return swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling)
+        layout = None
+        if memo is not None:
+            key = ("swa_blocked", window, num_sinks, q.shape[2])
+            layout = memo.get(key)
+            if layout is None:
+                layout = blocked_layout(reset, key_valid, window, num_sinks, q.shape[2])
+                memo[key] = layout
+        return swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, layout=layout)
     if backend == "flex":
         return swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling)
     raise ValueError(f"unknown swa_backend {backend!r}; choose one of {SWA_BACKENDS}")
