@@ -169,13 +169,15 @@ class HybridModel(HybridPreTrainedModel):
         seen = cache.seen if cache is not None else 0
         abs_idx = torch.arange(seen, seen + t, device=dev)
         # The facts layers branch on, read back in one host sync per forward (not one per layer).
-        all_valid, any_reset, one_doc, no_late_start = torch.stack(
-            [valid.all(), reset.any(), (reset.sum(-1) <= 1).all(), ~reset[:, 1:].any()]
+        # One document per row means no document starts after the row's first token: a row that
+        # begins mid-document and then starts another has one reset but holds two documents.
+        all_valid, any_reset, one_doc = torch.stack(
+            [valid.all(), reset.any(), ~reset[:, 1:].any()]
         ).tolist()
         return SeqInfo(
             reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx, cache=cache,
             single_doc=self.config.mix == "shared_norm" and one_doc, all_valid=all_valid,
-            any_reset=any_reset, one_doc=no_late_start,
+            any_reset=any_reset, one_doc=one_doc,
         )  # fmt: skip
 
     def forward(

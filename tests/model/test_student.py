@@ -367,6 +367,18 @@ def test_shared_norm_cache_is_constant_and_packing_is_exact():
     assert short.nbytes() == long.nbytes() > 0
 
 
+def test_shared_norm_row_starting_mid_document_then_a_new_one_is_two_documents():
+    """A packed row that begins inside a document (no reset at its first token) and then starts
+    another has one reset but two documents: the second must not see the first's keys, also where
+    the row is long enough (> 2W) for the blocked form."""
+    student = _student("llama", mix="shared_norm").eval()  # W = 8
+    a, b = torch.randint(0, 256, (1, 23)), torch.randint(0, 256, (1, 20))
+    pos = torch.cat([torch.arange(5, 28), torch.arange(20)])[None]
+    with torch.no_grad():
+        packed = student(torch.cat([a, b], 1), position_ids=pos).logits
+        torch.testing.assert_close(packed[:, 23:], student(b).logits)
+
+
 def test_shared_norm_left_padding_and_generate():
     student = _student("llama", mix="shared_norm").eval()
     long, short = torch.randint(3, 256, (1, 12)), torch.randint(3, 256, (1, 7))
