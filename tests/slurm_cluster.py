@@ -78,14 +78,17 @@ class SlurmClusterError(RuntimeError):
 
 
 def _helper(pid: int) -> bool:
-    """Whether ``pid`` is a helper of this (pytest) process's own Python runtime, such as the
-    multiprocessing resource tracker that a test's worker pool starts: it inherits ``SLURM_CONF``
-    from the environment but is not the cluster's, and lives as long as this process."""
+    """Whether ``pid`` lives as long as a process that is not a job: slurmctld's own script
+    daemon (``slurmscriptd``, stopped with slurmctld), or a helper of this (pytest) process's
+    Python runtime, such as the multiprocessing resource tracker that a test's worker pool
+    starts. Both inherit ``SLURM_CONF``; waiting for them to end would wait for the timeout."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return False
+    if cmd.strip(": ").startswith("slurmscriptd"):
+        return True
     parent = int(stat[stat.rindex(")") + 2 :].split()[1])
     return parent == os.getpid() and "from multiprocessing." in cmd
 
