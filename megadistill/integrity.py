@@ -80,6 +80,18 @@ def write_manifest(folder: str | Path) -> dict[str, str]:
     return files
 
 
+def _check_file(folder: Path, rel: str, expected: str, what: str, bar: Any) -> None:
+    """Raise CheckpointError naming ``rel`` when it is missing or its sha256 is not ``expected``."""
+    path = folder / rel
+    if not path.is_file():
+        raise CheckpointError(f"{what} {folder}: file {rel} listed in {MANIFEST} is missing")
+    actual = sha256_file(path, bar)
+    if actual != expected:
+        raise CheckpointError(
+            f"{what} {folder}: file {rel} is corrupt (sha256 {actual[:12]} != {expected[:12]})"
+        )
+
+
 def verify_manifest(
     folder: str | Path, *, what: str = "checkpoint", progress: bool = False
 ) -> dict[str, str]:
@@ -102,17 +114,7 @@ def verify_manifest(
     bar = _bytes_bar(folder, list(files), what) if progress else None
     try:
         for rel, expected in files.items():
-            path = folder / rel
-            if not path.is_file():
-                raise CheckpointError(
-                    f"{what} {folder}: file {rel} listed in {MANIFEST} is missing"
-                )
-            actual = sha256_file(path, bar)
-            if actual != expected:
-                raise CheckpointError(
-                    f"{what} {folder}: file {rel} is corrupt (sha256 {actual[:12]} != "
-                    f"{expected[:12]})"
-                )
+            _check_file(folder, rel, expected, what, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -175,17 +177,7 @@ def verify_manifest_shared(folder: str | Path, *, what: str = "checkpoint") -> l
         bar = _bytes_bar(folder, [rel for rel, _ in share], what)
         for rel, expected in share:
             mine.append(rel)
-            path = folder / rel
-            if not path.is_file():
-                raise CheckpointError(
-                    f"{what} {folder}: file {rel} listed in {MANIFEST} is missing"
-                )
-            actual = sha256_file(path, bar)
-            if actual != expected:
-                raise CheckpointError(
-                    f"{what} {folder}: file {rel} is corrupt (sha256 {actual[:12]} != "
-                    f"{expected[:12]})"
-                )
+            _check_file(folder, rel, expected, what, bar)
     except FileNotFoundError:
         error = f"{what} {folder} has no {MANIFEST}: it was not written completely; write it again"
     except (json.JSONDecodeError, KeyError) as exc:
