@@ -10,6 +10,7 @@ shuffled and repeated into jsonl files until it reaches ``corpus_mb``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -111,9 +112,10 @@ def _measure(run: dict[str, Any]) -> dict[str, Any]:
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
     proc, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:
+    while child.poll() is None:  # sample the tree's RSS every 0.1 s until the run ends
         peak = max(peak, _tree_rss(proc))
-        time.sleep(0.1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=0.1)
     out = child.stdout.read() if child.stdout else ""
     if child.returncode != 0:
         raise RuntimeError(f"benchmark run {run['mode']} failed with {child.returncode}")

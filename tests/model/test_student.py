@@ -246,12 +246,19 @@ def test_generate_feeds_one_new_token_per_forward_after_prefill():
     assert lengths == [7] + [1] * 8
 
 
-def test_left_padded_batch_matches_single_rows():
-    student = _student("llama").eval()
+def _left_padded_pair():
+    """Rows of 12 and 7 tokens, batched with the short one left-padded by 5: (long, short,
+    batch, attention_mask)."""
     long, short = torch.randint(3, 256, (1, 12)), torch.randint(3, 256, (1, 7))
     batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
     mask = torch.ones_like(batch)
     mask[1, :5] = 0
+    return long, short, batch, mask
+
+
+def test_left_padded_batch_matches_single_rows():
+    student = _student("llama").eval()
+    long, short, batch, mask = _left_padded_pair()
     with torch.no_grad():
         both = student(batch, attention_mask=mask).logits
         torch.testing.assert_close(both[1, 5:], student(short).logits[0])
@@ -291,10 +298,7 @@ def test_softmax_layer_decode_equals_parallel_and_its_cache_grows(family):
 
 def test_softmax_layer_left_padding_matches_single_rows():
     student = _student("llama", softmax_layers=[0]).eval()
-    long, short = torch.randint(3, 256, (1, 12)), torch.randint(3, 256, (1, 7))
-    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :5] = 0
+    long, short, batch, mask = _left_padded_pair()
     with torch.no_grad():
         out = student.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                pad_token_id=0)  # fmt: skip
@@ -381,10 +385,7 @@ def test_shared_norm_row_starting_mid_document_then_a_new_one_is_two_documents()
 
 def test_shared_norm_left_padding_and_generate():
     student = _student("llama", mix="shared_norm").eval()
-    long, short = torch.randint(3, 256, (1, 12)), torch.randint(3, 256, (1, 7))
-    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :5] = 0
+    long, short, batch, mask = _left_padded_pair()
     with torch.no_grad():
         both = student(batch, attention_mask=mask).logits
         torch.testing.assert_close(both[1, 5:], student(short).logits[0])
