@@ -561,7 +561,12 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(debug=args.verbose)
     try:
-        return int(args._handler(args) or 0)
+        code = int(args._handler(args) or 0)
+        if "torch.distributed" in sys.modules:  # a rank of a distributed command that returned
+            from megadistill.engine.distributed import finish_distributed
+
+            finish_distributed()
+        return code
     except Exception as exc:  # noqa: BLE001 - the CLI turns library errors into one clear line
         from megadistill.config import ConfigError
         from megadistill.errors import MegadistillError

@@ -101,6 +101,34 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     return rank, world
 
 
+def finish_distributed() -> None:
+    """End a run that every rank completed: wait for every rank's collectives, then tear down.
+
+    Call it on every rank once its work is done (the CLI does, after a stage returns). Without
+    it a rank can abort *after* a successful run (SIGABRT, "terminate called without an active
+    exception", exit 134 instead of 0 or the requeue code): ZeRO-3 issues asynchronous
+    all-gathers whose handles it may drop, and gloo's worker thread then frees such a request when
+    the peer's half arrives. If that happens while this interpreter is shutting down (the
+    process group is kept alive by DeepSpeed's objects until the last garbage collection), the
+    thread cannot take the GIL and C++ terminates the process. The barrier waits for every
+    earlier collective of every rank first. A barrier that fails (a peer already died) is logged
+    and the teardown goes on.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    except Exception as exc:  # a peer that died: nothing left to wait for
+        if not is_collective_error(exc):
+            raise
+        log.warning("final barrier failed (%s); exiting without it", str(exc).splitlines()[0])
+    # a request that completed just before the barrier may still be being freed: leave the
+    # GIL to gloo's worker threads for a moment (they need it to free the request's tensors)
+    time.sleep(0.05)
+    dist.destroy_process_group()
+
+
 def rank() -> int:
     """Global rank (0 without a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

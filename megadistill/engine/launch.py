@@ -60,19 +60,26 @@ def _entry(
         }
     )
     cpu_distributed_env()
+    import faulthandler
+
     import torch
 
     torch.set_num_threads(1)
+    # a rank killed by a signal (abort, segfault) leaves no traceback: dump every thread's stack
+    fault_log = open(Path(err_dir, f"rank{rank}.fault"), "w")  # noqa: SIM115 (open until exit)
+    faulthandler.enable(fault_log, all_threads=True)
+    from megadistill.engine.distributed import finish_distributed
+
     try:
         fn(*args)
     except BaseException:
         Path(err_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # no barrier: the other ranks may be dead or elsewhere
+        raise
+    finish_distributed()
 
 
 def run_distributed(
@@ -111,7 +118,11 @@ def run_distributed(
             detail = "\n".join(f"--- {p.stem} ---\n{p.read_text()}" for p in errs)
             raise RuntimeError(f"distributed test {fn.__name__} failed:\n{detail or exc}") from None
         except mp.ProcessExitedException as exc:
-            raise RuntimeError(f"distributed test {fn.__name__}: a rank died: {exc}") from None
+            faults = sorted(p for p in Path(err_dir).glob("rank*.fault") if p.stat().st_size)
+            detail = "\n".join(f"--- {p.stem} ---\n{p.read_text()}" for p in faults)
+            raise RuntimeError(
+                f"distributed test {fn.__name__}: a rank died: {exc}\n{detail}".rstrip()
+            ) from None
         finally:
             for proc in ctx.processes:
                 if proc.is_alive():

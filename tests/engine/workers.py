@@ -386,3 +386,27 @@ def _signal_mid_checkpoint(model_dir: str, fingerprint: str, out: Path) -> dict[
         "resumed_equals_uninterrupted": sorted(final) == sorted(reference)
         and all(torch.equal(final[k], reference[k]) for k in final),
     }
+
+
+def dangling_all_gather(delay_s: float) -> None:
+    """Each rank leaves an async all-gather unwaited (as ZeRO-3's prefetch may), rank 1
+    ``delay_s`` later than rank 0, and returns.
+
+    The process group stays referenced past teardown (as DeepSpeed's objects keep it), so gloo's
+    worker thread frees a request whenever it completes: without the final barrier, on rank 1
+    that is while its interpreter shuts down, the thread cannot take the GIL and the process
+    aborts.
+    """
+    import builtins
+    import time
+
+    import torch.distributed as dist
+
+    from megadistill.engine.distributed import init_distributed
+
+    rank, world = init_distributed(timeout_s=60)
+    builtins._megadistill_test_pg = dist.distributed_c10d._get_default_group()  # type: ignore[attr-defined]
+    if rank == 1:
+        time.sleep(delay_s)
+    out = torch.empty(1024 * world)
+    dist.all_gather_into_tensor(out, torch.full((1024,), float(rank)), async_op=True)  # dropped
