@@ -479,11 +479,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- benchmarks
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["inference", "train", "data"], help="which benchmark")
+    p.add_argument("which", choices=["inference", "train", "data", "merge"], help="which benchmark")
     p.add_argument("overrides", nargs="*", help="settings, e.g. contexts=[1024,4096] batch_size=8")
 
 
-@command("bench", "benchmarks: teacher vs student side by side; data preparation", _bench_args)
+@command("bench", "benchmarks: teacher vs student side by side; data; merge", _bench_args)
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -515,6 +515,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rows = run_data_bench(from_dict(DataBenchConfig, apply_overrides({}, args.overrides)))
         print(format_rows(rows))
         print(json.dumps(rows))
+    elif args.which == "merge":
+        from megadistill.bench.merge import MergeBenchConfig, format_results, run_merge_bench
+        from megadistill.config import apply_overrides
+
+        results = run_merge_bench(from_dict(MergeBenchConfig, apply_overrides({}, args.overrides)))
+        print(format_results(results))
+        print(json.dumps(results))
     return 0
 
 

@@ -28,10 +28,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from megadistill.bench.timing import Clock, measure
 
 log = logging.getLogger(__name__)
 
@@ -331,14 +334,10 @@ def check_train_mfu(
         return loss
 
     engine.train()
-    for _ in range(2):  # warm-up: compilation, autotuning, allocator
-        step()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync()
-    tok_s = steps * micro_batch * seq_len / (time.perf_counter() - t0)
+    # Warm-up: compilation, autotuning, allocator; the device is synchronised around each step.
+    times = measure({"step": step}, repeats=steps, warmup=2, alternate=False, device=dev)
+    loss = times["step"].values[-1]
+    tok_s = steps * micro_batch * seq_len / times["step"].total()
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_bf16_flops(name)
     return {
@@ -349,40 +348,25 @@ def check_train_mfu(
     }  # fmt: skip
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def _timed(model, ids: torch.Tensor, decode: int, student: bool) -> dict[str, float]:
+def _timed(model, ids: torch.Tensor, decode: int) -> dict[str, float]:
     """Prefill ``ids`` then greedy-decode ``decode`` tokens; tokens/s with device syncs."""
-    from transformers import DynamicCache
+    from megadistill.bench.inference import prefill_decode
 
-    cache = model.new_cache() if student else DynamicCache(config=model.config)
-    _sync()
-    t0 = time.perf_counter()
-    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1:].argmax(-1)
-    _sync()
-    t1 = time.perf_counter()
-    for _ in range(decode):
-        nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    _sync()
-    t2 = time.perf_counter()
+    r = prefill_decode(model, ids, decode, Clock("wall", ids.device), per_token=False)
     return {
-        "prefill_tok_s": ids.numel() / (t1 - t0),
-        "decode_tok_s": decode * ids.shape[0] / (t2 - t1),
+        "prefill_tok_s": ids.numel() / r["prefill_s"],
+        "decode_tok_s": ids.shape[0] / r["decode_s_per_token"],
     }
 
 
-def _bench_one(model, ids, decode, student, row, prefix) -> None:
+def _bench_one(model, ids, decode) -> dict[str, Any]:
     try:
-        row.update({f"{prefix}_{k}": v for k, v in _timed(model, ids, decode, student).items()})
+        return _timed(model, ids, decode)
     except Exception as exc:  # noqa: BLE001 - recorded, e.g. out of memory at 64K
-        row[f"{prefix}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def check_inference(
@@ -407,17 +391,21 @@ def check_inference(
         teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa", dtype=dtype)
         student = HybridForCausalLM._from_config(hcfg, dtype=dtype)
     teacher.eval(), student.eval()
+    models = {"teacher": teacher, "student": student}
+
+    def calls(ids: torch.Tensor, n: int):
+        return {kind: partial(_bench_one, m, ids, n) for kind, m in models.items()}
+
     rows, warm = [], torch.randint(3, tcfg.vocab_size, (1, 256), device=dev)
-    _bench_one(teacher, warm, 2, False, {}, "t")  # warm-up (kernels, compilation)
-    _bench_one(student, warm, 2, True, {}, "s")
+    measure(calls(warm, 2))  # warm-up (kernels, compilation)
     for ctx in contexts:
         if deadline is not None and time.monotonic() > deadline:
             rows.append({"context": ctx, "skipped": "time budget"})
             continue
         ids = torch.randint(3, tcfg.vocab_size, (1, ctx), device=dev)
         row: dict[str, Any] = {"context": ctx}
-        _bench_one(teacher, ids, decode, False, row, "teacher")
-        _bench_one(student, ids, decode, True, row, "student")
+        for kind, samples in measure(calls(ids, decode)).items():
+            row.update({f"{kind}_{k}": v for k, v in samples.values[0].items()})
         for key in ("prefill", "decode"):
             t, s = row.get(f"teacher_{key}_tok_s"), row.get(f"student_{key}_tok_s")
             row[f"{key}_ratio"] = s / t if t and s else None

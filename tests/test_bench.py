@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megadistill.bench.merge import MergeBenchConfig
 from megadistill.bench.train import TrainBenchConfig, run_train_bench
 from megadistill.cli import main
 from megadistill.config import ConfigError
@@ -112,16 +113,22 @@ def test_train_bench_halves_model_states_at_two_ranks(tmp_path):
 
 
 def test_merge_bench_script_smoke(tmp_path):
+    # The tools/ script is the CLI's `megadistill bench merge`: its last line is the JSON.
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_merge.py"), "--smoke", "--num-experts", "2",
-         "--workdir", str(tmp_path / "work")],
+        [sys.executable, str(REPO / "tools" / "bench_merge.py"), "smoke=true", "num_experts=2",
+         "repeats=2", f"work_dir={tmp_path / 'work'}"],
         capture_output=True, text=True, timeout=600, cwd=REPO, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout)
+    assert "streaming_vs_baseline: peak" in proc.stdout
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
     for mode in ("baseline", "streaming_noverify", "streaming"):
+        assert results[mode]["mode"] == mode
         assert results[mode]["peak_rss_mib"] > 0 and results[mode]["wall_s"] > 0
     assert set(results["summary"]) == {"streaming_vs_baseline", "streaming_noverify_vs_baseline"}
+    assert not (tmp_path / "work").exists()  # removed without keep=true
+    with pytest.raises(ConfigError, match="modes"):
+        MergeBenchConfig(work_dir=str(tmp_path), modes=("baseline", "fast"))
 
 
 def test_data_bench_counts_the_same_tokens_as_the_datasets_baseline(tmp_path, capsys):

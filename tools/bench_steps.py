@@ -4,15 +4,16 @@ optimizer step): where a step's CPU time goes, next to ``megadistill bench train
 Usage: python tools/bench_steps.py [--teacher smollm2|PATH] [--seq-len 2048] [--repeats 2]
 Prints CPU seconds per step for: the teacher's forward alone (no grad), the teacher's CE step,
 the student's body (hidden states, no head), its stage II step (CE + top-256 KL head against
-random targets) and its stage I step (new parameters only), interleaved, ``repeats`` times.
+random targets) and its stage I step (new parameters only), interleaved (the order reversed every
+other round), ``repeats`` times.
 """
 
 import argparse
-import time
 
 import torch
 
 from megadistill.bench.synthetic import SyntheticModelConfig
+from megadistill.bench.timing import measure
 from megadistill.bench.train import RandomTopK
 from megadistill.stages.align import AttentionProbe
 from megadistill.stages.losses import distill_loss
@@ -70,17 +71,14 @@ def main() -> None:
             for p in student.parameters():
                 p.requires_grad_(True)
 
+    def zero_grad(_: str) -> None:
+        teacher.zero_grad(set_to_none=True)
+        student.zero_grad(set_to_none=True)
+
     steps = [teacher_forward, teacher_ce, student_body, stage2, stage1]
-    times: dict[str, list[float]] = {f.__name__: [] for f in steps}
-    for _ in range(args.repeats):
-        for fn in steps:
-            c0 = time.process_time()
-            fn()
-            times[fn.__name__].append(time.process_time() - c0)
-            teacher.zero_grad(set_to_none=True)
-            student.zero_grad(set_to_none=True)
-    for name, ts in times.items():
-        print(f"{name:<16} " + " ".join(f"{x:7.2f}" for x in ts) + "  CPU s")
+    times = measure({f.__name__: f for f in steps}, repeats=args.repeats, after=zero_grad)
+    for name, samples in times.items():
+        print(f"{name:<16} " + " ".join(f"{x:7.2f}" for x in samples.cpu) + "  CPU s")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import os
 import random
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megadistill.bench.timing import Stopwatch
 from megadistill.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -103,19 +103,19 @@ def _measure(run: dict[str, Any]) -> dict[str, Any]:
 
     import psutil
 
-    started = time.monotonic()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "megadistill.bench.data", json.dumps(run)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-    )
-    proc, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:  # sample the tree's RSS every 0.1 s until the run ends
-        peak = max(peak, _tree_rss(proc))
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=0.1)
+    with Stopwatch() as sw:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "megadistill.bench.data", json.dumps(run)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        proc, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:  # sample the tree's RSS every 0.1 s until the run ends
+            peak = max(peak, _tree_rss(proc))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=0.1)
     out = child.stdout.read() if child.stdout else ""
     if child.returncode != 0:
         raise RuntimeError(f"benchmark run {run['mode']} failed with {child.returncode}")
@@ -123,7 +123,7 @@ def _measure(run: dict[str, Any]) -> dict[str, Any]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run and its waited-for workers
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     result.update(
-        wall_s=round(time.monotonic() - started, 2),
+        wall_s=round(sw.wall, 2),
         peak_rss_mib=round(peak / 2**20),
         cpu_s=round(cpu, 2),  # includes interpreter start and imports
         tokens_per_cpu_s=round(result["tokens"] / cpu) if cpu else None,
@@ -143,9 +143,9 @@ def _run_ours(run: dict[str, Any]) -> dict[str, Any]:
         num_proc=run["workers"],
         cache_dir=run["cache_dir"],
     )
-    started = time.monotonic()
-    path = prepare_packed(cfg, tok)
-    seconds = time.monotonic() - started
+    with Stopwatch() as sw:
+        path = prepare_packed(cfg, tok)
+    seconds = sw.wall
     meta = PackedDataset(path, verify=False).meta
     source = meta["sources"][0]
     return {
@@ -164,27 +164,29 @@ def _run_baseline(run: dict[str, Any]) -> dict[str, Any]:
 
     tok = load_tokenizer(run["tokenizer"])
     files = sorted(str(p) for p in Path(run["corpus"]).glob("part-*.jsonl"))
-    started = time.monotonic()
-    ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=run["cache_dir"])
-    loaded = time.monotonic()
-    mapped = ds.map(
-        lambda b: tok(b["text"], return_attention_mask=False),
-        batched=True,
-        num_proc=run["workers"] if run["workers"] > 1 else None,
-        remove_columns=["text"],
-    )
-    lengths = mapped.map(
-        lambda b: {"n": [len(x) for x in b["input_ids"]]},
-        batched=True,
-        remove_columns=["input_ids"],
-    )["n"]
-    seconds = time.monotonic() - started
+    with Stopwatch() as total:
+        with Stopwatch() as load:
+            ds = datasets.load_dataset(
+                "json", data_files=files, split="train", cache_dir=run["cache_dir"]
+            )
+        mapped = ds.map(
+            lambda b: tok(b["text"], return_attention_mask=False),
+            batched=True,
+            num_proc=run["workers"] if run["workers"] > 1 else None,
+            remove_columns=["text"],
+        )
+        lengths = mapped.map(
+            lambda b: {"n": [len(x) for x in b["input_ids"]]},
+            batched=True,
+            remove_columns=["input_ids"],
+        )["n"]
+    seconds = total.wall
     tokens = int(sum(lengths))
     return {
         "tokens": tokens,
         "documents": len(lengths),
         "seconds": round(seconds, 2),
-        "load_s": round(loaded - started, 2),
+        "load_s": round(load.wall, 2),
         "tokens_per_s": round(tokens / seconds),
     }
 

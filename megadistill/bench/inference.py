@@ -13,18 +13,18 @@ from __future__ import annotations
 import gc
 import logging
 import statistics
-import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from megadistill.bench.synthetic import SyntheticModelConfig
+from megadistill.bench.timing import CLOCKS, Clock, measure, median_by_key
 from megadistill.config import ConfigError
 from megadistill.teachers import convert
 
 log = logging.getLogger(__name__)
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 @dataclass(kw_only=True)
@@ -57,7 +57,8 @@ class InferenceBenchConfig(SyntheticModelConfig):
             raise ConfigError(f"clock={self.clock!r} is not one of {tuple(CLOCKS)}")
 
 
-def _teacher_cache_bytes(cache: DynamicCache) -> int:
+def teacher_cache_bytes(cache: DynamicCache) -> int:
+    """Bytes of the keys and values a Hugging Face ``DynamicCache`` holds."""
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -67,23 +68,47 @@ def _teacher_cache_bytes(cache: DynamicCache) -> int:
 
 
 @torch.no_grad()
-def _run(model, ids: torch.Tensor, decode_tokens: int, student: bool, clock) -> dict[str, float]:
+def prefill_decode(
+    model, ids: torch.Tensor, decode_tokens: int, clock: Clock, per_token: bool = True
+) -> dict[str, float]:
+    """Prefill ``ids`` into a fresh cache, then greedy-decode ``decode_tokens`` tokens.
+
+    Works for the student (``model.new_cache()``) and a Hugging Face teacher (``DynamicCache``).
+
+    Args:
+        clock: the clock (and device to synchronise) every reading uses.
+        per_token: time each decode step and report their median; False: one reading at each
+            end of the decode (on a GPU a reading per token would stall the launch queue), mean.
+
+    Returns:
+        ``prefill_s``, ``decode_s_per_token`` and ``cache_bytes`` (after the decode).
+    """
+    student = hasattr(model, "new_cache")
     cache = model.new_cache() if student else DynamicCache(config=model.config)
     t0 = clock()
     out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
-    t1 = clock()
     nxt = out.logits[:, -1:].argmax(-1)
+    t1 = clock()
     steps = []
     for _ in range(decode_tokens):
-        s0 = clock()
-        out = model(nxt, cache=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        steps.append(clock() - s0)
-    mem = cache.nbytes() if student else _teacher_cache_bytes(cache)
+        s0 = clock() if per_token else 0.0
+        nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if per_token:
+            steps.append(clock() - s0)
+    per_step = statistics.median(steps) if per_token else (clock() - t1) / decode_tokens
     return {
-        "prefill_tok_s": ids.numel() / (t1 - t0),
-        "decode_tok_s": ids.shape[0] / statistics.median(steps),
-        "cache_mib": mem / 2**20,
+        "prefill_s": t1 - t0,
+        "decode_s_per_token": per_step,
+        "cache_bytes": cache.nbytes() if student else teacher_cache_bytes(cache),
+    }
+
+
+def _run(model, ids: torch.Tensor, decode_tokens: int, clock: Clock) -> dict[str, float]:
+    r = prefill_decode(model, ids, decode_tokens, clock)
+    return {
+        "prefill_tok_s": ids.numel() / r["prefill_s"],
+        "decode_tok_s": ids.shape[0] / r["decode_s_per_token"],
+        "cache_mib": r["cache_bytes"] / 2**20,
     }
 
 
@@ -105,10 +130,6 @@ def build_models(cfg: InferenceBenchConfig, max_positions: int):
     return teacher, student
 
 
-def _median_rows(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-
 def run_inference_bench(cfg: InferenceBenchConfig) -> list[dict[str, float]]:
     """Measure teacher and student at each context; return one row per context with ratios."""
     if cfg.threads:
@@ -121,22 +142,21 @@ def run_inference_bench(cfg: InferenceBenchConfig) -> list[dict[str, float]]:
         )
     teacher, student = build_models(cfg, max(cfg.contexts) + cfg.decode_tokens + 8)
     vocab = teacher.config.vocab_size
-    clock = CLOCKS[cfg.clock]
+    clock = Clock(cfg.clock)
+    models = {"teacher": teacher, "student": student}
+
+    def calls(ids: torch.Tensor, decode_tokens: int):
+        return {kind: partial(_run, m, ids, decode_tokens, clock) for kind, m in models.items()}
+
     gen = torch.Generator().manual_seed(0)
     rows = []
     for ctx in cfg.contexts:
         ids = torch.randint(3, vocab, (cfg.batch_size, ctx), generator=gen)
-        _run(teacher, ids[:, :64], 2, student=False, clock=clock)  # warm-up
-        _run(student, ids[:, :64], 2, student=True, clock=clock)
-        runs: dict[str, list[dict[str, float]]] = {"teacher": [], "student": []}
-        for r in range(cfg.repeats):
-            order = ("teacher", "student") if r % 2 == 0 else ("student", "teacher")
-            for kind in order:
-                model = teacher if kind == "teacher" else student
-                res = _run(model, ids, cfg.decode_tokens, student=kind == "student", clock=clock)
-                runs[kind].append(res)
-                gc.collect()
-        t, s = _median_rows(runs["teacher"]), _median_rows(runs["student"])
+        measure(calls(ids[:, :64], 2))  # warm-up, on a short prefix
+        runs = measure(
+            calls(ids, cfg.decode_tokens), repeats=cfg.repeats, after=lambda _: gc.collect()
+        )
+        t, s = median_by_key(runs["teacher"].values), median_by_key(runs["student"].values)
         row = {"context": ctx, **{f"teacher_{k}": v for k, v in t.items()}}
         row.update({f"student_{k}": v for k, v in s.items()})
         row["prefill_ratio"] = s["prefill_tok_s"] / t["prefill_tok_s"]

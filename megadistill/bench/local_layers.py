@@ -17,14 +17,15 @@ import argparse
 import json
 import logging
 import math
-import statistics
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from megadistill.bench.inference import prefill_decode
+from megadistill.bench.timing import Clock, Stopwatch, measure, median_by_key
 from megadistill.stages.align import AttentionProbe
 from megadistill.teachers import convert
 
@@ -105,46 +106,25 @@ def nll_by_position(model, rows: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-@torch.no_grad()
-def _timed(model, ids: torch.Tensor, decode: int, student: bool) -> tuple[float, float, int]:
-    cache = model.new_cache() if student else DynamicCache(config=model.config)
-    t0 = time.perf_counter()
-    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
-    t1 = time.perf_counter()
-    nxt = out.logits[:, -1:].argmax(-1)
-    for _ in range(decode):
-        nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    t2 = time.perf_counter()
-    if student:
-        mem = cache.nbytes()
-    else:
-        mem = sum(
-            t.numel() * t.element_size()
-            for layer in cache.layers
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-            if isinstance(t, torch.Tensor)
-        )
-    return t1 - t0, (t2 - t1) / decode, mem
-
-
 def speed(models: dict[str, Any], context: int, batch: int, decode: int, repeats: int):
     """Prefill and per-token decode seconds (median over ``repeats``, models interleaved) and
     cache bytes after ``context`` + ``decode`` tokens."""
     ids = torch.randint(3, 1000, (batch, context))
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
-    mem = {}
-    for _ in range(repeats):
-        for name, model in models.items():
-            pre, dec, mem[name] = _timed(model, ids, decode, name != "teacher")
-            times[name].append((pre, dec))
-    return {
-        name: {
-            "prefill_s": statistics.median(t[0] for t in ts),
-            "decode_s_per_token": statistics.median(t[1] for t in ts),
-            "cache_mib": mem[name] / 2**20,
-        }
-        for name, ts in times.items()
+    clock = Clock("wall")
+    calls = {
+        name: partial(prefill_decode, model, ids, decode, clock, per_token=False)
+        for name, model in models.items()
     }
+    runs = measure(calls, repeats=repeats)
+    out = {}
+    for name, samples in runs.items():
+        med = median_by_key(samples.values)
+        out[name] = {
+            "prefill_s": med["prefill_s"],
+            "decode_s_per_token": med["decode_s_per_token"],
+            "cache_mib": samples.values[-1]["cache_bytes"] / 2**20,
+        }
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,11 +143,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             teacher, seed=0, window=args.window, num_sinks=4, local_layers=mode, mix="gate",
             gate_mode=args.gate_mode,
         )  # fmt: skip
-        t0 = time.perf_counter()
-        losses = stage_one(student, train, args.lr, args.warmup) if args.steps else [0.0]
+        with Stopwatch() as sw:
+            losses = stage_one(student, train, args.lr, args.warmup) if args.steps else [0.0]
         results[f"{mode}/stage1"] = {
             "first": sum(losses[:5]) / len(losses[:5]), "last": sum(losses[-5:]) / len(losses[-5:]),
-            "seconds": time.perf_counter() - t0,
+            "seconds": sw.wall,
             "new_parameters": sum(p.numel() for n, p in student.named_parameters()
                                   if n in set(student.new_parameter_names())),
         }  # fmt: skip

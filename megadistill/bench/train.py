@@ -30,8 +30,8 @@ import os
 import resource
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 
 from megadistill.bench.synthetic import SyntheticModelConfig
+from megadistill.bench.timing import Stopwatch, measure
 from megadistill.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -307,30 +308,30 @@ def bench_rank(kinds: list[ModelKind], cfg_dict: dict[str, Any], root_str: str) 
     vocab = engines[kinds[0]].module.config.vocab_size
     batch = _batch(cfg, vocab, seed=rank)
     loss_fns = {kind: _loss_fn(kind, cfg, vocab, seed=rank) for kind in kinds}
-    wall: dict[str, list[float]] = {k: [] for k in kinds}
-    cpu: dict[str, list[float]] = {k: [] for k in kinds}
-    losses: dict[str, list[float]] = {k: [] for k in kinds}
-    for step in range(cfg.num_warmup_steps + cfg.num_steps):
-        order = kinds if step % 2 == 0 else kinds[::-1]
-        for kind in order:
-            engine = engines[kind]
-            dist.barrier()  # every rank starts the step together: the step time is the slowest's
-            w0, c0 = time.perf_counter(), time.process_time()
-            loss = loss_fns[kind](engine, batch)
-            engine.backward(loss)
-            engine.step()
-            w1, c1 = time.perf_counter(), time.process_time()
-            losses[kind].append(float(loss.detach()))
-            if step >= cfg.num_warmup_steps:
-                wall[kind].append(w1 - w0)
-                cpu[kind].append(c1 - c0)
+    losses: dict[str, list[float]] = {k: [] for k in kinds}  # warm-up steps included
+
+    def step(kind: ModelKind) -> None:
+        engine = engines[kind]
+        loss = loss_fns[kind](engine, batch)
+        engine.backward(loss)
+        engine.step()
+        losses[kind].append(float(loss.detach()))
+
+    # Every rank starts a step together (the barrier, untimed): a step's time is the slowest's.
+    times = measure(
+        {kind: partial(step, kind) for kind in kinds},
+        repeats=cfg.num_steps,
+        warmup=cfg.num_warmup_steps,
+        device=engines[kinds[0]].device,
+        before=lambda _: dist.barrier(),
+    )
     for kind in kinds:
         result = {
             "kind": kind,
             "world_size": world,
             "rank": rank,
-            "step_wall_s": wall[kind],
-            "step_cpu_s": cpu[kind],
+            "step_wall_s": times[kind].wall,
+            "step_cpu_s": times[kind].cpu,
             "losses": losses[kind],
             "tokens_per_step": cfg.micro_batch_size * cfg.seq_len * world,
             "model_state_bytes": model_state_bytes(engines[kind]),
@@ -407,11 +408,11 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict[str, Any]:
         groups = [list(cfg.kinds)] if cfg.interleave else [[k] for k in cfg.kinds]
         for world in cfg.world_sizes:
             for kinds in groups:
-                t0 = time.perf_counter()
-                run_distributed(
-                    bench_rank, world, kinds, asdict(cfg), str(root), timeout_s=cfg.timeout_s
-                )
-                log.info("%s on %d rank(s): %.0f s", kinds, world, time.perf_counter() - t0)
+                with Stopwatch() as sw:
+                    run_distributed(
+                        bench_rank, world, kinds, asdict(cfg), str(root), timeout_s=cfg.timeout_s
+                    )
+                log.info("%s on %d rank(s): %.0f s", kinds, world, sw.wall)
         summary = summarise(results)
     summary["config"] = asdict(cfg)
     summary["threads_per_rank"] = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))

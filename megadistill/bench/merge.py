@@ -1,11 +1,13 @@
 """Benchmark: streaming merge vs DeepSpeed's zero_to_fp32 + in-memory average (peak RSS, wall).
 
-Builds K synthetic experts of a ~0.5B-parameter model (Qwen2-0.5B shape, random weights): one
-real 2-rank ZeRO-3 ``save_checkpoint`` (torch SGD as optimizer, so the shards hold only the fp32
-master weights; the merge never reads optimizer moments anyway), then K-1 perturbed copies of its
-fp32 partitions. Each measurement runs in its own subprocess, which reports its own peak RSS
-(``VmHWM``) and wall time. Before measuring, every shard is read once so that all runs see a
-warm page cache.
+``megadistill bench merge work_dir=DIR`` (or ``tools/bench_merge.py``) builds K synthetic
+experts of a ~0.5B-parameter model (Qwen2-0.5B shape, random weights): one real 2-rank ZeRO-3
+``save_checkpoint`` (torch SGD as optimizer, so the shards hold only the fp32 master weights; the
+merge never reads optimizer moments anyway), then K-1 perturbed copies of its fp32 partitions.
+Each measurement runs in its own subprocess, which reports its own peak RSS (``VmHWM``) and wall
+time. Before measuring, every shard is read once so that all runs see a warm page cache; with
+``repeats`` > 1 the modes run interleaved (A, B, C, C, B, A, ...) and each number is the median
+over the repeats.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megadistill.bench.timing import Stopwatch, measure, median_by_key
+from megadistill.config import ConfigError
 from megadistill.integrity import atomic_write_json, atomic_write_text, write_manifest
 
 log = logging.getLogger(__name__)
@@ -105,14 +109,14 @@ def make_experts(workdir: Path, num_experts: int, model_config: dict[str, Any]) 
         if (path / "latest").is_file():
             continue
         shutil.rmtree(path, ignore_errors=True)
-        t0 = time.perf_counter()
-        if k == 0:
-            run_distributed(save_random_expert, 2, str(path), model_config, timeout_s=1800)
-        else:
-            _perturbed_copy(experts[0], path, k)
-        write_manifest(path / TAG)
-        atomic_write_text(path / "latest", TAG)
-        log.info("built %s in %.0f s", path, time.perf_counter() - t0)
+        with Stopwatch() as sw:
+            if k == 0:
+                run_distributed(save_random_expert, 2, str(path), model_config, timeout_s=1800)
+            else:
+                _perturbed_copy(experts[0], path, k)
+            write_manifest(path / TAG)
+            atomic_write_text(path / "latest", TAG)
+        log.info("built %s in %.0f s", path, sw.wall)
     return experts
 
 
@@ -161,22 +165,21 @@ def _vm_hwm_mib() -> float:
 
 
 def measure_main(argv: list[str]) -> None:
-    """Subprocess entry: ``bench.py MODE OUT EXPERT...``; prints one JSON line."""
+    """Subprocess entry: ``python -m megadistill.bench.merge MODE OUT EXPERT...``; prints one JSON line."""
     mode, out, *experts = argv
     rss_start = _vm_hwm_mib()
-    t0 = time.perf_counter()
-    if mode == "baseline":
-        _baseline(experts, out)
-    else:
-        _streaming(experts, out, verify=mode == "streaming")
-    wall = time.perf_counter() - t0
-    print(json.dumps({"mode": mode, "wall_s": wall, "peak_rss_mib": _vm_hwm_mib(),
+    with Stopwatch() as sw:
+        if mode == "baseline":
+            _baseline(experts, out)
+        else:
+            _streaming(experts, out, verify=mode == "streaming")
+    print(json.dumps({"mode": mode, "wall_s": sw.wall, "peak_rss_mib": _vm_hwm_mib(),
                       "rss_after_imports_mib": rss_start}))  # fmt: skip
 
 
 def _measure(mode: str, experts: list[Path], out: Path) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "megadistill.merge.bench", mode, str(out), *map(str, experts)]
+    cmd = [sys.executable, "-m", "megadistill.bench.merge", mode, str(out), *map(str, experts)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=env, timeout=MEASURE_TIMEOUT_S, check=False
@@ -190,6 +193,34 @@ def _measure(mode: str, experts: list[Path], out: Path) -> dict[str, Any]:
 
 
 MODES = ("baseline", "streaming_noverify", "streaming")
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000)  # fmt: skip
+"""A tiny model, to check the benchmark itself."""
+
+
+@dataclass(kw_only=True)
+class MergeBenchConfig:
+    """Settings of ``megadistill bench merge``."""
+
+    work_dir: str
+    """Scratch folder (about 2 GB per expert plus 2 GB of output; removed unless ``keep``)."""
+    num_experts: int = 4
+    """K, the experts merged."""
+    keep: bool = False
+    """Keep the experts for another run."""
+    modes: tuple[str, ...] = MODES
+    """Runs: baseline (zero_to_fp32 + average), streaming_noverify (no checksum pass), streaming."""
+    repeats: int = 1
+    """Interleaved runs of every mode (medians reported)."""
+    smoke: bool = False
+    """A tiny model instead of Qwen2-0.5B's shape, to check the benchmark."""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"modes={list(self.modes)}: each must be one of {MODES}")
+        if self.num_experts < 1 or self.repeats < 1:
+            raise ConfigError("num_experts and repeats must be >= 1")
 
 
 def run_benchmark(
@@ -198,6 +229,7 @@ def run_benchmark(
     keep: bool = False,
     model_config: dict | None = None,
     modes: tuple[str, ...] = MODES,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Build the experts, measure baseline and streaming merges, return the numbers.
 
@@ -207,15 +239,21 @@ def run_benchmark(
         keep: keep the experts for another run (else the folder is removed).
         model_config: Qwen2 config overrides (default: Qwen2-0.5B's shape).
         modes: which runs: baseline, streaming_noverify (no checksum pass), streaming.
+        repeats: interleaved runs of every mode; each number is the median over them.
     """
     workdir = Path(workdir)
     try:
         experts = make_experts(workdir, num_experts, {**QWEN2_05B, **(model_config or {})})
         _warm(experts)
-        results = {mode: _measure(mode, experts, workdir / f"out_{mode}") for mode in modes}
+        calls = {m: lambda m=m: _measure(m, experts, workdir / f"out_{m}") for m in modes}
+        samples = measure(calls, repeats=repeats)  # each run reports its own wall time
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    results: dict[str, Any] = {}
+    for mode, s in samples.items():
+        numbers = [{k: v for k, v in r.items() if k != "mode"} for r in s.values]
+        results[mode] = {"mode": mode, **median_by_key(numbers)}
     if "baseline" in results:
         base = results["baseline"]
         results["summary"] = {
@@ -227,6 +265,26 @@ def run_benchmark(
             if m != "baseline"
         }
     return results
+
+
+def run_merge_bench(cfg: MergeBenchConfig) -> dict[str, Any]:
+    """:func:`run_benchmark` with the settings of ``megadistill bench merge``."""
+    return run_benchmark(
+        cfg.work_dir, cfg.num_experts, keep=cfg.keep, model_config=SMOKE if cfg.smoke else None,
+        modes=tuple(cfg.modes), repeats=cfg.repeats,
+    )  # fmt: skip
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A plain-text table: wall time and peak RSS per mode, then the ratios to the baseline."""
+    lines = [f"{'mode':<20}{'wall s':>10}{'peak RSS MiB':>14}"]
+    for mode in MODES:
+        if mode in results:
+            r = results[mode]
+            lines.append(f"{mode:<20}{r['wall_s']:>10.2f}{r['peak_rss_mib']:>14.0f}")
+    for name, ratio in results.get("summary", {}).items():
+        lines.append(f"{name}: peak {ratio['peak']:.3f}, wall {ratio['wall']:.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
