@@ -374,16 +374,16 @@ class HybridAttention(nn.Module):
                 q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
                 "auto" if plain else "reference", plain=plain,
             )  # fmt: skip
-        new = info.tokens
+        # The cache holds every key in stream order (key j is token j), so per key it records
+        # only the document (int32) and whether it is real: a few bytes beside its K/V.
+        doc = info.tokens.doc.int()
         if lc.k is None:
-            lc.k, lc.v = k_r, v
-            lc.idx, lc.doc, lc.pos, lc.ok = new
+            lc.k, lc.v, lc.doc, lc.ok = k_r, v, doc, info.valid
         else:
             lc.k, lc.v = torch.cat([lc.k, k_r], dim=2), torch.cat([lc.v, v], dim=2)
-            lc.idx, lc.doc, lc.pos, lc.ok = (
-                torch.cat([old, n], dim=1) for old, n in zip(lc.keys(), new, strict=True)
-            )
-        mask = token_mask(new, lc.keys(), None, 0)
+            lc.doc, lc.ok = torch.cat([lc.doc, doc], dim=1), torch.cat([lc.ok, info.valid], dim=1)
+        idx = torch.arange(lc.k.shape[2], device=k_r.device)
+        mask = token_mask(info.tokens, Tokens(idx, lc.doc, None, lc.ok), None, 0)
         return _sdpa(q_r, lc.k, lc.v, mask, self.scaling)
 
     def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:

@@ -27,7 +27,8 @@ class LayerCache:
     sink at position p of the row's current document, slot S + (index mod W) any other token
     among the last W (the ring slot of a sink reads as empty). Decoding one token attends over
     the whole buffer in place, without copying it. A layer kept as the teacher's full attention
-    holds every key instead (the buffers grow with the context).
+    holds every key instead, in stream order (k, v, doc and ok grow with the context; idx and pos
+    stay None).
     """
 
     mlstm: State | None = None

@@ -60,7 +60,7 @@ def visible(
     q_doc: torch.Tensor,
     k_idx: torch.Tensor,
     k_doc: torch.Tensor,
-    k_pos: torch.Tensor,
+    k_pos: torch.Tensor | None,
     k_ok: torch.Tensor,
     window: int | None,
     num_sinks: int,
@@ -80,10 +80,12 @@ def visible(
 
 
 def token_mask(q: Tokens, k: Tokens, window: int | None, num_sinks: int) -> torch.Tensor:
-    """:func:`visible` for every (query, key) pair: q's fields (B,Tq), k's (B,Tk) -> (B,Tq,Tk)."""
+    """:func:`visible` for every (query, key) pair: q's fields (B,Tq), k's (B,Tk) -> (B,Tq,Tk).
+    Only the queries' ``idx`` and ``doc`` are read; ``k.pos`` may be None when ``window`` is."""
+    k_pos = None if window is None else k.pos[..., None, :]
     return visible(
         q.idx[..., :, None], q.doc[..., :, None], k.idx[..., None, :], k.doc[..., None, :],
-        k.pos[..., None, :], k.ok[..., None, :], window, num_sinks,
+        k_pos, k.ok[..., None, :], window, num_sinks,
     )  # fmt: skip
 
 
