@@ -59,11 +59,10 @@ def _fed(student, ids, cuts, position_ids=None, attention_mask=None):
     return torch.cat(parts, 1)
 
 
-def _packed(lengths, batch=2):
-    """A packed row per batch entry: documents of ``lengths`` (ids, position_ids)."""
-    ids = torch.randint(0, 256, (batch, sum(lengths)))
-    pos = torch.cat([torch.arange(n) for n in lengths])[None].expand(batch, -1)
-    return ids, pos
+def _packed(*rows):
+    """Packed rows, one per list of document lengths (same total): (ids, position_ids)."""
+    pos = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows])
+    return torch.randint(0, 256, pos.shape), pos
 
 
 @pytest.mark.parametrize(("family", "hybrid"), _cases())
@@ -79,10 +78,11 @@ def test_chunk_after_a_non_empty_cache_equals_parallel(family, hybrid):
 @pytest.mark.parametrize(("family", "hybrid"), _cases())
 def test_packed_documents_through_a_cache_equal_parallel(family, hybrid):
     # Three documents, the second shorter than the sinks + window, the third several windows
-    # long: each has its own sinks and never sees an earlier document's keys, whether a document
-    # starts inside a chunk, at a chunk's first token or in a one-token decoding step.
+    # long (and in the other row two documents, starting elsewhere): each has its own sinks and
+    # never sees an earlier document's keys, whether a document starts inside a chunk, at a
+    # chunk's first token or in a one-token decoding step.
     student = _student(family, **hybrid)
-    ids, pos = _packed([17, 5, 26])
+    ids, pos = _packed([17, 5, 26], [9, 39])
     t = ids.shape[1]
     with torch.no_grad():
         full = student(ids, position_ids=pos).logits
