@@ -32,7 +32,7 @@ class SeqInfo:
 
     reset: torch.Tensor  # (B,T) a document starts here
     valid: torch.Tensor  # (B,T) real token (not padding)
-    pos: torch.Tensor  # (B,T) position in document (RoPE position)
+    pos: torch.Tensor  # (B,T) RoPE position (position_ids; a 0 starts a document)
     abs_idx: torch.Tensor  # (T,) index of each new token in the row's stream
     # The new tokens as the visibility rule sees them (B,T): stream index, document id in the
     # stream, position in the document, real token. Documents continue across a cache.

@@ -3,7 +3,10 @@
 Query ``i`` sees key ``j`` when both are in the same document, ``j <= i``, and either
 ``i - j < window`` (the window) or ``j`` is one of the first ``num_sinks`` tokens of the document
 (a sink). All visible keys share one softmax. ``window=None`` gives full causal attention (the
-teacher's).
+teacher's). :func:`visible` is that rule, written once: every mask of the model (these backends,
+``shared_norm``'s, a decoding step and a chunk after a cache over the slots of
+:mod:`megadistill.model.cache`) is this function on the tokens' stream index, document id and
+position in the document (:class:`Tokens`).
 
 Backends (all exact):
 - ``reference``: one dense (T x T) boolean mask and SDPA.
