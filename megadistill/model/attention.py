@@ -301,8 +301,8 @@ class HybridAttention(nn.Module):
             lc.mlstm = sn.reset_rows(lc.mlstm, info.reset[:, 0])
         # The token leaving the window now sits in the ring slot of this token (a sink never
         # sits in the ring, so never leaves); it joins the state if it is of this document.
-        leaves = (lc.idx[:, slot] == t - w) & lc.ok[:, slot]
-        leaves &= lc.doc[:, slot] == info.tokens.doc[:, 0]
+        idx, doc, _ = lc.held[:, :, slot].unbind(1)
+        leaves = (idx == t - w) & lc.ok[:, slot] & (doc == info.tokens.doc[:, 0])
         log_w = (lc.gate_i[:, :, slot] + lc.decay[:, :, slot] + logf).masked_fill(
             ~leaves[:, None], sn.NEG
         )
@@ -433,9 +433,10 @@ class HybridAttention(nn.Module):
         slot = self.num_sinks + t % self.window
         lc.k[:, :, slot] = k_r[:, :, 0]
         lc.v[:, :, slot] = v[:, :, 0]
-        lc.idx[:, slot] = t
-        lc.doc[:, slot] = info.tokens.doc[:, 0]
-        lc.pos[:, slot] = info.tokens.pos[:, 0]
+        held = info.memo.get("step_held")
+        if held is None:  # the same token for every layer
+            held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)[..., 0]  # (B,3)
+        lc.held[:, :, slot] = held
         lc.ok[:, slot] = info.valid[:, 0]
 
     @torch.no_grad()
@@ -453,15 +454,16 @@ class HybridAttention(nn.Module):
         sink = tok.ok & (tok.pos < s)  # (B,T)
         lc.k.index_copy_(2, slots, k_r[:, :, keep])
         lc.v.index_copy_(2, slots, v[:, :, keep])
-        ring = Tokens(tok.idx.masked_fill(sink, -1), tok.doc, tok.pos, tok.ok & ~sink)
-        for held, new in zip(lc.keys(), ring, strict=True):
-            held.index_copy_(1, slots, new[:, keep].contiguous())
+        ring = torch.stack([tok.idx.masked_fill(sink, -1), tok.doc, tok.pos], 1)  # (B,3,T)
+        lc.held.index_copy_(2, slots, ring[..., keep])
+        lc.ok.index_copy_(1, slots, (tok.ok & ~sink)[:, keep])
         if s == 0 or not info.sink_tokens:
             return
+        held = torch.stack(tok[:3], 1)
         for col in sink.any(0).nonzero().flatten().tolist():
             rows = sink[:, col].nonzero().flatten()
             slot = tok.pos[rows, col]
             lc.k[rows, :, slot] = k_r[rows, :, col]
             lc.v[rows, :, slot] = v[rows, :, col]
-            for held, new in zip(lc.keys(), tok, strict=True):
-                held[rows, slot] = new[rows, col]
+            lc.held[rows, :, slot] = held[rows, :, col]
+            lc.ok[rows, slot] = True

@@ -27,19 +27,18 @@ class LayerCache:
     sink at position p of the row's current document, slot S + (index mod W) any other token
     among the last W (the ring slot of a sink reads as empty). Decoding one token attends over
     the whole buffer in place, without copying it. A layer kept as the teacher's full attention
-    holds every key instead, in stream order (k, v, doc and ok grow with the context; idx and pos
-    stay None).
+    holds every key instead, in stream order (k, v, ``doc`` and ``ok`` grow with the context).
     """
 
     mlstm: State | None = None
     k: torch.Tensor | None = None  # (B, KV, S + W, d)
     v: torch.Tensor | None = None
-    # Per slot, the token held (as :class:`~megadistill.model.swa.Tokens`): stream index (-1:
-    # empty), document id, position in the document, real (non-padding) token.
-    idx: torch.Tensor | None = None  # (B, S + W)
-    doc: torch.Tensor | None = None
-    pos: torch.Tensor | None = None
-    ok: torch.Tensor | None = None
+    # Per slot, the token held: stream index (-1: empty), document id and position in the
+    # document, in one tensor so that a decoding step writes them with one copy; and whether it
+    # is a real (non-padding) token.
+    held: torch.Tensor | None = None  # (B, 3, S + W)
+    ok: torch.Tensor | None = None  # (B, S + W)
+    doc: torch.Tensor | None = None  # kept full-attention layer only: (B, T) int32 documents
     # ``shared_norm`` mix only: per slot, the token's input gate and the log-decay it has
     # accumulated since it entered (it joins the mLSTM state with both when it leaves the window).
     gate_i: torch.Tensor | None = None  # (B, H, S + W)
@@ -47,10 +46,10 @@ class LayerCache:
 
     def keys(self) -> Tokens:
         """The tokens the slots hold, as the visibility rule takes them."""
-        return Tokens(self.idx, self.doc, self.pos, self.ok)
+        return Tokens(*self.held.unbind(1), self.ok)
 
     def tensors(self) -> list[torch.Tensor]:
-        own = (self.k, self.v, self.idx, self.doc, self.pos, self.ok, self.gate_i, self.decay)
+        own = (self.k, self.v, self.held, self.ok, self.doc, self.gate_i, self.decay)
         return [t for t in own if t is not None] + list(self.mlstm or ())
 
 
@@ -106,7 +105,6 @@ class HybridCache:
         n = num_slots if num_slots is not None else self.num_sinks + self.window
         lc.k = k.new_zeros(b, kv, n, d)
         lc.v = k.new_zeros(b, kv, n, d)
-        lc.idx = torch.full((b, n), -1, dtype=torch.long, device=k.device)
-        lc.doc = torch.zeros(b, n, dtype=torch.long, device=k.device)
-        lc.pos = torch.zeros(b, n, dtype=torch.long, device=k.device)
+        lc.held = torch.zeros(b, 3, n, dtype=torch.long, device=k.device)
+        lc.held[:, 0] = -1  # empty
         lc.ok = torch.zeros(b, n, dtype=torch.bool, device=k.device)
