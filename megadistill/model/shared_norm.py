@@ -16,7 +16,9 @@ parameters are: the mLSTM can only add what the window misses.
 
 Decoding keeps O(1) state: the window's ring buffer (keys, values, plus each slot's input gate and
 the log-decay accumulated since it entered) and the mLSTM-like state (C, n, m) of the keys that
-have left the window. A token joins the state when it leaves the window.
+have left the window. A token joins the state when it leaves the window, if it is of the query's
+document; a new document empties the state. Which keys each query sees is
+:func:`megadistill.model.swa.visible`, as for the other paths.
 """
 
 from __future__ import annotations

@@ -102,3 +102,16 @@ def test_left_padded_decoding_equals_parallel(family, hybrid):
             fed = _fed(student, ids, cuts, attention_mask=mask)
             torch.testing.assert_close(fed[0], full[0])
             torch.testing.assert_close(fed[1, 7:], full[1, 7:])
+
+
+def test_row_starting_mid_document_through_a_cache_equals_parallel():
+    # A row that begins inside a document (its position ids start at 5, no reset): its first
+    # tokens are the sinks on every path, also shared_norm's blocked form (rows > 2W).
+    for hybrid in ({"mix": "shared_norm"}, {}):
+        student = _student(**hybrid)
+        ids = torch.randint(0, 256, (2, 40))
+        pos = torch.arange(5, 45)[None].expand(2, -1)
+        with torch.no_grad():
+            full = student(ids, position_ids=pos).logits
+            for cuts in ([0, 1, 40], [0, 19, 20, 40]):
+                torch.testing.assert_close(_fed(student, ids, cuts, position_ids=pos), full)
