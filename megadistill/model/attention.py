@@ -21,7 +21,7 @@ from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
 from megadistill.model.mlstm import PAD_F, PAD_I, _reset_rows, mlstm_forward, mlstm_step_
-from megadistill.model.swa import _sdpa, swa_attention
+from megadistill.model.swa import Tokens, _sdpa, swa_attention, token_mask
 
 NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate")
 
@@ -32,13 +32,17 @@ class SeqInfo:
 
     reset: torch.Tensor  # (B,T) a document starts here
     valid: torch.Tensor  # (B,T) real token (not padding)
-    pos: torch.Tensor  # (B,T) position in document (RoPE position)
+    pos: torch.Tensor  # (B,T) RoPE position (position_ids; a 0 starts a document)
     abs_idx: torch.Tensor  # (T,) index of each new token in the row's stream
+    # The new tokens as the visibility rule sees them (B,T): stream index, document id in the
+    # stream, position in the document, real token. Documents continue across a cache.
+    tokens: Tokens
     cache: HybridCache | None = None
     single_doc: bool = False  # every row holds one document (no reset after its first token)
     all_valid: bool = False  # no padding anywhere (decided once per forward: no per-layer sync)
     one_doc: bool = False  # no document starts after a row's first token
     any_reset: bool = True  # some row starts a document in this forward
+    sink_tokens: bool = True  # some real token is among its document's first ``num_sinks``
     # Structures every layer with the same window/sinks shares (masks, block layouts), built by
     # the first layer that needs them, once per forward.
     memo: dict[Any, Any] = field(default_factory=dict)
@@ -243,7 +247,7 @@ class HybridAttention(nn.Module):
         fk = fk.repeat_interleave(self.num_heads // self.num_kv, dim=1)
         i_pre, f_pre = self._gates(x, info)
         if info.single_doc and q_r.shape[2] > 2 * self.window:  # O(T W), not O(T^2)
-            args = (info.valid, info.pos, self.window, self.num_sinks, self.scaling)
+            args = (info.valid, info.tokens.pos, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_blocked
         else:
             args = (info.reset, info.valid, self.window, self.num_sinks, self.scaling)
@@ -253,7 +257,7 @@ class HybridAttention(nn.Module):
         if lc.k is None:  # prefill into an empty cache: the sequence, then the state it leaves
             out = kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
             lc.mlstm, gate_i, decay = sn.prefill_state(
-                fk, v, i_pre, f_pre, info.pos, info.valid, self.window, self.num_sinks
+                fk, v, i_pre, f_pre, info.tokens, self.window, self.num_sinks
             )
             self._write_kv(k_r, v, info, lc)
             n = lc.k.shape[2]
@@ -269,7 +273,9 @@ class HybridAttention(nn.Module):
         for j in range(q_r.shape[2]):
             one = SeqInfo(
                 reset=info.reset[:, j : j + 1], valid=info.valid[:, j : j + 1],
-                pos=info.pos[:, j : j + 1], abs_idx=info.abs_idx[j : j + 1], cache=info.cache,
+                pos=info.pos[:, j : j + 1], abs_idx=info.abs_idx[j : j + 1],
+                tokens=Tokens(*(f[:, j : j + 1] for f in info.tokens)), cache=info.cache,
+                any_reset=info.any_reset, sink_tokens=info.sink_tokens,
             )  # fmt: skip
             outs.append(
                 self._shared_step(
@@ -291,11 +297,12 @@ class HybridAttention(nn.Module):
         t = int(info.abs_idx[0])
         slot = s + t % w
         logf = torch.nn.functional.logsigmoid(f1.float())
-        # The token leaving the window now sits in the slot this token is about to take.
-        idx = lc.idx[:, slot]
-        leaves = (idx == t - w) & lc.ok[:, slot]
-        if s:
-            leaves &= ~(lc.idx[:, :s] == idx[:, None]).any(-1)  # sinks never leave
+        if info.any_reset:  # a new document: none of the old one's keys stays in the state
+            lc.mlstm = sn.reset_rows(lc.mlstm, info.reset[:, 0])
+        # The token leaving the window now sits in the ring slot of this token (a sink never
+        # sits in the ring, so never leaves); it joins the state if it is of this document.
+        idx, doc, _ = lc.held[:, :, slot].unbind(1)
+        leaves = (idx == t - w) & lc.ok[:, slot] & (doc == info.tokens.doc[:, 0])
         log_w = (lc.gate_i[:, :, slot] + lc.decay[:, :, slot] + logf).masked_fill(
             ~leaves[:, None], sn.NEG
         )
@@ -307,10 +314,7 @@ class HybridAttention(nn.Module):
         self._write_kv(k1, v1, info, lc)
         lc.gate_i[:, :, slot] = i1.float()
         lc.decay[:, :, slot] = 0.0
-        is_sink = torch.arange(s + w, device=q1.device) < s
-        age = t - lc.idx
-        mask = lc.ok & torch.where(is_sink, age >= w, age < w)
-        mask |= (lc.idx == t) & ~is_sink
+        mask = token_mask(info.tokens, lc.keys(), w, s)[:, 0]
         return sn.shared_norm_step(q1, lc.k, lc.v, mask, fq1, lc.mlstm, self.scaling)
 
     def _features(self, q, k, q_r, k_r, cos, sin):
@@ -320,30 +324,15 @@ class HybridAttention(nn.Module):
         return self.apply_rotary(self.q_feature(q), self.k_feature(k), cos, sin)
 
     def _decode(self, x, q, k, q_r, k_r, v, cos, sin, gate_in, info: SeqInfo, lc: LayerCache):
-        """One decoding step (T = 1) after a prefill: the token goes into the ring buffer, the
-        SWA branch attends over the buffer in place with the step's mask (shared by every layer
-        of the same window), the mLSTM state is updated in place; only the branches the gate
-        mode uses are computed."""
+        """One decoding step (T = 1) after a prefill: the token goes into the buffer, the SWA
+        branch attends over it in place (:meth:`_swa_step`), the mLSTM state is updated in place;
+        only the branches the gate mode uses are computed."""
         mode = self.config.gate_mode
-        self._write_kv_step(k_r, v, info, lc)
         swa = mem = None
-        rep = self.num_heads // self.num_kv
         if mode != "mlstm":
-            key = ("decode_mask", self.window, self.num_sinks, rep)
-            mask = info.memo.get(key)
-            if mask is None:
-                w, s = self.window, self.num_sinks
-                is_sink = torch.arange(s + w, device=q_r.device) < s
-                age = info.abs_idx[0] - lc.idx  # (B, S+W)
-                mask = lc.ok & torch.where(is_sink, age >= w, age < w)
-                mask |= (lc.idx == info.abs_idx[0]) & ~is_sink  # always see itself
-                # GQA: the rep query heads of a K/V head are folded into the query length.
-                info.memo[key] = mask = mask[:, None, None, :].expand(-1, -1, rep, -1)
-            bsz, _, _, d = q_r.shape
-            swa = F.scaled_dot_product_attention(
-                q_r.reshape(bsz, self.num_kv, rep, d), lc.k, lc.v, attn_mask=mask,
-                scale=self.scaling,
-            ).reshape(bsz, self.num_heads, 1, -1)  # fmt: skip
+            swa = self._swa_step(q_r, k_r, v, info, lc)
+        else:
+            self._write_kv_step(k_r, v, info, lc)
         if mode != "swa":
             fq, fk = self._features(q, k, q_r, k_r, cos, sin)
             i_pre, f_pre = self._gates(x, info)
@@ -385,19 +374,16 @@ class HybridAttention(nn.Module):
                 q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
                 "auto" if plain else "reference", plain=plain,
             )  # fmt: skip
-        t = q_r.shape[2]
-        past = 0 if lc.k is None else lc.k.shape[2]
-        new_ok = info.valid
+        # The cache holds every key in stream order (key j is token j), so per key it records
+        # only the document (int32) and whether it is real: a few bytes beside its K/V.
+        doc = info.tokens.doc.int()
         if lc.k is None:
-            lc.k, lc.v, lc.ok = k_r, v, new_ok
+            lc.k, lc.v, lc.doc, lc.ok = k_r, v, doc, info.valid
         else:
-            lc.k = torch.cat([lc.k, k_r], dim=2)
-            lc.v = torch.cat([lc.v, v], dim=2)
-            lc.ok = torch.cat([lc.ok, new_ok], dim=1)
-        q_abs = torch.arange(t, device=q_r.device)[:, None] + past
-        k_abs = torch.arange(past + t, device=q_r.device)[None, :]
-        mask = (k_abs <= q_abs)[None] & lc.ok[:, None, :]
-        mask |= (k_abs == q_abs)[None]  # a padded query still sees itself (no empty softmax)
+            lc.k, lc.v = torch.cat([lc.k, k_r], dim=2), torch.cat([lc.v, v], dim=2)
+            lc.doc, lc.ok = torch.cat([lc.doc, doc], dim=1), torch.cat([lc.ok, info.valid], dim=1)
+        idx = torch.arange(lc.k.shape[2], device=k_r.device)
+        mask = token_mask(info.tokens, Tokens(idx, lc.doc, None, lc.ok), None, 0)
         return _sdpa(q_r, lc.k, lc.v, mask, self.scaling)
 
     def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
@@ -406,63 +392,78 @@ class HybridAttention(nn.Module):
                 q_r, k_r, v, info.reset, info.valid, self.window, self.num_sinks, self.scaling,
                 self.config.swa_backend, plain=info.one_doc and info.all_valid, memo=info.memo,
             )  # fmt: skip
-        w, s = self.window, self.num_sinks
-        is_sink = torch.arange(s + w, device=q_r.device) < s
         if q_r.shape[2] == 1:
-            # Decoding: write the token into the buffer, then attend over the buffer in place.
-            self._write_kv(k_r, v, info, lc)
-            age = info.abs_idx[0] - lc.idx  # (B, S+W)
-            mask = lc.ok & torch.where(is_sink, age >= w, age < w)
-            mask |= (lc.idx == info.abs_idx[0]) & ~is_sink  # always see itself
-            return _sdpa(q_r, lc.k, lc.v, mask[:, None, :], self.scaling)
-        # Several new tokens after a cache: keys = buffer + the new tokens.
-        q_abs = info.abs_idx[None, :, None]  # (1,T,1)
-        age = q_abs - lc.idx[:, None, :]
-        buf_vis = lc.ok[:, None, :] & torch.where(is_sink, age >= w, age < w)
-        new_abs = info.abs_idx[None, None, :]
-        near = (q_abs - new_abs < w) | (info.pos < s)[:, None, :]
-        new_vis = ((new_abs <= q_abs) & near & info.valid[:, None, :]) | (new_abs == q_abs)
-        mask = torch.cat([buf_vis, new_vis.expand(q_r.shape[0], -1, -1)], dim=-1)
+            return self._swa_step(q_r, k_r, v, info, lc)
+        # Several new tokens after a cache: keys = the buffer's + the new ones, one mask for all.
+        keys = Tokens(
+            *(torch.cat([old, n], dim=1) for old, n in zip(lc.keys(), info.tokens, strict=True))
+        )
+        mask = token_mask(info.tokens, keys, self.window, self.num_sinks)
         out = _sdpa(
             q_r, torch.cat([lc.k, k_r], dim=2), torch.cat([lc.v, v], dim=2), mask, self.scaling
         )
         self._write_kv(k_r, v, info, lc)
         return out
 
+    def _swa_step(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache) -> torch.Tensor:
+        """The SWA branch of one decoding step: the token goes into the buffer, then attends over
+        the buffer in place. The step's mask (GQA-folded) is built by the first layer and shared
+        by every layer of the same window and sinks (their slots hold the same tokens)."""
+        self._write_kv_step(k_r, v, info, lc)
+        rep = self.num_heads // self.num_kv
+        key = ("step_mask", self.window, self.num_sinks, rep)
+        mask = info.memo.get(key)
+        if mask is None:
+            mask = token_mask(info.tokens, lc.keys(), self.window, self.num_sinks)  # (B,1,N)
+            # GQA: the rep query heads of a K/V head are folded into the query length.
+            info.memo[key] = mask = mask[:, None].expand(-1, -1, rep, -1)
+        bsz, _, _, d = q_r.shape
+        return F.scaled_dot_product_attention(
+            q_r.reshape(bsz, self.num_kv, rep, d), lc.k, lc.v, attn_mask=mask, scale=self.scaling
+        ).reshape(bsz, self.num_heads, 1, -1)
+
     @torch.no_grad()
     def _write_kv_step(self, k_r, v, info: SeqInfo, lc: LayerCache) -> None:
         """:meth:`_write_kv` for one decoding step (the slot is known on the host)."""
         assert info.cache is not None
-        if self.num_sinks and not info.cache.sinks_full:
+        if self.num_sinks and info.sink_tokens:
             self._write_kv(k_r, v, info, lc)
             return
         t = info.cache.seen
         slot = self.num_sinks + t % self.window
         lc.k[:, :, slot] = k_r[:, :, 0]
         lc.v[:, :, slot] = v[:, :, 0]
-        lc.idx[:, slot] = t
+        held = info.memo.get("step_held")
+        if held is None:  # the same token for every layer
+            held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)[..., 0]  # (B,3)
+        lc.held[:, :, slot] = held
         lc.ok[:, slot] = info.valid[:, 0]
 
     @torch.no_grad()
     def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:
-        """Write the new tokens' keys/values into the ring part and, for sinks, the sink part."""
+        """Write the new tokens into the buffer, each once: a sink into its sink slot (the slot of
+        its position in the document, overwriting an earlier document's), any other token into
+        the ring (the ring slot of a sink reads as empty)."""
         assert info.cache is not None
         w, s = self.window, self.num_sinks
         info.cache.kv_slots(lc, k_r, s + w)
+        tok = info.tokens
         t = k_r.shape[2]
         keep = slice(max(0, t - w), t)
         slots = s + info.abs_idx[keep] % w
+        sink = tok.ok & (tok.pos < s)  # (B,T)
         lc.k.index_copy_(2, slots, k_r[:, :, keep])
         lc.v.index_copy_(2, slots, v[:, :, keep])
-        lc.idx.index_copy_(1, slots, info.abs_idx[keep].expand(k_r.shape[0], -1).contiguous())
-        lc.ok.index_copy_(1, slots, info.valid[:, keep].contiguous())
-        if s == 0 or info.cache.sinks_full:
+        ring = torch.stack([tok.idx.masked_fill(sink, -1), tok.doc, tok.pos], 1)  # (B,3,T)
+        lc.held.index_copy_(2, slots, ring[..., keep])
+        lc.ok.index_copy_(1, slots, (tok.ok & ~sink)[:, keep])
+        if s == 0 or not info.sink_tokens:
             return
-        is_sink = info.valid & (info.pos < s)
-        for col in is_sink.any(0).nonzero().flatten().tolist():
-            rows = is_sink[:, col].nonzero().flatten()
-            slot = info.pos[rows, col]
+        held = torch.stack(tok[:3], 1)
+        for col in sink.any(0).nonzero().flatten().tolist():
+            rows = sink[:, col].nonzero().flatten()
+            slot = tok.pos[rows, col]
             lc.k[rows, :, slot] = k_r[rows, :, col]
             lc.v[rows, :, slot] = v[rows, :, col]
-            lc.idx[rows, slot] = info.abs_idx[col]
+            lc.held[rows, :, slot] = held[rows, :, col]
             lc.ok[rows, slot] = True

@@ -1,8 +1,12 @@
 """The recurrent decoding cache: O(1) memory per sequence, whatever the context length.
 
 Per layer it holds the mLSTM state (C, n, m), a ring buffer of the last W keys/values and the
-S sink keys/values. Buffers are allocated at full size on first use, so memory after 16 tokens and
-after 2,000 tokens is the same.
+S sink keys/values of the row's current document. Every slot records the token it holds (stream
+index, document id, position in the document, real or not), so one rule,
+:func:`megadistill.model.swa.visible`, decides what a query sees there, as in the parallel forward:
+a new document in the stream (a prefill chunk or a decoding step with a reset) gets its own sinks,
+and the previous document's keys stop being visible. Buffers are allocated at full size on first
+use, so memory after 16 tokens and after 2,000 tokens is the same.
 """
 
 from __future__ import annotations
@@ -12,32 +16,41 @@ from dataclasses import dataclass, field
 import torch
 
 from megadistill.model.mlstm import State
+from megadistill.model.swa import Tokens
 
 
 @dataclass
 class LayerCache:
     """One layer's decoding state (batch-first).
 
-    Keys/values live in one buffer of S + W slots: slots [0, S) hold the sinks (the first S real
-    tokens), slot S + (index mod W) holds the token at ``index`` among the last W. Decoding one
-    token attends over the whole buffer in place, without copying it.
+    Keys/values live in one buffer of S + W slots, each token held once: slot p < S holds the
+    sink at position p of the row's current document, slot S + (index mod W) any other token
+    among the last W (the ring slot of a sink reads as empty). Decoding one token attends over
+    the whole buffer in place, without copying it. A layer kept as the teacher's full attention
+    holds every key instead, in stream order (k, v, ``doc`` and ``ok`` grow with the context).
     """
 
     mlstm: State | None = None
     k: torch.Tensor | None = None  # (B, KV, S + W, d)
     v: torch.Tensor | None = None
-    idx: torch.Tensor | None = None  # (B, S + W) token index held in each slot, -1 if empty
-    ok: torch.Tensor | None = None  # (B, S + W) slot holds a real (non-padding) token
+    # Per slot, the token held: stream index (-1: empty), document id and position in the
+    # document, in one tensor so that a decoding step writes them with one copy; and whether it
+    # is a real (non-padding) token.
+    held: torch.Tensor | None = None  # (B, 3, S + W)
+    ok: torch.Tensor | None = None  # (B, S + W)
+    doc: torch.Tensor | None = None  # kept full-attention layer only: (B, T) int32 documents
     # ``shared_norm`` mix only: per slot, the token's input gate and the log-decay it has
     # accumulated since it entered (it joins the mLSTM state with both when it leaves the window).
     gate_i: torch.Tensor | None = None  # (B, H, S + W)
     decay: torch.Tensor | None = None  # (B, H, S + W)
 
+    def keys(self) -> Tokens:
+        """The tokens the slots hold, as the visibility rule takes them."""
+        return Tokens(*self.held.unbind(1), self.ok)
+
     def tensors(self) -> list[torch.Tensor]:
-        out = [
-            t for t in (self.k, self.v, self.idx, self.ok, self.gate_i, self.decay) if t is not None
-        ]
-        return out + list(self.mlstm or ())
+        own = (self.k, self.v, self.held, self.ok, self.doc, self.gate_i, self.decay)
+        return [t for t in own if t is not None] + list(self.mlstm or ())
 
 
 @dataclass
@@ -50,7 +63,8 @@ class HybridCache:
     layers: list[LayerCache] = field(default_factory=list)
     seen: int = 0  # tokens consumed per row (padding included)
     next_pos: torch.Tensor | None = None  # (B,) next RoPE position per row
-    sinks_full: bool = False  # every row has all its sinks (no sink writes needed any more)
+    doc: torch.Tensor | None = None  # (B,) document id of each row's last token
+    doc_start: torch.Tensor | None = None  # (B,) stream index where that document started
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -77,8 +91,10 @@ class HybridCache:
                     setattr(lc, name, val.index_select(0, beam_idx.to(val.device)))
                 elif isinstance(val, tuple):
                     setattr(lc, name, tuple(v.index_select(0, beam_idx.to(v.device)) for v in val))
-        if self.next_pos is not None:
-            self.next_pos = self.next_pos.index_select(0, beam_idx.to(self.next_pos.device))
+        for name in ("next_pos", "doc", "doc_start"):
+            val = getattr(self, name)
+            if val is not None:
+                setattr(self, name, val.index_select(0, beam_idx.to(val.device)))
 
     def kv_slots(self, lc: LayerCache, k: torch.Tensor, num_slots: int | None = None) -> None:
         """Allocate the key/value buffer of ``lc`` for keys shaped like ``k`` (B,KV,T,d), with
@@ -89,5 +105,6 @@ class HybridCache:
         n = num_slots if num_slots is not None else self.num_sinks + self.window
         lc.k = k.new_zeros(b, kv, n, d)
         lc.v = k.new_zeros(b, kv, n, d)
-        lc.idx = torch.full((b, n), -1, dtype=torch.long, device=k.device)
+        lc.held = torch.zeros(b, 3, n, dtype=torch.long, device=k.device)
+        lc.held[:, 0] = -1  # empty
         lc.ok = torch.zeros(b, n, dtype=torch.bool, device=k.device)

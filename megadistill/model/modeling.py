@@ -18,6 +18,7 @@ from megadistill.model.attention import NEW_PARAMETER_MODULES, HybridAttention, 
 from megadistill.model.cache import HybridCache
 from megadistill.model.configuration import HybridConfig
 from megadistill.model.remote_code import write_remote_code
+from megadistill.model.swa import Tokens, document_layout
 from megadistill.teachers.registry import adapter_for
 
 
@@ -168,16 +169,21 @@ class HybridModel(HybridPreTrainedModel):
         reset = (position_ids == 0) & valid
         seen = cache.seen if cache is not None else 0
         abs_idx = torch.arange(seen, seen + t, device=dev)
+        # Documents continue across forwards: a cache carries each row's document and its start.
+        doc0, start0 = (cache.doc, cache.doc_start) if cache is not None else (None, None)
+        doc, doc_pos = document_layout(reset, abs_idx, doc0, start0)
         # The facts layers branch on, read back in one host sync per forward (not one per layer).
         # One document per row means no document starts after the row's first token: a row that
         # begins mid-document and then starts another has one reset but holds two documents.
-        all_valid, any_reset, one_doc = torch.stack(
-            [valid.all(), reset.any(), ~reset[:, 1:].any()]
-        ).tolist()
+        all_valid, any_reset, one_doc, sink_tokens = torch.stack(
+            [valid.all(), reset.any(), ~reset[:, 1:].any(),
+             (valid & (doc_pos < self.config.num_sinks)).any()]
+        ).tolist()  # fmt: skip
         return SeqInfo(
-            reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx, cache=cache,
+            reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx,
+            tokens=Tokens(abs_idx.expand(bsz, -1), doc, doc_pos, valid), cache=cache,
             single_doc=self.config.mix == "shared_norm" and one_doc, all_valid=all_valid,
-            any_reset=any_reset, one_doc=one_doc,
+            any_reset=any_reset, one_doc=one_doc, sink_tokens=sink_tokens,
         )  # fmt: skip
 
     def forward(
@@ -203,8 +209,8 @@ class HybridModel(HybridPreTrainedModel):
             cache.next_pos = info.pos[:, -1] + info.valid[:, -1].long()
             if not info.all_valid and not bool(info.valid[:, -1].all()):
                 cache.next_pos = info.pos.masked_fill(~info.valid, -1).amax(-1) + 1
-            if not cache.sinks_full:
-                cache.sinks_full = bool((cache.next_pos >= self.config.num_sinks).all())
+            cache.doc = info.tokens.doc[:, -1]
+            cache.doc_start = cache.seen - 1 - info.tokens.pos[:, -1]
         return self.norm(x)
 
 

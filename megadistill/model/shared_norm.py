@@ -16,7 +16,9 @@ parameters are: the mLSTM can only add what the window misses.
 
 Decoding keeps O(1) state: the window's ring buffer (keys, values, plus each slot's input gate and
 the log-decay accumulated since it entered) and the mLSTM-like state (C, n, m) of the keys that
-have left the window. A token joins the state when it leaves the window.
+have left the window. A token joins the state when it leaves the window, if it is of the query's
+document; a new document empties the state. Which keys each query sees is
+:func:`megadistill.model.swa.visible`, as for the other paths.
 """
 
 from __future__ import annotations
@@ -24,19 +26,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megadistill.model.swa import document_layout, visible
+from megadistill.model.swa import Tokens, row_tokens, token_mask
 
 NEG = -1.0e30
 
 
 def _window_masks(reset, valid, window, num_sinks):
-    t = reset.shape[1]
-    seg, pos = document_layout(reset)
-    idx = torch.arange(t, device=reset.device).expand_as(seg)
-    causal = visible(idx, idx, seg, seg, pos, None, 0) & valid[:, None, :]
-    eye = torch.eye(t, dtype=torch.bool, device=reset.device)
-    win = (visible(idx, idx, seg, seg, pos, window, num_sinks) & valid[:, None, :]) | eye
-    return win, causal & ~win
+    """(window set V, older keys O) per (query, key): O is what full attention sees beyond V."""
+    tok = row_tokens(reset, valid)
+    win = token_mask(tok, tok, window, num_sinks)
+    return win, token_mask(tok, tok, None, 0) & ~win
 
 
 def shared_norm_parallel(q, k, v, fq, fk, i_pre, f_pre, reset, valid, window, num_sinks, scaling):
@@ -66,9 +65,9 @@ def shared_norm_parallel(q, k, v, fq, fk, i_pre, f_pre, reset, valid, window, nu
     return (torch.softmax(logits, dim=-1) @ vr).to(v.dtype)
 
 
-def prefill_state(fk, v, i_pre, f_pre, pos, valid, window, num_sinks):
-    """The (C, n, m) state after a prefill of T tokens (one document per row, left padding
-    allowed): the keys that have left the window of the last query, i.e. index <= T-1-W, minus
+def prefill_state(fk, v, i_pre, f_pre, tokens: Tokens, window, num_sinks):
+    """The (C, n, m) state after a prefill of T tokens (``tokens``: their (B,T) stream facts):
+    the keys of the last token's document that have left its window, i.e. index <= T-1-W, minus
     sinks and padding. Also the per-token (input gate, log-decay to the last token)."""
     rep = fk.shape[1] // v.shape[1]
     vr = v.repeat_interleave(rep, 1).float()
@@ -77,7 +76,8 @@ def prefill_state(fk, v, i_pre, f_pre, pos, valid, window, num_sinks):
     decay = cum[..., -1:] - cum  # log f summed over s+1..T-1
     w = i_pre.float() + decay
     left = torch.arange(t, device=fk.device) <= t - 1 - window
-    ok = (left[None] & valid & (pos >= num_sinks))[:, None, :]  # (B,1,T)
+    same_doc = tokens.doc == tokens.doc[:, -1:]
+    ok = (left[None] & tokens.ok & same_doc & (tokens.pos >= num_sinks))[:, None, :]  # (B,1,T)
     w = w.masked_fill(~ok, NEG)
     m = w.amax(-1).clamp_min(NEG)  # (B,H)
     e = torch.exp(w - m[..., None]) * ok
@@ -110,6 +110,13 @@ def shared_norm_step(q, win_k, win_v, win_mask, fq, state, scaling):
     )
     den = scale_w * pw.sum(-1, keepdim=True) + scale_s * (fqf * n).sum(-1, keepdim=True)
     return num / den
+
+
+def reset_rows(state, reset):
+    """The empty state (no key has left the window) in the rows where ``reset`` (B,) is True."""
+    c, n, m = state
+    keep = ~reset[:, None]
+    return c * keep[..., None, None], n * keep[..., None], m.masked_fill(~keep, NEG)
 
 
 def absorb(state, fk_s, v_s, log_w, logf_t):
@@ -167,19 +174,18 @@ def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, valid, pos, window, num_s
         tq = torch.arange(j, e, device=dev)[:, None]
         span = torch.arange(lo, e, device=dev).expand(bsz, -1)
         keys = torch.cat([sink_idx.clamp(max=t - 1), span], 1)
-        sink_ok = (sink_idx < lo) & (sink_idx < t)  # sinks inside the span come with it
-        k_ok = valid.gather(1, keys) & torch.cat(
-            [sink_ok, torch.ones_like(span, dtype=torch.bool)], 1
-        )
+        # A sink inside the span comes with it: its sink entry reads as an empty slot.
+        live = torch.cat([(sink_idx < lo) & (sink_idx < t), torch.ones_like(span, dtype=bool)], 1)
+        k_ok = valid.gather(1, keys) & live
         gather = keys[:, None, :, None].expand(-1, h, -1, d)
         kb, vb = kr.gather(2, gather), vr.gather(2, gather)
-        causal = keys[:, None, :] <= tq[None]
-        near = (tq[None] - keys[:, None, :]) < w
-        k_sink = sink.gather(1, keys)[:, None, :]
-        in_span = torch.arange(keys.shape[1], device=dev) >= sink_idx.shape[1]
-        itself = (keys[:, None, :] == tq[None]) & in_span  # keeps padded rows finite
-        win = (causal & (near | k_sink) & k_ok[:, None, :]) | itself
-        out_m = causal & ~win & (enters[:, 0].gather(1, keys) & k_ok)[:, None, :]
+        # One document per row: the visibility rule with a single document id.
+        one_doc = torch.zeros_like(keys)
+        key_tok = Tokens(keys.masked_fill(~live, -1), one_doc, pos.gather(1, keys), k_ok)
+        query_tok = Tokens(tq[:, 0].expand(bsz, -1), one_doc[:, :1], None, None)
+        win = token_mask(query_tok, key_tok, w, num_sinks)
+        causal = token_mask(query_tok, key_tok, None, 0)
+        out_m = causal & ~win & enters[:, 0].gather(1, keys)[:, None, :]
         a = torch.einsum("bhld,bhkd->bhlk", qf[:, :, j:e], kb) * scaling
         a_win = a.masked_fill(~win[:, None], NEG)
         top = a_win.amax(-1, keepdim=True)  # (B,H,L,1)

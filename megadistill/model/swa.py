@@ -3,7 +3,10 @@
 Query ``i`` sees key ``j`` when both are in the same document, ``j <= i``, and either
 ``i - j < window`` (the window) or ``j`` is one of the first ``num_sinks`` tokens of the document
 (a sink). All visible keys share one softmax. ``window=None`` gives full causal attention (the
-teacher's).
+teacher's). :func:`visible` is that rule, written once: every mask of the model (these backends,
+``shared_norm``'s, a decoding step and a chunk after a cache over the slots of
+:mod:`megadistill.model.cache`) is this function on the tokens' stream index, document id and
+position in the document (:class:`Tokens`).
 
 Backends (all exact):
 - ``reference``: one dense (T x T) boolean mask and SDPA.
@@ -15,6 +18,7 @@ Backends (all exact):
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,31 +26,77 @@ import torch.nn.functional as F
 from megadistill.hybrid import SWA_BACKENDS
 
 
-def document_layout(reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment ids and position-in-document from document-start flags ``reset`` (B,T)."""
-    t = reset.shape[1]
-    idx = torch.arange(t, device=reset.device).expand_as(reset)
-    start = torch.where(reset, idx, torch.zeros_like(idx)).cummax(-1).values
-    return reset.long().cumsum(-1), idx - start
+class Tokens(NamedTuple):
+    """What the visibility rule needs to know about a set of tokens (broadcastable tensors)."""
+
+    idx: torch.Tensor  # index in the row's stream (-1: an empty slot)
+    doc: torch.Tensor  # document id in the row's stream
+    pos: torch.Tensor  # position in the document (a sink below ``num_sinks``)
+    ok: torch.Tensor  # a real token (not padding, not an empty slot)
+
+
+def document_layout(
+    reset: torch.Tensor,
+    idx: torch.Tensor | None = None,
+    doc0: torch.Tensor | None = None,
+    start0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document ids and positions in the document (B,T) from document-start flags ``reset``.
+
+    Args:
+        reset: (B,T) a document starts at this token.
+        idx: (T,) the tokens' indices in the row's stream (default 0..T-1).
+        doc0, start0: (B,) the document the stream is in before these tokens and the index where
+            it started (default: document 0, from index 0), for tokens that continue a cache.
+    """
+    idx = (torch.arange(reset.shape[1], device=reset.device) if idx is None else idx).expand_as(
+        reset
+    )
+    base = torch.zeros_like(idx) if start0 is None else start0[:, None].expand_as(idx)
+    start = torch.where(reset, idx, base).cummax(-1).values
+    doc = reset.long().cumsum(-1)
+    return (doc if doc0 is None else doc + doc0[:, None]), idx - start
 
 
 def visible(
     q_idx: torch.Tensor,
+    q_doc: torch.Tensor,
     k_idx: torch.Tensor,
-    q_seg: torch.Tensor,
-    k_seg: torch.Tensor,
-    k_pos: torch.Tensor,
+    k_doc: torch.Tensor,
+    k_pos: torch.Tensor | None,
+    k_ok: torch.Tensor,
     window: int | None,
     num_sinks: int,
 ) -> torch.Tensor:
-    """Boolean visibility (B, Tq, Tk) from token indices, segment ids and key positions in doc."""
-    causal = k_idx[:, None, :] <= q_idx[:, :, None]
-    same = k_seg[:, None, :] == q_seg[:, :, None]
-    if window is None:
-        return causal & same
-    near = (q_idx[:, :, None] - k_idx[:, None, :]) < window
-    sink = (k_pos < num_sinks)[:, None, :]
-    return causal & same & (near | sink)
+    """Whether a query sees a key: THE sliding-window rule, elementwise on broadcastable tensors.
+
+    A real key is seen when it is in the query's document, not after it, and either inside the
+    window or one of the document's first ``num_sinks`` tokens; a query always sees itself (a
+    padding query too: its softmax stays finite). ``window=None``: full causal attention. Every
+    mask is this function: the dense and blocked masks, Flex's ``mask_mod``, a decoding step and a
+    chunk after a cache (whose slots hold each token once; an empty slot has index -1).
+    """
+    seen = k_ok & (k_doc == q_doc) & (k_idx <= q_idx)
+    if window is not None:
+        seen = seen & ((q_idx - k_idx < window) | (k_pos < num_sinks))
+    return seen | (k_idx == q_idx)
+
+
+def token_mask(q: Tokens, k: Tokens, window: int | None, num_sinks: int) -> torch.Tensor:
+    """:func:`visible` for every (query, key) pair: q's fields (B,Tq), k's (B,Tk) -> (B,Tq,Tk).
+    Only the queries' ``idx`` and ``doc`` are read; ``k.pos`` may be None when ``window`` is."""
+    k_pos = None if window is None else k.pos[..., None, :]
+    return visible(
+        q.idx[..., :, None], q.doc[..., :, None], k.idx[..., None, :], k.doc[..., None, :],
+        k_pos, k.ok[..., None, :], window, num_sinks,
+    )  # fmt: skip
+
+
+def row_tokens(reset: torch.Tensor, valid: torch.Tensor) -> Tokens:
+    """The :class:`Tokens` of rows that start a stream (no cache before them)."""
+    doc, pos = document_layout(reset)
+    idx = torch.arange(reset.shape[1], device=reset.device).expand_as(reset)
+    return Tokens(idx, doc, pos, valid)
 
 
 def _sdpa(q, k, v, mask, scaling):
@@ -68,39 +118,31 @@ def _sdpa(q, k, v, mask, scaling):
 
 def swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling):
     """Dense-mask SWA + sinks. q (B,H,T,d); k, v (B,KV,T,d); reset, key_valid (B,T)."""
-    seg, pos = document_layout(reset)
-    idx = torch.arange(q.shape[2], device=q.device).expand_as(seg)
-    mask = visible(idx, idx, seg, seg, pos, window, num_sinks) & key_valid[:, None, :]
-    mask |= torch.eye(q.shape[2], dtype=torch.bool, device=q.device)  # no empty rows (padding)
-    return _sdpa(q, k, v, mask, scaling)
+    tok = row_tokens(reset, key_valid)
+    return _sdpa(q, k, v, token_mask(tok, tok, window, num_sinks), scaling)
 
 
 def blocked_layout(reset, key_valid, window, num_sinks, t, block=128):
     """Per query block of :func:`swa_blocked`: (start, end, key indices (B,K), mask (B,L,K)).
     Depends only on the document layout, so a model builds it once per forward for all layers."""
-    bsz = reset.shape[0]
     dev = reset.device
-    seg, pos = document_layout(reset)
-    idx = torch.arange(t, device=dev)
-    doc_start = idx - pos  # (B,T)
+    tok = row_tokens(reset, key_valid)
+    doc_start = tok.idx - tok.pos  # (B,T)
     out = []
     for s in range(0, t, block):
         e = min(s + block, t)
         ws = max(0, s - window + 1)
-        q_idx = idx[s:e].expand(bsz, -1)
-        # Sinks of the first query's document that lie before the window (later queries of the
-        # block either share that document or started a new one inside the window).
+        span = tok.idx[:, ws:e]
+        # The sinks of the first query's document (later queries of the block either share that
+        # document or started a new one inside the window). A sink inside the span comes with
+        # it: its sink entry reads as an empty slot, so every key is listed once.
         sink_idx = (doc_start[:, s : s + 1] + torch.arange(num_sinks, device=dev)).clamp(max=t - 1)
-        sink_ok = (sink_idx < ws) & (pos.gather(1, sink_idx) < num_sinks)
-        k_idx = torch.cat([sink_idx, idx[ws:e].expand(bsz, -1)], dim=1)
-        k_ok = torch.cat([sink_ok, torch.ones(bsz, e - ws, dtype=torch.bool, device=dev)], 1)
-        mask = visible(
-            q_idx, k_idx, seg[:, s:e], seg.gather(1, k_idx), pos.gather(1, k_idx), window, num_sinks
-        )
-        mask &= (k_ok & key_valid.gather(1, k_idx))[:, None, :]
-        # A token always sees itself (keeps padding rows finite); the sink part never holds it.
-        mask |= (k_idx[:, None, :] == q_idx[:, :, None]) & k_ok[:, None, :]
-        out.append((s, e, k_idx, mask))
+        k_idx = torch.cat([sink_idx, span], dim=1)
+        live = torch.cat([sink_idx < ws, torch.ones_like(span, dtype=torch.bool)], dim=1)
+        idx, doc, pos, ok = (f.gather(1, k_idx) for f in tok)
+        keys = Tokens(idx.masked_fill(~live, -1), doc, pos, ok & live)
+        queries = Tokens(*(f[:, s:e] for f in tok))
+        out.append((s, e, k_idx, token_mask(queries, keys, window, num_sinks)))
     return out
 
 
@@ -132,13 +174,13 @@ def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling):
     """FlexAttention with a document/window/sink block mask (compiled; meant for CUDA)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    seg, pos = document_layout(reset)
-    win = window if window is not None else q.shape[2] + 1
+    tok = row_tokens(reset, key_valid)
 
     def mask_mod(b, h, qi, ki):
         del h
-        ok = (ki <= qi) & (seg[b, qi] == seg[b, ki]) & key_valid[b, ki]
-        return (ok & ((qi - ki < win) | (pos[b, ki] < num_sinks))) | (qi == ki)
+        return visible(
+            qi, tok.doc[b, qi], ki, tok.doc[b, ki], tok.pos[b, ki], tok.ok[b, ki], window, num_sinks
+        )
 
     bsz, _, t, _ = q.shape
     rep = q.shape[1] // k.shape[1]

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from megadistill.model.swa import document_layout, swa_blocked, swa_flex, swa_reference
+from megadistill.model.swa import (
+    Tokens,
+    document_layout,
+    swa_blocked,
+    swa_flex,
+    swa_reference,
+    token_mask,
+)
 
 B, H, KV, T, DH = 2, 4, 2, 150, 8
 
@@ -58,3 +65,25 @@ def test_document_layout():
     seg, pos = document_layout(reset)
     assert seg.tolist() == [[1, 1, 1, 2, 2]]
     assert pos.tolist() == [[0, 1, 2, 0, 1]]
+
+
+def test_visible_is_the_documented_rule():
+    # Against the rule spelled out per pair: same document, not after the query, inside the
+    # window or a sink, a real key; a query always sees itself; an empty slot (-1) never.
+    g = torch.Generator().manual_seed(1)
+    n = 60
+
+    def ints(low, high):
+        return torch.randint(low, high, (1, n), generator=g)
+
+    q = Tokens(ints(0, 30), ints(0, 3), None, None)
+    k = Tokens(ints(-1, 30), ints(0, 3), ints(0, 5), torch.rand(1, n, generator=g) > 0.2)
+    k = k._replace(ok=k.ok & (k.idx >= 0))
+    for window, sinks in [(4, 2), (None, 0)]:
+        mask = token_mask(q, k, window, sinks)[0].tolist()
+        (qi, qd), (ki, kd, kp, ok) = ([f[0].tolist() for f in t if f is not None] for t in (q, k))
+        for i in range(n):
+            for j in range(n):
+                near = window is None or qi[i] - ki[j] < window or kp[j] < sinks
+                seen = ok[j] and qd[i] == kd[j] and ki[j] <= qi[i] and near
+                assert mask[i][j] == (seen or ki[j] == qi[i]), (i, j)
