@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is when the record comes, not as it was at
+    set-up: a stream captured then (by pytest, or a caller's redirect) may be closed since."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        del value
 
 
 class _RankZeroFilter(logging.Filter):
@@ -14,7 +28,7 @@ class _RankZeroFilter(logging.Filter):
 def setup_logging(debug: bool = False, all_ranks: bool = False) -> None:
     """Configure the root logger; non-zero ranks only show warnings unless ``all_ranks``."""
     rank = os.environ.get("RANK", "0")
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(
         logging.Formatter(
             f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"

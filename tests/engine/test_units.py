@@ -199,3 +199,26 @@ def test_wandb_offline_writes_a_run_and_disabled_does_nothing(tmp_path):
     logger.on_log(_T(), 1, {"loss": 1.0})
     logger.on_train_end(_T(), result)
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_log_records_go_to_the_current_stderr(monkeypatch):
+    # The CLI's handler once kept the stderr of its set-up: after pytest closed that capture, a
+    # later warning (torch's spawn) printed "--- Logging error --- I/O operation on closed file".
+    import io
+    import logging
+    import sys
+
+    from megadistill.logs import setup_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    at_setup = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", at_setup)
+    setup_logging()
+    at_setup.close()
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    logging.getLogger("megadistill.test").warning("still printed")
+    assert "WARNING megadistill.test: still printed" in now.getvalue()
+    assert "Logging error" not in now.getvalue()
