@@ -478,50 +478,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- benchmarks
+# megadistill.bench.<name> -> (its config class, run function, table formatter)
+_BENCHES = {
+    "inference": ("InferenceBenchConfig", "run_inference_bench", "format_rows"),
+    "train": ("TrainBenchConfig", "run_train_bench", "format_summary"),
+    "data": ("DataBenchConfig", "run_data_bench", "format_rows"),
+    "merge": ("MergeBenchConfig", "run_merge_bench", "format_results"),
+}
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["inference", "train", "data", "merge"], help="which benchmark")
+    p.add_argument("which", choices=list(_BENCHES), help="which benchmark")
     p.add_argument("overrides", nargs="*", help="settings, e.g. contexts=[1024,4096] batch_size=8")
 
 
 @command("bench", "benchmarks: teacher vs student side by side; data; merge", _bench_args)
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
     import json
 
-    from megadistill.config import from_dict
+    from megadistill.config import apply_overrides, from_dict
 
-    if args.which == "inference":
-        from megadistill.bench.inference import (
-            InferenceBenchConfig,
-            format_rows,
-            run_inference_bench,
-        )
-        from megadistill.config import apply_overrides
-
-        cfg = from_dict(InferenceBenchConfig, apply_overrides({}, args.overrides))
-        rows = run_inference_bench(cfg)
-        print(format_rows(rows))
-        print(json.dumps(rows))
-    elif args.which == "train":
-        from megadistill.bench.train import TrainBenchConfig, format_summary, run_train_bench
-        from megadistill.config import apply_overrides
-
-        summary = run_train_bench(from_dict(TrainBenchConfig, apply_overrides({}, args.overrides)))
-        print(format_summary(summary))
-        print(json.dumps(summary))
-    elif args.which == "data":
-        from megadistill.bench.data import DataBenchConfig, format_rows, run_data_bench
-        from megadistill.config import apply_overrides
-
-        rows = run_data_bench(from_dict(DataBenchConfig, apply_overrides({}, args.overrides)))
-        print(format_rows(rows))
-        print(json.dumps(rows))
-    elif args.which == "merge":
-        from megadistill.bench.merge import MergeBenchConfig, format_results, run_merge_bench
-        from megadistill.config import apply_overrides
-
-        results = run_merge_bench(from_dict(MergeBenchConfig, apply_overrides({}, args.overrides)))
-        print(format_results(results))
-        print(json.dumps(results))
+    config, run, fmt = _BENCHES[args.which]
+    bench = importlib.import_module(f"megadistill.bench.{args.which}")
+    result = getattr(bench, run)(
+        from_dict(getattr(bench, config), apply_overrides({}, args.overrides))
+    )
+    print(getattr(bench, fmt)(result))
+    print(json.dumps(result))
     return 0
 
 

@@ -11,6 +11,7 @@ import torch
 
 from megadistill.teachers import convert
 from megadistill.teachers.tiny import tiny_teacher
+from tests.decoding import fed
 
 # W = 8, S = 2: the streams below are several windows long.
 MODES = {
@@ -46,19 +47,6 @@ def _cases():
         yield pytest.param("mistral", hybrid, id=name)
 
 
-def _fed(student, ids, cuts, position_ids=None, attention_mask=None):
-    """Logits of ``ids`` fed through one cache in the pieces [cuts[i], cuts[i+1])."""
-    cache, parts = student.new_cache(), []
-    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-        kw = {}
-        if position_ids is not None:
-            kw["position_ids"] = position_ids[:, a:b]
-        if attention_mask is not None:
-            kw["attention_mask"] = attention_mask[:, :b]
-        parts.append(student(ids[:, a:b], cache=cache, **kw).logits)
-    return torch.cat(parts, 1)
-
-
 def _packed(*rows):
     """Packed rows, one per list of document lengths (same total): (ids, position_ids)."""
     pos = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows])
@@ -72,7 +60,7 @@ def test_chunk_after_a_non_empty_cache_equals_parallel(family, hybrid):
     with torch.no_grad():
         full = student(ids).logits
         for cuts in ([0, 5, 40], [0, 11, 14, 31, 40], [0, 1, 2, 40]):
-            torch.testing.assert_close(_fed(student, ids, cuts), full)
+            torch.testing.assert_close(fed(student, ids, cuts), full)
 
 
 @pytest.mark.parametrize(("family", "hybrid"), _cases())
@@ -87,7 +75,7 @@ def test_packed_documents_through_a_cache_equal_parallel(family, hybrid):
     with torch.no_grad():
         full = student(ids, position_ids=pos).logits
         for cuts in (list(range(t + 1)), [0, 13, 20, 22, 23, 30, t], [0, 17, 22, t]):
-            torch.testing.assert_close(_fed(student, ids, cuts, position_ids=pos), full)
+            torch.testing.assert_close(fed(student, ids, cuts, position_ids=pos), full)
 
 
 @pytest.mark.parametrize(("family", "hybrid"), _cases())
@@ -99,9 +87,9 @@ def test_left_padded_decoding_equals_parallel(family, hybrid):
     with torch.no_grad():
         full = student(ids, attention_mask=mask).logits
         for cuts in ([0, 12, *range(13, 35)], [0, 3, 9, 20, 34], list(range(35))):
-            fed = _fed(student, ids, cuts, attention_mask=mask)
-            torch.testing.assert_close(fed[0], full[0])
-            torch.testing.assert_close(fed[1, 7:], full[1, 7:])
+            got = fed(student, ids, cuts, attention_mask=mask)
+            torch.testing.assert_close(got[0], full[0])
+            torch.testing.assert_close(got[1, 7:], full[1, 7:])
 
 
 def test_row_starting_mid_document_through_a_cache_equals_parallel():
@@ -114,4 +102,4 @@ def test_row_starting_mid_document_through_a_cache_equals_parallel():
         with torch.no_grad():
             full = student(ids, position_ids=pos).logits
             for cuts in ([0, 1, 40], [0, 19, 20, 40]):
-                torch.testing.assert_close(_fed(student, ids, cuts, position_ids=pos), full)
+                torch.testing.assert_close(fed(student, ids, cuts, position_ids=pos), full)

@@ -10,6 +10,7 @@ from megadistill.stages.align import AttentionProbe
 from megadistill.teachers import convert
 from megadistill.teachers.conversion import architecture_difference
 from megadistill.teachers.tiny import TINY_FAMILIES, tiny_teacher
+from tests.decoding import prefilled_then_stepped
 
 
 def align_loss(student, ids):
@@ -90,10 +91,7 @@ def test_sliding_teacher_prefill_plus_decode_equals_full_forward(family):
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         full = student(ids).logits
-        cache = student.new_cache()
-        parts = [student(ids[:, :17], cache=cache).logits]
-        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(17, 40)]
-    torch.testing.assert_close(torch.cat(parts, 1), full)
+    torch.testing.assert_close(prefilled_then_stepped(student, ids, 17), full)
 
 
 @pytest.mark.parametrize("family", ["llama", "olmo2"])
@@ -142,16 +140,10 @@ def test_architecture_covers_every_hybrid_key_and_the_teacher_config():
 def _assert_decoding_equals_parallel(student, ids, prefill=13):
     """Prefill + one token at a time, and one token at a time from empty, equal the parallel
     forward; returns the parallel logits."""
-    t = ids.shape[1]
     with torch.no_grad():
         full = student(ids).logits
-        cache = student.new_cache()
-        parts = [student(ids[:, :prefill], cache=cache).logits]
-        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(prefill, t)]
-        torch.testing.assert_close(torch.cat(parts, 1), full)
-        cache = student.new_cache()
-        steps = [student(ids[:, i : i + 1], cache=cache).logits for i in range(t)]
-        torch.testing.assert_close(torch.cat(steps, 1), full)
+    torch.testing.assert_close(prefilled_then_stepped(student, ids, prefill), full)
+    torch.testing.assert_close(prefilled_then_stepped(student, ids, 0), full)
     return full
 
 
@@ -316,9 +308,7 @@ def test_hedgehog_both_signs_doubles_the_features_and_decodes_exactly():
     ids = torch.randint(0, 256, (1, 26))
     with torch.no_grad():
         full = student(ids).logits
-        cache = student.new_cache()
-        steps = [student(ids[:, i : i + 1], cache=cache).logits for i in range(26)]
-    torch.testing.assert_close(torch.cat(steps, 1), full)
+    torch.testing.assert_close(prefilled_then_stepped(student, ids, 0), full)
 
 
 def test_forget_gate_bias_range_is_a_setting():

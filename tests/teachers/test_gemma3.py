@@ -18,6 +18,7 @@ from megadistill.teachers.conversion import (
     load_teacher_config,
 )
 from megadistill.teachers.tiny import tiny_teacher, tiny_teacher_config
+from tests.decoding import prefilled_then_stepped
 from tests.model.test_student import align_loss
 
 # google/gemma-3-1b-pt's config.json as published (transformers 4.50 format: rope_theta,
@@ -137,10 +138,7 @@ def test_decoding_and_generate_equal_the_teacher_beyond_the_local_window(local_l
     assert torch.equal(out, expected) and out.shape[1] == 50
     with torch.no_grad():
         full = teacher(out).logits
-        cache = student.new_cache()
-        steps = [student(out[:, :13], cache=cache).logits]
-        steps += [student(out[:, i : i + 1], cache=cache).logits for i in range(13, 50)]
-    torch.testing.assert_close(torch.cat(steps, 1), full)
+    torch.testing.assert_close(prefilled_then_stepped(student, out, 13), full)
 
 
 def test_learned_gate_decodes_as_its_parallel_forward():
@@ -152,10 +150,7 @@ def test_learned_gate_decodes_as_its_parallel_forward():
         for layer in student.model.layers:
             layer.self_attn.ogate.bias.fill_(0.3)
         full = student(ids).logits
-        cache = student.new_cache()
-        parts = [student(ids[:, :17], cache=cache).logits]
-        parts += [student(ids[:, i : i + 1], cache=cache).logits for i in range(17, 40)]
-    torch.testing.assert_close(torch.cat(parts, 1), full)
+    torch.testing.assert_close(prefilled_then_stepped(student, ids, 17), full)
 
 
 @pytest.mark.parametrize(
