@@ -8,6 +8,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from megadistill.config import from_dict
 from megadistill.hybrid import HYBRID_KEYS, HybridSettings
+from megadistill.teachers.registry import import_modeling
 
 # Teacher attributes mirrored at top level so generation, lm-eval and DeepSpeed see a normal LM.
 _MIRRORED = (
@@ -42,6 +43,9 @@ class HybridConfig(PretrainedConfig):
     def __init__(self, teacher_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         teacher_config = dict(teacher_config or {})
         self.teacher_config = teacher_config
+        # Before any model of this config is built (perhaps inside deepspeed.zero.Init): see
+        # import_modeling for what a first import inside zero.Init breaks.
+        import_modeling(teacher_config.get("model_type", ""))
         given = {k: kwargs.pop(k) for k in HYBRID_KEYS if k in kwargs}
         if given.get("local_layers") is None and "transformers_version" in kwargs:
             # a config saved before `local_layers` existed (it has a transformers_version but no

@@ -9,12 +9,15 @@ projections carry a bias. Adding a family is one entry here plus one parity test
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from megadistill.errors import UnsupportedTeacherError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,26 @@ def adapter_for(model_type: str) -> TeacherAdapter:
             f"found {transformers.__version__}: pip install -U 'transformers>=5'"
         )
     return adapter
+
+
+def import_modeling(model_type: str) -> None:
+    """Import the family's transformers modeling module now, outside any ``deepspeed.zero.Init``.
+
+    A module first imported *inside* ``zero.Init`` defines its classes while DeepSpeed wraps
+    every new ``nn.Module`` subclass's ``__init__``; on exit DeepSpeed restores the ``__init__`` it
+    saved at class creation, undoing any class decorator that wrapped ``__init__`` afterwards.
+    transformers >= 5.25 decorates the attention classes of Llama, Qwen2/3, Mistral and Gemma 3
+    with ``kernels.use_kernelized_func``, whose wrapped ``__init__`` sets ``_kernel_funcs``: a
+    teacher built after such an import fails at its first forward (``'LlamaAttention' object has
+    no attribute '_kernel_funcs'``). Unknown families are left to :func:`adapter_for`'s error.
+    """
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None:
+        return
+    try:
+        adapter.modeling()
+    except ImportError:  # an older transformers without the family: refused at conversion/load
+        log.debug("no modeling module for %s in this transformers", model_type)
 
 
 def _transformers_major() -> int:
