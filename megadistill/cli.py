@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     from megadistill.logs import setup_logging
 
     setup_logging(debug=args.verbose)
+    from megadistill.versions import check_environment
+
+    check_environment()  # one line per dependency outside the tested versions, before any work
     try:
         code = int(args._handler(args) or 0)
         if "torch.distributed" in sys.modules:  # a rank of a distributed command that returned
