@@ -484,6 +484,7 @@ _BENCHES = {
     "train": ("TrainBenchConfig", "run_train_bench", "format_summary"),
     "data": ("DataBenchConfig", "run_data_bench", "format_rows"),
     "merge": ("MergeBenchConfig", "run_merge_bench", "format_results"),
+    "memory": ("MemoryBenchConfig", "run_memory_bench", "format_rows"),
 }
 
 

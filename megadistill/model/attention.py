@@ -24,6 +24,9 @@ from megadistill.model.mlstm import PAD_F, PAD_I, _reset_rows, mlstm_forward, ml
 from megadistill.model.swa import Tokens, _sdpa, swa_attention, token_mask
 
 NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate")
+# shared_norm beyond 2W tokens runs in its blocked form (O(T W) memory, exact); False forces the
+# quadratic reference form at every length (`megadistill bench memory` compares the two).
+BLOCKED_SHARED_NORM = True
 
 
 @dataclass
@@ -38,7 +41,6 @@ class SeqInfo:
     # stream, position in the document, real token. Documents continue across a cache.
     tokens: Tokens
     cache: HybridCache | None = None
-    single_doc: bool = False  # every row holds one document (no reset after its first token)
     all_valid: bool = False  # no padding anywhere (decided once per forward: no per-layer sync)
     one_doc: bool = False  # no document starts after a row's first token
     any_reset: bool = True  # some row starts a document in this forward
@@ -246,8 +248,8 @@ class HybridAttention(nn.Module):
         fq, fk = self.q_feature(q_r), self.k_feature(k_r)
         fk = fk.repeat_interleave(self.num_heads // self.num_kv, dim=1)
         i_pre, f_pre = self._gates(x, info)
-        if info.single_doc and q_r.shape[2] > 2 * self.window:  # O(T W), not O(T^2)
-            args = (info.valid, info.tokens.pos, self.window, self.num_sinks, self.scaling)
+        if BLOCKED_SHARED_NORM and q_r.shape[2] > 2 * self.window:  # O(T W), not O(T^2)
+            args = (info.tokens, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_blocked
         else:
             args = (info.reset, info.valid, self.window, self.num_sinks, self.scaling)

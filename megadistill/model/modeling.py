@@ -182,7 +182,7 @@ class HybridModel(HybridPreTrainedModel):
         return SeqInfo(
             reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx,
             tokens=Tokens(abs_idx.expand(bsz, -1), doc, doc_pos, valid), cache=cache,
-            single_doc=self.config.mix == "shared_norm" and one_doc, all_valid=all_valid,
+            all_valid=all_valid,
             any_reset=any_reset, one_doc=one_doc, sink_tokens=sink_tokens,
         )  # fmt: skip
 

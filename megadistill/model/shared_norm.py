@@ -31,6 +31,12 @@ from megadistill.model.swa import Tokens, row_tokens, token_mask
 NEG = -1.0e30
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the compute dtype: float32 for half types and float32, float64 stays float64
+    (so the float64 parity tests compare the algorithms, not float32 rounding)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _window_masks(reset, valid, window, num_sinks):
     """(window set V, older keys O) per (query, key): O is what full attention sees beyond V."""
     tok = row_tokens(reset, valid)
@@ -52,14 +58,14 @@ def shared_norm_parallel(q, k, v, fq, fk, i_pre, f_pre, reset, valid, window, nu
         (B,H,T,d) in v's dtype.
     """
     rep = q.shape[1] // k.shape[1]
-    kr, vr = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
+    kr, vr = _up(k.repeat_interleave(rep, 1)), _up(v.repeat_interleave(rep, 1))
     win, out = _window_masks(reset, valid, window, num_sinks)
-    a = (q.float() @ kr.transpose(-1, -2)) * scaling  # (B,H,T,T)
+    a = (_up(q) @ kr.transpose(-1, -2)) * scaling  # (B,H,T,T)
     a_win = a.masked_fill(~win[:, None], NEG)
     top = a_win.amax(-1, keepdim=True)
-    cum = F.logsigmoid(f_pre.float()).cumsum(-1)
-    g = cum[..., :, None] - cum[..., None, :] + i_pre.float()[..., None, :]
-    lin = (fq.float() @ fk.float().transpose(-1, -2)).clamp_min(1e-30).log()
+    cum = F.logsigmoid(_up(f_pre)).cumsum(-1)
+    g = cum[..., :, None] - cum[..., None, :] + _up(i_pre)[..., None, :]
+    lin = (_up(fq) @ _up(fk).transpose(-1, -2)).clamp_min(1e-30).log()
     b = (g + lin + top).masked_fill(~out[:, None], NEG)
     logits = torch.where(win[:, None], a_win, b)
     return (torch.softmax(logits, dim=-1) @ vr).to(v.dtype)
@@ -70,20 +76,20 @@ def prefill_state(fk, v, i_pre, f_pre, tokens: Tokens, window, num_sinks):
     the keys of the last token's document that have left its window, i.e. index <= T-1-W, minus
     sinks and padding. Also the per-token (input gate, log-decay to the last token)."""
     rep = fk.shape[1] // v.shape[1]
-    vr = v.repeat_interleave(rep, 1).float()
+    vr = _up(v.repeat_interleave(rep, 1))
     t = fk.shape[2]
-    cum = F.logsigmoid(f_pre.float()).cumsum(-1)  # (B,H,T)
+    cum = F.logsigmoid(_up(f_pre)).cumsum(-1)  # (B,H,T)
     decay = cum[..., -1:] - cum  # log f summed over s+1..T-1
-    w = i_pre.float() + decay
+    w = _up(i_pre) + decay
     left = torch.arange(t, device=fk.device) <= t - 1 - window
     same_doc = tokens.doc == tokens.doc[:, -1:]
     ok = (left[None] & tokens.ok & same_doc & (tokens.pos >= num_sinks))[:, None, :]  # (B,1,T)
     w = w.masked_fill(~ok, NEG)
     m = w.amax(-1).clamp_min(NEG)  # (B,H)
     e = torch.exp(w - m[..., None]) * ok
-    c = torch.einsum("bht,bhtf,bhtd->bhfd", e, fk.float(), vr)
-    n = torch.einsum("bht,bhtf->bhf", e, fk.float())
-    return (c, n, m), i_pre.float(), decay
+    c = torch.einsum("bht,bhtf,bhtd->bhfd", e, _up(fk), vr)
+    n = torch.einsum("bht,bhtf->bhf", e, _up(fk))
+    return (c, n, m), _up(i_pre), decay
 
 
 def shared_norm_step(q, win_k, win_v, win_mask, fq, state, scaling):
@@ -95,16 +101,16 @@ def shared_norm_step(q, win_k, win_v, win_mask, fq, state, scaling):
     """
     c, n, m = state
     rep = q.shape[1] // win_k.shape[1]
-    kr = win_k.repeat_interleave(rep, 1).float()
-    vr = win_v.repeat_interleave(rep, 1).float()
-    a = torch.einsum("bhd,bhnd->bhn", q.float(), kr) * scaling
+    kr = _up(win_k.repeat_interleave(rep, 1))
+    vr = _up(win_v.repeat_interleave(rep, 1))
+    a = torch.einsum("bhd,bhnd->bhn", _up(q), kr) * scaling
     a = a.masked_fill(~win_mask[:, None, :], NEG)
     top = a.amax(-1, keepdim=True)
     pw = torch.exp(a - top)  # window weights, the largest is 1
     z = m.clamp_min(0.0)  # common scale of window (<= 1) and state (e^m) terms
     scale_w = torch.exp(-z)[..., None]
     scale_s = torch.exp(m - z)[..., None]
-    fqf = fq.float()
+    fqf = _up(fq)
     num = scale_w * torch.einsum("bhn,bhnd->bhd", pw, vr) + scale_s * torch.einsum(
         "bhf,bhfd->bhd", fqf, c
     )
@@ -131,73 +137,106 @@ def absorb(state, fk_s, v_s, log_w, logf_t):
     return c, n, m_new
 
 
-def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, valid, pos, window, num_sinks, scaling):
+def _absorb_block(state, cum, i_key, fkf, vr, doc, end, new_end):
+    """The state after keys ``[end, new_end)`` leave every window: the keys of the document of
+    key ``new_end - 1`` only, weighted as seen from ``new_end - 1``. A document that starts in
+    between empties the state first (its keys are of an earlier document)."""
+    c, n, m = state
+    ref = cum[..., new_end - 1]
+    if end > 0:
+        keep = (doc[:, end - 1] == doc[:, new_end - 1])[:, None]  # (B,1)
+        c, n = c * keep[..., None, None], n * keep[..., None]
+        m = m.masked_fill(~keep, NEG)
+        decay = ref - cum[..., end - 1]
+    else:
+        decay = torch.zeros_like(ref)
+    same = (doc[:, end:new_end] == doc[:, new_end - 1 : new_end])[:, None, :]  # (B,1,S)
+    wt = (i_key[..., end:new_end] + ref[..., None] - cum[..., end:new_end]).masked_fill(~same, NEG)
+    m_new = torch.maximum(m + decay, wt.amax(-1))
+    old, new = torch.exp(m + decay - m_new), torch.exp(wt - m_new[..., None])
+    c = old[..., None, None] * c + torch.einsum(
+        "bhs,bhsf,bhsd->bhfd", new, fkf[..., end:new_end, :], vr[..., end:new_end, :]
+    )
+    n = old[..., None] * n + torch.einsum("bhs,bhsf->bhf", new, fkf[..., end:new_end, :])
+    return c, n, m_new
+
+
+def _block_keys(tok: Tokens, lo: int, e: int, num_sinks: int):
+    """Explicit keys of the query block ending at ``e``: the sinks of key ``lo``'s document that
+    lie before ``lo`` (queries of a later document find theirs in the span), then ``[lo, e)``.
+    Returns the key indices (B,K) and their :class:`Tokens` (a sink that is not before ``lo``
+    reads as an empty slot, so every key is listed once)."""
+    bsz, t = tok.doc.shape
+    dev = tok.doc.device
+    start = (lo - tok.pos[:, lo : lo + 1]).clamp(min=0)  # (B,1): where key lo's document began
+    sinks = start + torch.arange(num_sinks, device=dev)
+    span = torch.arange(lo, e, device=dev).expand(bsz, -1)
+    keys = torch.cat([sinks.clamp(max=t - 1), span], 1)
+    live = torch.cat([sinks < lo, torch.ones_like(span, dtype=torch.bool)], 1)
+    k_tok = Tokens(
+        keys.masked_fill(~live, -1), tok.doc.gather(1, keys), tok.pos.gather(1, keys),
+        tok.ok.gather(1, keys) & live,
+    )  # fmt: skip
+    return keys, k_tok
+
+
+def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_sinks, scaling):
     """The same function in query blocks of W tokens: each block scores its window (the previous
-    block and itself) and the document's sinks exactly, and every older key through the state
-    (C, n, m) that the blocks before it have built. O(T * (2W + S)) time and memory instead of
-    O(T^2). One document per row (left padding allowed): the caller checks that no document
-    starts inside a row. Arguments as :func:`shared_norm_parallel`, plus ``pos`` (B,T), the
-    position in the document (sinks are the first ``num_sinks``).
+    block and itself) and its documents' sinks exactly, and every older key of the same document
+    through the state (C, n, m) that the blocks before it have built. O(T * (2W + S)) time and
+    memory instead of O(T^2), forward and backward (plus one (F, d) state per block), over packed
+    documents and padding alike.
+
+    Args:
+        q, k, v, fq, fk, i_pre, f_pre, window, num_sinks, scaling: as
+            :func:`shared_norm_parallel`.
+        tok: the row's tokens (B,T): document ids, positions in the document (sinks are the first
+            ``num_sinks``) and realness, as :func:`megadistill.model.swa.row_tokens` gives them
+            (``idx`` is not read: keys are indexed 0..T-1 along the row).
     """
     bsz, h, t, d = q.shape
     w, dev = window, q.device
     rep = h // k.shape[1]
-    kr, vr = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
-    qf, fqf, fkf = q.float(), fq.float(), fk.float()
-    cum = F.logsigmoid(f_pre.float()).cumsum(-1)
-    sink = valid & (pos < num_sinks)  # (B,T)
-    enters = (valid & ~sink)[:, None, :]  # keys that can join the state
-    i_key = i_pre.float().masked_fill(~enters, NEG)
-    sink_idx = torch.where(sink, torch.arange(t, device=dev), t).sort(-1).values[:, :num_sinks]
-    c = qf.new_zeros(bsz, h, fqf.shape[-1], d)
-    n = qf.new_zeros(bsz, h, fqf.shape[-1])
-    m = qf.new_full((bsz, h), NEG)
-    zero = qf.new_zeros(bsz, h)
+    kr, vr = _up(k.repeat_interleave(rep, 1)), _up(v.repeat_interleave(rep, 1))
+    qf, fqf, fkf = _up(q), _up(fq), _up(fk)
+    cum = F.logsigmoid(_up(f_pre)).cumsum(-1)
+    enters = tok.ok & (tok.pos >= num_sinks)  # (B,T) keys that can join the state (no sinks)
+    i_key = _up(i_pre).masked_fill(~enters[:, None], NEG)
+    state = (
+        qf.new_zeros(bsz, h, fqf.shape[-1], d),
+        qf.new_zeros(bsz, h, fqf.shape[-1]),
+        qf.new_full((bsz, h), NEG),
+    )
     end = 0  # the state holds the keys before ``end``, weighted as seen from ``end - 1``
     outs = []
     for j in range(0, t, w):
         e = min(j + w, t)
-        new_end = max(0, j - w)
-        if new_end > end:  # keys [end, new_end) leave every window from this block on
-            ref = cum[..., new_end - 1]
-            decay = ref - (cum[..., end - 1] if end > 0 else zero)
-            wt = i_key[..., end:new_end] + ref[..., None] - cum[..., end:new_end]
-            m_new = torch.maximum(m + decay, wt.amax(-1))
-            old, new = torch.exp(m + decay - m_new), torch.exp(wt - m_new[..., None])
-            c = old[..., None, None] * c + torch.einsum(
-                "bhs,bhsf,bhsd->bhfd", new, fkf[..., end:new_end, :], vr[..., end:new_end, :]
-            )
-            n = old[..., None] * n + torch.einsum("bhs,bhsf->bhf", new, fkf[..., end:new_end, :])
-            m, end = m_new, new_end
-        # Explicit keys: the sinks before this span, then the span [j - W, e).
         lo = max(0, j - w)
-        tq = torch.arange(j, e, device=dev)[:, None]
-        span = torch.arange(lo, e, device=dev).expand(bsz, -1)
-        keys = torch.cat([sink_idx.clamp(max=t - 1), span], 1)
-        # A sink inside the span comes with it: its sink entry reads as an empty slot.
-        live = torch.cat([(sink_idx < lo) & (sink_idx < t), torch.ones_like(span, dtype=bool)], 1)
-        k_ok = valid.gather(1, keys) & live
+        if lo > end:  # keys [end, lo) leave every window from this block on
+            state, end = _absorb_block(state, cum, i_key, fkf, vr, tok.doc, end, lo), lo
+        c, n, m = state
+        keys, k_tok = _block_keys(tok, lo, e, num_sinks)
+        q_tok = Tokens(torch.arange(j, e, device=dev).expand(bsz, -1), tok.doc[:, j:e], None, None)
+        win = token_mask(q_tok, k_tok, w, num_sinks)
+        out_m = token_mask(q_tok, k_tok, None, 0) & ~win & enters.gather(1, keys)[:, None, :]
         gather = keys[:, None, :, None].expand(-1, h, -1, d)
         kb, vb = kr.gather(2, gather), vr.gather(2, gather)
-        # One document per row: the visibility rule with a single document id.
-        one_doc = torch.zeros_like(keys)
-        key_tok = Tokens(keys.masked_fill(~live, -1), one_doc, pos.gather(1, keys), k_ok)
-        query_tok = Tokens(tq[:, 0].expand(bsz, -1), one_doc[:, :1], None, None)
-        win = token_mask(query_tok, key_tok, w, num_sinks)
-        causal = token_mask(query_tok, key_tok, None, 0)
-        out_m = causal & ~win & enters[:, 0].gather(1, keys)[:, None, :]
         a = torch.einsum("bhld,bhkd->bhlk", qf[:, :, j:e], kb) * scaling
         a_win = a.masked_fill(~win[:, None], NEG)
         top = a_win.amax(-1, keepdim=True)  # (B,H,L,1)
         ck = cum.gather(2, keys[:, None, :].expand(-1, h, -1))
-        ik = i_pre.float().gather(2, keys[:, None, :].expand(-1, h, -1))
+        ik = _up(i_pre).gather(2, keys[:, None, :].expand(-1, h, -1))
         g = cum[..., j:e, None] - ck[..., None, :] + ik[..., None, :]
         fkb = fkf.gather(2, keys[:, None, :, None].expand(-1, h, -1, fkf.shape[-1]))
         lin = torch.einsum("bhlf,bhkf->bhlk", fqf[:, :, j:e], fkb).clamp_min(1e-30).log()
         logits = torch.where(win[:, None], a_win, (g + lin + top).masked_fill(~out_m[:, None], NEG))
-        # The state's keys, as one weight per query: exp(cum_t - cum_ref + m + top).
-        ref = cum[..., end - 1] if end > 0 else zero
-        st = cum[..., j:e] - ref[..., None] + m[..., None] + top[..., 0]  # (B,H,L)
+        # The state's keys, as one weight per query: exp(cum_t - cum_ref + m + top), for the
+        # queries of the state's document only.
+        if end > 0:
+            st = cum[..., j:e] - cum[..., end - 1 : end] + m[..., None] + top[..., 0]  # (B,H,L)
+            st = st.masked_fill((tok.doc[:, j:e] != tok.doc[:, end - 1 : end])[:, None], NEG)
+        else:
+            st = torch.full_like(top[..., 0], NEG)
         z = torch.maximum(logits.amax(-1), st)
         p = torch.exp(logits - z[..., None])
         ps = torch.exp(st - z)[..., None]

@@ -385,26 +385,6 @@ def test_shared_norm_left_padding_and_generate():
     assert torch.equal(out[1, 5:], alone[0])
 
 
-@pytest.mark.parametrize(("num_sinks", "pad"), [(0, 0), (2, 0), (2, 5), (3, 11)])
-def test_shared_norm_blocked_equals_parallel(num_sinks, pad):
-    from megadistill.model import shared_norm as sn
-
-    g = torch.Generator().manual_seed(pad + num_sinks)
-    b, h, kv, t, d, f, w = 2, 4, 2, 70, 8, 6, 8
-    q, k, v = (torch.randn(b, n, t, d, generator=g) for n in (h, kv, kv))
-    fq = torch.softmax(torch.randn(b, h, t, f, generator=g), -1)
-    fk = torch.softmax(torch.randn(b, h, t, f, generator=g), -1)
-    valid = torch.ones(b, t, dtype=torch.bool)
-    valid[1, :pad] = False
-    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    i_pre = (torch.randn(b, h, t, generator=g) + 1).masked_fill(~valid[:, None], -1e4)
-    f_pre = (torch.randn(b, h, t, generator=g) + 3).masked_fill(~valid[:, None], 1e4)
-    reset = (pos == 0) & valid
-    ref = sn.shared_norm_parallel(q, k, v, fq, fk, i_pre, f_pre, reset, valid, w, num_sinks, 0.3)
-    blk = sn.shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, valid, pos, w, num_sinks, 0.3)
-    torch.testing.assert_close(blk, ref)
-
-
 # ----------------------------------------------------------------------------- local layers
 @pytest.mark.parametrize("family", ["mistral", "olmo3", "gemma3_text"])
 def test_local_layers_swa_keeps_the_teachers_window_exactly(family):

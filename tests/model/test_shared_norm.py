@@ -1,0 +1,68 @@
+"""shared_norm's blocked training form against the quadratic one, in float64, values and
+gradients: packed documents (resets), left padding, sinks, GQA, short documents, a document
+longer than the window, and rows that start in the middle of one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megadistill.model import shared_norm as sn
+from megadistill.model.swa import row_tokens
+
+B, H, KV, T, D, F, W = 2, 4, 2, 70, 8, 6, 8
+
+# Document starts per row (row 1 may be left-padded first); 0 = a row that starts mid-document.
+LAYOUTS = {
+    "one document": ([0], [0]),
+    "packed": ([0, 9, 30, 33, 34, 61], [0, 20]),
+    "long and short": ([0, 45], [0, 3, 5, 7, 9, 11, 13, 15, 17, 40]),
+    "mid-document start": ([17, 50], [0, 8, 60]),
+}
+
+
+def _inputs(starts, pad, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    q, k, v = (torch.randn(B, n, T, D, generator=g, dtype=dt) for n in (H, KV, KV))
+    fq = torch.softmax(torch.randn(B, H, T, F, generator=g, dtype=dt), -1)
+    fk = torch.softmax(torch.randn(B, H, T, F, generator=g, dtype=dt), -1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :pad] = False
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    for row, s in enumerate(starts):
+        for j in s:
+            reset[row, min(j + (pad if row == 1 else 0), T - 1)] = True
+    reset &= valid
+    i_pre = (torch.randn(B, H, T, generator=g, dtype=dt) + 1).masked_fill(~valid[:, None], -1e4)
+    f_pre = (torch.randn(B, H, T, generator=g, dtype=dt) + 3).masked_fill(~valid[:, None], 1e4)
+    return q, k, v, fq, fk, i_pre, f_pre, reset, valid
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize(("num_sinks", "pad"), [(0, 0), (2, 0), (2, 5), (3, 11)])
+def test_blocked_equals_quadratic_in_float64_values_and_gradients(layout, num_sinks, pad):
+    starts = LAYOUTS[layout]
+    tensors = _inputs(starts, pad, seed=pad + 7 * num_sinks + len(layout))
+    q, k, v, fq, fk, i_pre, f_pre, reset, valid = tensors
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, fq, fk, i_pre, f_pre)]
+    ref = sn.shared_norm_parallel(*leaves, reset, valid, W, num_sinks, 0.3)
+    tok = row_tokens(reset, valid)
+    leaves2 = [x.clone().requires_grad_(True) for x in (q, k, v, fq, fk, i_pre, f_pre)]
+    blk = sn.shared_norm_blocked(*leaves2, tok, W, num_sinks, 0.3)
+    torch.testing.assert_close(blk, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref) * valid[:, None, :, None]
+    grads = torch.autograd.grad(ref, leaves, g)
+    grads2 = torch.autograd.grad(blk, leaves2, g)
+    for name, a, b in zip("q k v fq fk i_pre f_pre".split(), grads2, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"d/d{name}")
+
+
+def test_a_document_start_inside_the_row_changes_the_blocked_output():
+    """The reset matters: without it the later document would read the earlier one's keys."""
+    q, k, v, fq, fk, i_pre, f_pre, reset, valid = _inputs(LAYOUTS["packed"], 0, seed=1)
+    args = (q, k, v, fq, fk, i_pre, f_pre)
+    packed = sn.shared_norm_blocked(*args, row_tokens(reset, valid), W, 2, 0.3)
+    one = sn.shared_norm_blocked(*args, row_tokens(reset & False, valid), W, 2, 0.3)
+    assert not torch.allclose(packed[0, :, 61:], one[0, :, 61:])
+    torch.testing.assert_close(packed[0, :, :9], one[0, :, :9])
