@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from megadistill.errors import MegadistillError
-from megadistill.integrity import atomic_dir, verify_manifest
+from megadistill.integrity import atomic_dir, follow_umask, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ def debian_package_dir(package: str, cache_dir: str | Path | None = None) -> Pat
         if not debs:
             raise AssetError(f"apt-get download {package} produced no .deb; {AUSTEN_INSTALL}")
         _run(["dpkg-deb", "-x", str(debs[0]), "root"], Path(tmp))
+        follow_umask(Path(tmp) / "root")  # the package's own modes otherwise
         os.replace(Path(tmp) / "root", final)
     return final
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megadistill.eval.report import RESULTS, load_results, write_report
-from megadistill.integrity import atomic_write_json
+from megadistill.integrity import atomic_write_json, follow_umask
 from megadistill.pipeline import load_recipe
 from megadistill.pipeline.local import run_local
 
@@ -68,6 +68,7 @@ def _quick_assets(root: Path) -> tuple[Path, dict[str, Path], Path]:
     teacher = root / "teacher"
     tiny_teacher("llama", seed=0).save_pretrained(teacher)
     byte_tokenizer(teacher)
+    follow_umask(teacher)  # safetensors writes its shard 0o600
     missing = [
         n for names in _QUICK_DOMAINS.values() for n in names if not (LICENSES / n).is_file()
     ]

@@ -2,6 +2,11 @@
 
 A directory written with :func:`atomic_dir` appears under its final name only once it is complete,
 with a ``checksums.json`` manifest (sha256 of every file) that :func:`verify_manifest` checks.
+
+Every temporary file and folder that is renamed into place is created by :func:`new_temp_file` or
+:func:`new_temp_dir`, so what a run leaves has the modes a plain ``open()``/``mkdir()`` gives
+under the umask (``tempfile``'s 0o600/0o700 would make checkpoints that a team sharing run
+folders cannot read).
 """
 
 from __future__ import annotations
@@ -9,17 +14,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from megadistill.errors import CheckpointError
 
+log = logging.getLogger(__name__)
 MANIFEST = "checksums.json"
 _CHUNK = 1 << 22
+_NAME_TRIES = 100
+_T = TypeVar("_T")
 
 
 def sha256_file(path: str | Path, bar: Any = None) -> str:
@@ -41,11 +51,115 @@ def _bytes_bar(folder: Path, files: list[str], what: str) -> Any:
     return progress_bar(total, f"verify {what}", unit="B")
 
 
+def _create_fresh(parent: Path, prefix: str, suffix: str, create: Callable[[Path], _T]) -> _T:
+    """``create(path)`` at the first free random name ``parent/<prefix><random><suffix>``."""
+    for _ in range(_NAME_TRIES):
+        path = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return create(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name {prefix}*{suffix} in {parent} after {_NAME_TRIES} tries")
+
+
+def new_temp_file(parent: str | Path, *, prefix: str, suffix: str) -> tuple[int, Path]:
+    """Create an empty file under a fresh random name in ``parent``, as ``tempfile.mkstemp`` does
+    but with the mode a plain ``open()`` gives (0o666 less the umask) instead of 0o600.
+
+    The kernel applies the umask (or the folder's default ACL) when it creates the file: the
+    umask is never read, since reading it means setting it, which is process-wide and races with
+    other threads creating files.
+
+    Args:
+        parent: the folder (must exist).
+        prefix: start of the name (``.name.`` keeps it hidden and names what it will become).
+        suffix: end of the name.
+
+    Returns:
+        The descriptor, open for writing (the caller closes it), and the path.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # O_EXCL: never an existing file or a symlink
+    return _create_fresh(Path(parent), prefix, suffix, lambda p: (os.open(p, flags, 0o666), p))
+
+
+def new_temp_dir(parent: str | Path, *, prefix: str, suffix: str) -> Path:
+    """Create an empty folder under a fresh random name in ``parent``, as ``tempfile.mkdtemp``
+    does but with the mode a plain ``mkdir()`` gives (0o777 less the umask) instead of 0o700.
+
+    See :func:`new_temp_file` for the arguments and why the umask is not read.
+    """
+
+    def mkdir(path: Path) -> Path:
+        os.mkdir(path, 0o777)
+        return path
+
+    return _create_fresh(Path(parent), prefix, suffix, mkdir)
+
+
+def default_modes(folder: str | Path) -> tuple[int, int]:
+    """Permission bits that a plain ``open()`` and ``mkdir()`` in ``folder`` give now.
+
+    Found with empty probes (created, looked at, removed), not by reading the umask, for the
+    reason in :func:`new_temp_file`; they also see a default ACL on ``folder``.
+
+    Returns:
+        (file mode, folder mode), e.g. (0o644, 0o755) under umask 022.
+    """
+    fd, path = new_temp_file(folder, prefix=".mode-probe.", suffix=".tmp")
+    try:
+        file_mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        path.unlink()
+    probe = new_temp_dir(folder, prefix=".mode-probe.", suffix=".tmp")
+    try:
+        return file_mode, stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.rmdir()
+
+
+def follow_umask(folder: str | Path) -> list[Path]:
+    """Give what this process just wrote under ``folder`` the modes a plain ``open()``/``mkdir()``
+    gives there (executable files get the folder mode, as a new script would).
+
+    Some writers ignore the umask: safetensors >= 0.8 writes through a 0o600 temporary file and
+    renames it (safetensors issue 782), so every ``save_pretrained`` leaves a private shard.
+    Files with other hard links are left as they are: their mode is shared with another path (a
+    teacher shard linked into a student) and a chmod would change it there too. Symlinks too.
+
+    A filesystem that refuses the chmod gets a warning, not an error: the data is complete.
+
+    Returns:
+        The paths whose mode was changed.
+    """
+    folder = Path(folder)
+    file_mode, dir_mode = default_modes(folder)
+    changed = []
+    for path in [folder, *folder.rglob("*")]:
+        st = path.lstat()
+        if stat.S_ISDIR(st.st_mode):
+            want = dir_mode
+        elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            want = dir_mode if st.st_mode & stat.S_IXUSR else file_mode
+        else:
+            continue
+        if stat.S_IMODE(st.st_mode) == want:
+            continue
+        try:
+            path.chmod(want)
+        except OSError as exc:
+            log.warning("cannot give %s the mode %o (%s); others may not read it", path, want, exc)
+            continue
+        changed.append(path)
+    return changed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename."""
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename (the file
+    gets the umask's mode, as a plain ``open()`` would give it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = new_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -126,15 +240,17 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``final``; on success write the manifest and rename it.
 
     On any exception the temporary folder is removed and ``final`` is untouched. With
-    ``overwrite`` an existing ``final`` is replaced only after the new one is complete.
+    ``overwrite`` an existing ``final`` is replaced only after the new one is complete. What it
+    holds gets the umask's modes (see :func:`follow_umask`), whatever library wrote it.
     """
     final = Path(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; remove it or choose another output")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = new_temp_dir(final.parent, prefix=f".{final.name}.", suffix=".partial")
     try:
         yield tmp
+        follow_umask(tmp)
         write_manifest(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -122,12 +122,14 @@ def write_models(cfg: TrainBenchConfig, root: Path) -> None:
     its student in ``root/student`` (every shared weight identical)."""
     from transformers import AutoModelForCausalLM
 
+    from megadistill.integrity import follow_umask
     from megadistill.teachers.conversion import convert_pretrained
 
     if cfg.teacher_path() is None:
         tcfg = cfg.teacher_config(cfg.seq_len, attention_bias=False)
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(tcfg).save_pretrained(root / "teacher")
+        follow_umask(root / "teacher")  # safetensors writes its shards 0o600
     hybrid = [
         f"window={cfg.window}",
         f"num_sinks={cfg.num_sinks}",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from megadistill.errors import CheckpointError, MegadistillError
 from megadistill.hybrid import HybridSettings
-from megadistill.integrity import atomic_dir
+from megadistill.integrity import atomic_dir, default_modes
 from megadistill.model import HybridConfig, HybridForCausalLM
 from megadistill.model.remote_code import write_remote_code
 from megadistill.teachers.registry import adapter_for
@@ -259,7 +261,8 @@ def _copy_side_files(teacher_path: Path, folder: Path) -> None:
     for name in _SIDE_FILES:
         src = teacher_path / name
         if src.is_file():
-            shutil.copy2(src, folder / name)
+            # copyfile, not copy2: the copy gets the umask's mode, not the teacher file's.
+            shutil.copyfile(src, folder / name)
 
 
 _SIDE_FILES = (
@@ -388,18 +391,32 @@ def _new_parameters(
     return out
 
 
+def _link_or_copy(src: Path, dst: Path, mode: int) -> None:
+    """Hard-link ``src`` to ``dst`` (no copy; it is never written to) when ``src`` already has
+    ``mode``, the mode a new file gets in ``dst``'s folder; else copy it.
+
+    A link shares the teacher's inode and so its mode: a private (0o600) teacher would give a
+    student that nobody else can read, and a chmod of the link would change the teacher."""
+    have = stat.S_IMODE(src.stat().st_mode)
+    if have == mode:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another filesystem, or the kernel refuses links to this file: copy
+    else:
+        log.info("copying %s (mode %o, new files get %o) instead of linking it", src, have, mode)
+    shutil.copyfile(src, dst)
+
+
 def _write_weights(
     tmp: Path, teacher: Path, files: dict[str, str], new: dict[str, torch.Tensor]
 ) -> None:
-    import os
-
     from safetensors.torch import save_file
 
+    mode = default_modes(tmp)[0]
     for f in sorted(set(files.values())):
-        try:
-            os.link(teacher / f, tmp / f)  # same filesystem: no copy, and never written to
-        except OSError:
-            shutil.copy2(teacher / f, tmp / f)
+        _link_or_copy(teacher / f, tmp / f, mode)
     save_file(new, str(tmp / NEW_PARAMS_FILE), metadata={"format": "pt"})
     weight_map = {**files, **{k: NEW_PARAMS_FILE for k in new}}
     total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
