@@ -392,13 +392,15 @@ def _new_parameters(
 
 
 def _link_or_copy(src: Path, dst: Path, mode: int) -> None:
-    """Hard-link ``src`` to ``dst`` (no copy; it is never written to) when ``src`` already has
-    ``mode``, the mode a new file gets in ``dst``'s folder; else copy it.
+    """Hard-link ``src`` to ``dst`` (no copy; it is never written to) when ``src`` grants at
+    least ``mode``, the mode a new file gets in ``dst``'s folder; else copy it.
 
     A link shares the teacher's inode and so its mode: a private (0o600) teacher would give a
-    student that nobody else can read, and a chmod of the link would change the teacher."""
+    student that nobody else can read, and a chmod of the link would change the teacher. A
+    teacher readable by more people than the umask asks for is linked (a 7B teacher's shards
+    are 15 GB: copying them only to take a read bit away is not worth the disk)."""
     have = stat.S_IMODE(src.stat().st_mode)
-    if have == mode:
+    if have & mode == mode:
         try:
             os.link(src, dst)
             return
