@@ -3,7 +3,9 @@
 The paper's known weak spot (~1.0 -> 0.15 at 4K context). Each probe is one forward pass over
 ``haystack[:depth] + needle + haystack[depth:] + question + answer``; the probe passes when every
 answer token is the argmax given its prefix, which is exactly what greedy decoding would emit.
-The mean log-probability per answer token is reported too (smoother for weak models).
+Graded scores beside exact match, so progress shows before exact match moves: the mean
+log-probability per answer token and the share of answer tokens (digits: the tokenisers here
+split numbers into single digits) that are the argmax, per length and per depth.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def probe_model(
     seed: int = 0,
     filler: str = DEFAULT_FILLER,
 ) -> dict[int, dict[str, float]]:
-    """Run the probes for one model: ``{length: {"acc", "hits", "n", "logp"}}``.
+    """Run the probes for one model: ``{length: {"acc", "hits", "n", "digit_acc", "logp",
+    "by_depth": {depth: the same five}}}``.
 
     The probes come from :func:`probe_plan` (``num_trials`` per depth, default: enough for
     ``MIN_PROBES`` per length), so teacher and student see identical ones.
@@ -95,9 +98,9 @@ def probe_model(
     if num_trials < 1 or not depths:
         raise MegadistillError(f"NIAH needs depths and num_trials >= 1, got {num_trials}")
     filler_ids = tokenizer(filler, add_special_tokens=False).input_ids
-    out: dict[int, dict[str, float]] = {}
+    out: dict[int, dict[str, Any]] = {}
     for length, probes in probe_plan(lengths, depths, num_trials, seed).items():
-        hits, logps = [], []
+        scored: dict[float, list[tuple[bool, float, float]]] = {}
         for depth, value in probes:
             ids, n_ans = _probe_ids(tokenizer, filler_ids, length, depth, value)
             x = torch.tensor([ids])
@@ -105,15 +108,28 @@ def probe_model(
                 logits = model(input_ids=x).logits[0, -n_ans - 1 : -1].float()
             target = x[0, -n_ans:]
             logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])
-            hits.append(bool((logits.argmax(-1) == target).all()))
-            logps.append(float(logp.mean()))
+            right = logits.argmax(-1) == target
+            scored.setdefault(depth, []).append(
+                (bool(right.all()), float(right.float().mean()), float(logp.mean()))
+            )
         out[length] = {
-            "acc": sum(hits) / len(hits),
-            "hits": sum(hits),
-            "n": len(hits),
-            "logp": sum(logps) / len(logps),
+            **_scores([p for d in scored.values() for p in d]),
+            "by_depth": {str(d): _scores(p) for d, p in scored.items()},
         }
     return out
+
+
+def _scores(probes: list[tuple[bool, float, float]]) -> dict[str, float]:
+    """Exact-match rate, per-token (digit) accuracy and mean answer log-probability."""
+    n = len(probes)
+    hits = sum(p[0] for p in probes)
+    return {
+        "acc": hits / n,
+        "hits": hits,
+        "n": n,
+        "digit_acc": sum(p[1] for p in probes) / n,
+        "logp": sum(p[2] for p in probes) / n,
+    }
 
 
 def niah_pair(
@@ -154,7 +170,8 @@ def niah_pair(
             r = results[role][n]
             lo, hi = wilson_interval(r["hits"], r["n"])
             row.update({f"{role}_acc": r["acc"], f"{role}_acc_lo": lo, f"{role}_acc_hi": hi,
-                        f"{role}_logp": r["logp"]})  # fmt: skip
+                        f"{role}_logp": r["logp"], f"{role}_digit_acc": r["digit_acc"],
+                        f"{role}_by_depth": r["by_depth"]})  # fmt: skip
         rows.append(row)
     seed = probe_kwargs.get("seed", 0)
     plan = probe_plan(lengths, depths, num_trials, seed)

@@ -144,14 +144,15 @@ def bucket_stats(
 
 def add_recovered(rows: list[dict[str, Any]], student: str = "student", floor: str = "floor"):
     """Per bucket, the share of the floor's gap that the student wins back,
-    ``(floor_gap - student_gap) / floor_gap`` (None where the floor is within one standard error
-    of the teacher: the share would be noise; its error ``recovered_se`` is then None too)."""
+    ``(floor_gap - student_gap) / floor_gap`` (None where the floor's gap is under two standard
+    errors: a share of noise, e.g. "-650% +- 393%"; its error ``recovered_se`` is then None
+    too, and the report prints "-")."""
     for row in rows:
         fg, sg = row.get(f"{floor}_gap"), row.get(f"{student}_gap")
         if fg is None or sg is None:
             continue
         se = row.get(f"{floor}_gap_se") or 0.0
-        row["recovered"] = (fg - sg) / fg if fg > max(se, 1e-9) else None
+        row["recovered"] = (fg - sg) / fg if fg > max(2 * se, 1e-9) else None
         if row["recovered"] is None:
             row["recovered_se"] = None
     return rows

@@ -265,11 +265,13 @@ def _niah_lines(niah: dict[str, Any]) -> list[str]:
         "## Needle in a haystack (greedy exact match of the needle, teacher-forced)",
         "",
         "Teacher and student answer identical probes (same haystacks, depths and needles); "
-        "accuracies with 95% Wilson intervals.",
+        "exact-match accuracies with 95% Wilson intervals, and two graded scores that move "
+        "before exact match does: the share of answer digits that are the argmax, and the "
+        "mean log-probability per answer token.",
         "",
         "| context tokens | probes | teacher acc [95% CI] | student acc [95% CI] | "
-        "teacher needle logp/token | student |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "teacher digits | student digits | teacher logp/token | student logp/token |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in niah["rows"]:
         cells = [str(row["length"]), str(row.get("num_probes", "?"))]
@@ -278,8 +280,34 @@ def _niah_lines(niah: dict[str, Any]) -> list[str]:
             if f"{role}_acc_lo" in row:
                 acc += f" [{row[f'{role}_acc_lo']:.2f}, {row[f'{role}_acc_hi']:.2f}]"
             cells.append(acc)
+        cells += [_opt(row.get(f"{role}_digit_acc")) for role in ("teacher", "student")]
         cells += [f"{row['teacher_logp']:.3f}", f"{row['student_logp']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    depth_rows = _niah_depth_lines(niah["rows"])
+    return lines + (["", *depth_rows] if depth_rows else [])
+
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _niah_depth_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per length and depth: exact match, digit accuracy, logp/token, teacher | student."""
+    if not rows or "student_by_depth" not in rows[0]:
+        return []  # results saved before the per-depth scores existed
+    lines = [
+        "| context tokens | depth | probes | exact match (T / S) | digits (T / S) | "
+        "logp/token (T / S) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        for depth, s in row["student_by_depth"].items():
+            t = row["teacher_by_depth"][depth]
+            lines.append(
+                f"| {row['length']} | {float(depth):.1f} | {s['n']} | {t['acc']:.2f} / "
+                f"{s['acc']:.2f} | {t['digit_acc']:.2f} / {s['digit_acc']:.2f} | "
+                f"{t['logp']:.2f} / {s['logp']:.2f} |"
+            )
     return lines
 
 

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from megadistill.errors import MegadistillError
 from megadistill.eval import metrics
@@ -165,3 +166,40 @@ def test_offline_fewshot_tasks_load_and_build_5_shot_prompts(tmp_path: Path) -> 
         prompt = task.fewshot_context(doc, num_fewshot=5)
         prompt = prompt[0] if isinstance(prompt, list) else prompt
         assert prompt.count(task.config.fewshot_delimiter) >= 5, name
+
+
+class _Recaller(torch.nn.Module):
+    """A byte-level 'model' that has read the needle: it predicts each next byte of the probe
+    text, except that it gets the answer's digits wrong where ``wrong`` says (by position in the
+    answer), so its graded scores are known exactly."""
+
+    def __init__(self, wrong: set[int]) -> None:
+        super().__init__()
+        self.wrong = wrong
+
+    def forward(self, input_ids):
+        ids = input_ids[0]
+        logits = torch.full((1, len(ids), 256), -10.0)
+        logits[0, torch.arange(len(ids) - 1), ids[1:]] = 10.0  # the true next byte
+        answer = len(ids) - 6  # " " + 5 digits; the prediction of byte j is at j - 1
+        for j in self.wrong:
+            true = ids[answer + 1 + j]
+            logits[0, answer + j, true] = -10.0
+            logits[0, answer + j, (true - 48 + 1) % 10 + 48] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("wrong", [set(), {4}, {0, 2}])
+def test_needle_digit_accuracy_and_exact_match_by_hand(tmp_path, wrong):
+    from megadistill.assets import byte_tokenizer
+    from megadistill.eval.niah import probe_model
+
+    tok = byte_tokenizer(tmp_path)
+    out = probe_model(_Recaller(wrong), tok, [96], depths=(0.2, 0.8), num_trials=3, seed=1)
+    row = out[96]
+    assert row["n"] == 6 and row["acc"] == (0.0 if wrong else 1.0)
+    # 6 answer tokens: the space and 5 digits; each wrong digit costs 1/6 of a token's accuracy
+    assert row["digit_acc"] == pytest.approx(1 - len(wrong) / 6)
+    assert set(row["by_depth"]) == {"0.2", "0.8"}
+    assert all(d["n"] == 3 and d["digit_acc"] == row["digit_acc"] for d in row["by_depth"].values())
+    assert row["logp"] < -1.0 if wrong else row["logp"] > -1e-3
