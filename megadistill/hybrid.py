@@ -23,6 +23,7 @@ RopeOn = Literal["input", "features"]
 FeatureMap = Literal["hedgehog", "hedgehog_pm"]
 Mix = Literal["gate", "shared_norm"]
 LocalLayers = Literal["swa", "hybrid"]
+GateInit = Literal["floor", "half"]
 
 GATE_MODES: tuple[str, ...] = get_args(GateMode)
 MLSTM_BACKENDS: tuple[str, ...] = get_args(MLSTMBackend)
@@ -31,6 +32,7 @@ ROPE_ON: tuple[str, ...] = get_args(RopeOn)
 FEATURE_MAPS: tuple[str, ...] = get_args(FeatureMap)
 MIXES: tuple[str, ...] = get_args(Mix)
 LOCAL_LAYERS: tuple[str, ...] = get_args(LocalLayers)
+GATE_INITS: tuple[str, ...] = get_args(GateInit)
 
 
 @dataclass(kw_only=True)
@@ -74,6 +76,13 @@ class HybridSettings:
     whose softmax branch has window min(W, W_t) and no sinks and whose stage I target is the
     teacher's windowed attention (README: "Sliding-window teachers"). A student config saved
     before this setting existed loads as ``hybrid``, as it was converted."""
+    gate_init: GateInit = "floor"
+    """Where the learned gate of mix ``gate`` starts: ``floor`` scales each head's gate by a
+    learned factor that starts at 0, so a freshly converted student is exactly the SWA floor
+    and the mLSTM branch comes in as it learns (the factor gets a gradient from the first
+    step); ``half`` is the paper's plain sigmoid gate, 0.5 at first: every layer then mixes in
+    half of the untrained mLSTM's output. A student config saved before this setting existed
+    loads as ``half``, as it was converted. (mix ``shared_norm`` has no gate.)"""
 
     def __post_init__(self) -> None:
         self.window, self.num_sinks = int(self.window), int(self.num_sinks)
@@ -87,7 +96,7 @@ class HybridSettings:
         for name, choices in (("gate_mode", GATE_MODES), ("mlstm_backend", MLSTM_BACKENDS),
                               ("swa_backend", SWA_BACKENDS), ("rope_on", ROPE_ON),
                               ("feature_map", FEATURE_MAPS), ("mix", MIXES),
-                              ("local_layers", LOCAL_LAYERS)):  # fmt: skip
+                              ("local_layers", LOCAL_LAYERS), ("gate_init", GATE_INITS)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {choices}")
         if self.mix == "shared_norm" and self.rope_on != "input":

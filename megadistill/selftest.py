@@ -160,6 +160,7 @@ def _tiny_student():
     with torch.no_grad():  # a gate away from 0/1 so both branches carry gradient
         for layer in student.model.layers:
             layer.self_attn.ogate.bias.fill_(0.3)
+            layer.self_attn.ogate_scale.weight.fill_(1.0)
     return student
 
 

@@ -24,3 +24,20 @@ def prefilled_then_stepped(student, ids, prefill: int) -> torch.Tensor:
     """Logits of a ``prefill``-token prefill, then one token at a time (0: steps from empty)."""
     steps = list(range(prefill, ids.shape[1] + 1))
     return fed(student, ids, [0, *steps] if prefill else steps)
+
+
+@torch.no_grad()
+def make_both_branches_matter(student):
+    """Move a fresh student off its start so every path is exercised: the learned gate to
+    sigmoid(0.3) at full scale (a fresh ``gate_init: floor`` student is exactly the SWA floor, so
+    a test of the mLSTM branch through the gate would compare nothing), and shared_norm's input
+    gate up so the far past weighs. Returns the student."""
+    for layer in student.model.layers:
+        attn = layer.self_attn
+        if hasattr(attn, "ogate"):
+            attn.ogate.bias.fill_(0.3)
+            if hasattr(attn, "ogate_scale"):
+                attn.ogate_scale.weight.fill_(1.0)
+        elif hasattr(attn, "igate"):
+            attn.igate.bias.fill_(2.0)
+    return student

@@ -23,7 +23,7 @@ from megadistill.model.configuration import HybridConfig
 from megadistill.model.mlstm import PAD_F, PAD_I, _reset_rows, mlstm_forward, mlstm_step_
 from megadistill.model.swa import Tokens, _sdpa, swa_attention, token_mask
 
-NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate")
+NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate", "ogate_scale")
 # shared_norm beyond 2W tokens runs in its blocked form (O(T W) memory, exact); False forces the
 # quadratic reference form at every length (`megadistill bench memory` compares the two).
 BLOCKED_SHARED_NORM = True
@@ -79,6 +79,14 @@ class FeatureMap(nn.Module):
         eye = torch.eye(d, f, dtype=torch.float32)
         noise = torch.randn(h, d, f, generator=generator, dtype=torch.float32) / math.sqrt(d)
         self.weight.copy_((eye + 0.1 * noise).to(self.weight.dtype))
+
+
+class GateScale(nn.Module):
+    """One learned factor per head on the output gate (``gate_init: floor``; 0 at conversion)."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads))
 
 
 class HybridAttention(nn.Module):
@@ -143,6 +151,8 @@ class HybridAttention(nn.Module):
         if not self.shared:  # the shared normaliser needs no output gate
             qkv_dim = (self.num_heads + 2 * self.num_kv) * self.head_dim
             self.ogate = nn.Linear(qkv_dim, self.num_heads)
+            if config.gate_init == "floor":
+                self.ogate_scale = GateScale(self.num_heads)
 
     @torch.no_grad()
     def init_new_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -161,6 +171,16 @@ class HybridAttention(nn.Module):
         self.fgate.bias.copy_(torch.linspace(low, high, self.num_heads, dtype=torch.float32))
         if not self.shared:
             self.ogate.bias.fill_(0.0)
+            if hasattr(self, "ogate_scale"):
+                self.ogate_scale.weight.zero_()  # a fresh student is the SWA floor
+
+    def _output_gate(self, gate_in: torch.Tensor) -> torch.Tensor:
+        """The mLSTM branch's share per head and token, (B,H,T,1): sigmoid(W [q,k,v] + b), times
+        the learned per-head factor that starts at 0 (``gate_init: floor``)."""
+        o = torch.sigmoid(self.ogate(gate_in))
+        if hasattr(self, "ogate_scale"):
+            o = (o * self.ogate_scale.weight).to(o.dtype)  # autocast: the gate's dtype
+        return o.transpose(1, 2)[..., None]
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         bsz, t, _ = x.shape
@@ -212,7 +232,7 @@ class HybridAttention(nn.Module):
             if mode == "mlstm":
                 mixed = mem
             else:
-                o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,T,1)
+                o = self._output_gate(gate_in)  # (B,H,T,1)
                 mixed = o * mem + (1 - o) * swa
         if lc is not None and (lc.k is None or mode == "mlstm"):
             self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
@@ -348,8 +368,7 @@ class HybridAttention(nn.Module):
             return swa
         if mode == "mlstm":
             return mem
-        o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,1,1)
-        return torch.lerp(swa, mem, o)
+        return torch.lerp(swa, mem, self._output_gate(gate_in).to(swa.dtype))
 
     def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
         fq, fk = self._features(q, k, q_r, k_r, cos, sin)

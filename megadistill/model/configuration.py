@@ -51,6 +51,8 @@ class HybridConfig(PretrainedConfig):
             # a config saved before `local_layers` existed (it has a transformers_version but no
             # local_layers) was converted with hybrid local layers: load it as it was made
             given["local_layers"] = "hybrid"
+        if given.get("gate_init") is None and "transformers_version" in kwargs:
+            given["gate_init"] = "half"  # likewise: saved before the floor-equal gate existed
         given = {k: v for k, v in given.items() if v is not None or k == "feature_dim"}
         settings = from_dict(HybridSettings, given)
         for key, value in settings.to_dict().items():

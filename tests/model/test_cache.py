@@ -11,7 +11,7 @@ import torch
 
 from megadistill.teachers import convert
 from megadistill.teachers.tiny import tiny_teacher
-from tests.decoding import fed
+from tests.decoding import make_both_branches_matter, fed
 
 # W = 8, S = 2: the streams below are several windows long.
 MODES = {
@@ -31,13 +31,7 @@ def _student(family="llama", **hybrid):
     teacher = tiny_teacher(family, **({"sliding_window": 12} if family == "mistral" else {}))
     hybrid = {"window": 8, "num_sinks": 2, "chunk_size": 4, "local_layers": "hybrid", **hybrid}
     student, _ = convert(teacher, seed=0, **hybrid)
-    with torch.no_grad():  # make both branches matter
-        for layer in student.model.layers:
-            if hasattr(layer.self_attn, "ogate"):
-                layer.self_attn.ogate.bias.fill_(0.3)
-            elif hasattr(layer.self_attn, "igate"):  # shared_norm: make the far past weigh
-                layer.self_attn.igate.bias.fill_(2.0)
-    return student.eval()
+    return make_both_branches_matter(student.eval())
 
 
 def _cases():

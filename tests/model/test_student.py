@@ -10,7 +10,7 @@ from megadistill.stages.align import AttentionProbe
 from megadistill.teachers import convert
 from megadistill.teachers.conversion import architecture_difference
 from megadistill.teachers.tiny import TINY_FAMILIES, tiny_teacher
-from tests.decoding import prefilled_then_stepped
+from tests.decoding import make_both_branches_matter, prefilled_then_stepped
 
 
 def align_loss(student, ids):
@@ -22,13 +22,7 @@ def align_loss(student, ids):
 def _student(family="llama", **hybrid):
     hybrid = {"window": 8, "num_sinks": 2, "chunk_size": 4, "local_layers": "hybrid", **hybrid}
     student, _ = convert(tiny_teacher(family), seed=0, **hybrid)
-    with torch.no_grad():  # make both branches matter in the learned gate
-        for layer in student.model.layers:
-            if hasattr(layer.self_attn, "ogate"):
-                layer.self_attn.ogate.bias.fill_(0.3)
-            elif hasattr(layer.self_attn, "igate"):  # shared_norm: make the far past weigh
-                layer.self_attn.igate.bias.fill_(2.0)
-    return student
+    return make_both_branches_matter(student)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -104,6 +98,58 @@ def test_learned_gate_differs_from_teacher(family):
         assert (student(ids).logits - teacher(ids).logits).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_fresh_learned_gate_student_is_exactly_the_swa_floor(family):
+    """gate_init 'floor' (the default): the converted student is the SWA-only student, bit for
+    bit, at any length and through a cache; 'half' (the paper's gate at 0.5) is not."""
+    teacher = tiny_teacher(family)
+    hybrid = {"window": 8, "num_sinks": 2, "chunk_size": 4}
+    fresh, _ = convert(teacher, seed=0, **hybrid)
+    floor, _ = convert(teacher, seed=0, gate_mode="swa", **hybrid)
+    half, _ = convert(teacher, seed=0, gate_init="half", **hybrid)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = floor(ids).logits
+        torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(prefilled_then_stepped(fresh, ids, 13), want)
+        assert (half(ids).logits - want).abs().max() > 1e-3
+
+
+def test_the_floor_gate_learns_from_the_first_step():
+    """At conversion the mLSTM branch is multiplied by 0, so only the per-head factor gets a
+    gradient in stage I; after it moves, the rest of the branch does too."""
+    student, _ = convert(tiny_teacher("llama"), seed=0, window=8, num_sinks=2, chunk_size=4)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    new = dict(student.named_parameters())
+    align_loss(student, ids).backward()
+    scale = [p.grad for n, p in new.items() if "ogate_scale" in n]
+    assert scale and all(g is not None and g.abs().sum() > 0 for g in scale)
+    fgate = [p.grad for n, p in new.items() if "fgate.weight" in n]
+    assert all(g is None or g.abs().sum() == 0 for g in fgate)
+    student.zero_grad()
+    with torch.no_grad():
+        for n, p in new.items():
+            if "ogate_scale" in n:
+                p.fill_(0.5)
+    align_loss(student, ids).backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in new.items() if "fgate.weight" in n)
+
+
+def test_a_student_saved_before_gate_init_loads_with_the_half_gate(tmp_path):
+    from megadistill.model import HybridConfig
+
+    student, _ = convert(tiny_teacher("llama"), seed=0, window=8, num_sinks=2, gate_init="half")
+    student.save_pretrained(tmp_path)
+    cfg = (tmp_path / "config.json").read_text()
+    assert '"gate_init": "half"' in cfg
+    old = "\n".join(line for line in cfg.splitlines() if '"gate_init"' not in line)
+    assert old != cfg
+    (tmp_path / "config.json").write_text(old)
+    assert HybridConfig.from_pretrained(tmp_path).gate_init == "half"
+    loaded = HybridForCausalLM.from_pretrained(tmp_path)
+    assert not hasattr(loaded.model.layers[0].self_attn, "ogate_scale")
+
+
 def test_same_teacher_and_seed_give_same_fingerprint():
     teacher = tiny_teacher("qwen2")
     _, fp1 = convert(teacher, seed=3)
@@ -116,7 +162,7 @@ def test_same_teacher_and_seed_give_same_fingerprint():
     "change",
     [{"window": 16}, {"num_sinks": 2}, {"feature_dim": 8}, {"gate_mode": "swa"},
      {"mlstm_backend": "recurrent"}, {"swa_backend": "blocked"}, {"chunk_size": 16},
-     {"local_layers": "hybrid"}],
+     {"local_layers": "hybrid"}, {"gate_init": "half"}],
 )  # fmt: skip
 def test_fingerprint_covers_the_hybrid_settings(change):
     # Same weights (same teacher and seed), different architecture: different students.

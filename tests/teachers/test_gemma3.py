@@ -18,7 +18,7 @@ from megadistill.teachers.conversion import (
     load_teacher_config,
 )
 from megadistill.teachers.tiny import tiny_teacher, tiny_teacher_config
-from tests.decoding import prefilled_then_stepped
+from tests.decoding import make_both_branches_matter, prefilled_then_stepped
 from tests.model.test_student import align_loss
 
 # google/gemma-3-1b-pt's config.json as published (transformers 4.50 format: rope_theta,
@@ -146,9 +146,8 @@ def test_learned_gate_decodes_as_its_parallel_forward():
                          num_sinks=2, chunk_size=4, local_layers="hybrid")  # fmt: skip
     student.eval()
     ids = torch.randint(0, 256, (2, 40))
+    make_both_branches_matter(student)
     with torch.no_grad():
-        for layer in student.model.layers:
-            layer.self_attn.ogate.bias.fill_(0.3)
         full = student(ids).logits
     torch.testing.assert_close(prefilled_then_stepped(student, ids, 17), full)
 
