@@ -295,11 +295,13 @@ def check_train_mfu(
     if not dry_run and not torch.cuda.is_available():
         raise CheckUnavailable("no CUDA GPU")
     cuda = not dry_run
+    from transformers import AutoModelForCausalLM
+
     from megadistill.engine import build_student_engine
     from megadistill.engine.distributed import init_distributed
     from megadistill.engine.ds_config import EngineConfig, build_ds_config
     from megadistill.engine.optim import OptimizerConfig, SchedulerConfig
-    from megadistill.model import HybridConfig, HybridForCausalLM
+    from megadistill.model import HybridConfig  # (registers the student with the Auto classes)
     from megadistill.stages.losses import distill_loss
 
     _single_rank_env()
@@ -313,7 +315,7 @@ def check_train_mfu(
                        micro_batch_size=micro_batch, precision="bf16" if cuda else "fp32")  # fmt: skip
     ds = build_ds_config(run, world_size=1, device_type="cuda" if cuda else "cpu")
     engine = build_student_engine(
-        lambda: HybridForCausalLM._from_config(hcfg, dtype=torch.float32), ds,
+        lambda: AutoModelForCausalLM.from_config(hcfg, dtype=torch.float32), ds,
         OptimizerConfig(lr=1e-5), SchedulerConfig(),
     )  # fmt: skip
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -379,7 +381,7 @@ def check_inference(
     """Teacher (HF Llama, SDPA) vs student prefill/decode tokens/s in bf16, batch 1."""
     from transformers import AutoModelForCausalLM
 
-    from megadistill.model import HybridConfig, HybridForCausalLM
+    from megadistill.model import HybridConfig  # (registers the student with the Auto classes)
 
     if not dry_run and not torch.cuda.is_available():
         raise CheckUnavailable("no CUDA GPU")
@@ -390,7 +392,7 @@ def check_inference(
                                      swa_backend="auto", chunk_size=64 if dry_run else 128)  # fmt: skip
     with torch.device(dev):
         teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa", dtype=dtype)
-        student = HybridForCausalLM._from_config(hcfg, dtype=dtype)
+        student = AutoModelForCausalLM.from_config(hcfg, dtype=dtype)
     teacher.eval(), student.eval()
     models = {"teacher": teacher, "student": student}
 

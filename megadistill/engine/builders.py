@@ -1,9 +1,10 @@
 """Student and teacher DeepSpeed engines, both ZeRO-3 and constructed sharded.
 
 Sharded construction: an ``HfDeepSpeedConfig`` built from the filled DeepSpeed dict is kept alive
-while ``model_fn`` runs, so ``Model._from_config`` / ``from_pretrained`` build every parameter under
-``deepspeed.zero.Init`` with HF's weight initialisation intact (a raw ``zero.Init`` skips it; see
-notes/deepspeed-on-cpu.md). The config object stays attached to the engine for its lifetime.
+while ``model_fn`` runs, so ``AutoModelForCausalLM.from_config`` / ``from_pretrained`` build every
+parameter under ``deepspeed.zero.Init`` with HF's weight initialisation intact (a raw
+``zero.Init`` skips it; see notes/deepspeed-on-cpu.md). The config object stays attached to the
+engine for its lifetime.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _zero_stage(ds_config: dict[str, Any]) -> int:
 
 def _build_sharded(model_fn: ModelFn, ds_config: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     """Call ``model_fn`` while an HfDeepSpeedConfig for ``ds_config`` is alive."""
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+    from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = model_fn()
@@ -42,8 +43,8 @@ def _build_sharded(model_fn: ModelFn, ds_config: dict[str, Any]) -> tuple[torch.
     if _zero_stage(ds_config) == 3 and not any(hasattr(p, "ds_id") for p in model.parameters()):
         log.warning(
             "model_fn built a full, unpartitioned copy on every rank; build it with "
-            "Model._from_config(config) or Model.from_pretrained(path) inside model_fn so "
-            "parameters are partitioned as they are created"
+            "AutoModelForCausalLM.from_config(config) or Model.from_pretrained(path) inside "
+            "model_fn so parameters are partitioned as they are created"
         )
     return model, hf_ds_config
 
@@ -58,7 +59,7 @@ def build_student_engine(
 
     Args:
         model_fn: builds the model; called under an HfDeepSpeedConfig so HF constructors
-            (``_from_config``, ``from_pretrained``) partition parameters as they are created.
+            (``from_config``, ``from_pretrained``) partition parameters as they are created.
             Freeze parameters (``requires_grad_(False)``) inside ``model_fn``.
         ds_config: a filled DeepSpeed dict (:func:`megadistill.engine.ds_config.fill_ds_config`).
         optim: AdamW settings.

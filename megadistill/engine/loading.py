@@ -164,7 +164,10 @@ def from_pretrained_zero3(
         return cls.from_pretrained(folder, dtype=dtype)
     config.dtype = dtype
     # HF's own contexts: dtype, no random init, RoPE buffers kept fp32, deepspeed.zero.Init.
-    contexts = cls.get_init_context(dtype, False, False, None)
+    # A private classmethod (megadistill/compat.py): by keyword, so a renamed parameter raises.
+    contexts = cls.get_init_context(
+        dtype=dtype, is_quantized=False, _is_ds_init_called=False, allow_all_kernels=None
+    )
     with contextlib.ExitStack() as stack:
         for ctx in contexts:
             stack.enter_context(ctx)

@@ -110,6 +110,20 @@ def format_inspection(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _universal_args(tag_dir: Path, out: Path, num_workers: int) -> argparse.Namespace:
+    """What ``ds_to_universal``'s command line would parse: its ``main`` takes only a Namespace
+    (a private entry point, see megadistill/compat.py; the test checks these are its options)."""
+    return argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(out),
+        num_extract_workers=num_workers,
+        num_merge_workers=num_workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+
+
 def to_universal(
     checkpoint: str | Path,
     out: str | Path | None = None,
@@ -137,16 +151,7 @@ def to_universal(
         verify_manifest(tag_dir)
     out = Path(out) if out is not None else tag_dir.with_name(f"{tag_dir.name}_universal")
     with atomic_dir(out) as tmp:
-        args = argparse.Namespace(
-            input_folder=str(tag_dir),
-            output_folder=str(tmp),
-            num_extract_workers=num_workers,
-            num_merge_workers=num_workers,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=False,
-        )
-        ds_to_universal.main(args)
+        ds_to_universal.main(_universal_args(tag_dir, tmp, num_workers))
         if (tag_dir / META_FILE).is_file():
             shutil.copyfile(tag_dir / META_FILE, tmp / META_FILE)
     log.info("universal checkpoint written to %s", out)
