@@ -11,7 +11,7 @@ import torch
 
 from megadistill.teachers import convert
 from megadistill.teachers.tiny import tiny_teacher
-from tests.decoding import make_both_branches_matter, fed
+from tests.decoding import fed, make_both_branches_matter
 
 # W = 8, S = 2: the streams below are several windows long.
 MODES = {
