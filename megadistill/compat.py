@@ -66,10 +66,12 @@ PRIVATE_APIS: tuple[PrivateApi, ...] = (
     PrivateApi(
         name="Parameter._is_hf_initialized",
         package="transformers",
-        used_in=("megadistill/engine/loading.py",),
+        used_in=("megadistill/engine/loading.py", "megadistill/model/modeling.py"),
         tokens=("_is_hf_initialized",),
         why="the flag transformers' own loader sets so that a later init_weights() leaves a "
-        "loaded weight alone; there is no public way to mark weights as loaded",
+        "loaded weight alone (loading.py sets it; modeling.py reads it to tell a hybrid layer "
+        "whose new parameters were loaded from one built fresh); there is no public way to mark "
+        "or see weights as loaded",
     ),
     PrivateApi(
         name="transformers.generation.utils.ALL_CACHE_NAMES",

@@ -176,19 +176,16 @@ def _init_weights(monkeypatch: pytest.MonkeyPatch) -> None:
         assert name in seen, f"building a model no longer calls _init_weights on {name}"
 
 
-@pytest.mark.xfail(
-    transformers_major() >= 5,
-    strict=True,
-    reason="transformers 5.x skips _init_weights for a custom-code module without parameters of "
-    "its own (PreTrainedModel._initialize_weights), so the HybridAttention branch of "
-    "HybridPreTrainedModel._init_weights never runs: a student built from its config keeps "
-    "torch.empty feature maps and zero gate biases (conversion calls init_new_parameters itself)",
-)
 def test_a_student_built_from_its_config_has_its_new_parameters_initialised() -> None:
+    """transformers 5.25 skips ``_init_weights`` on HybridAttention (no parameters of its own):
+    ``HybridPreTrainedModel.initialize_weights`` initialises its new parameters instead."""
     model = tiny_student()
     attn = model.model.layers[0].self_attn
     low, high = model.config.fgate_bias
     torch.testing.assert_close(attn.fgate.bias, torch.linspace(low, high, attn.num_heads))
+    assert torch.equal(attn.ogate_scale.weight, torch.zeros(attn.num_heads))  # the SWA floor
+    for p in attn.q_feature.parameters():
+        assert torch.isfinite(p).all() and p.abs().max() < 10, "feature map left uninitialised"
 
 
 @check("PreTrainedModel._no_split_modules")

@@ -64,6 +64,7 @@ class FeatureMap(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
         self.both_signs = both_signs
+        self.reset_parameters()  # never torch.empty, whichever path builds the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, head_dim)
         z = x @ self.weight  # (B,H,T,d) @ (H,d,f): one batched product per head
@@ -87,6 +88,11 @@ class GateScale(nn.Module):
     def __init__(self, num_heads: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, gate: torch.Tensor) -> torch.Tensor:  # (B, T, H), in the gate's dtype
+        # Applied through forward (not by reading .weight from outside) so that ZeRO-3's module
+        # hooks gather the partitioned weight in the forward and again in the backward.
+        return (gate * self.weight).to(gate.dtype)
 
 
 class HybridAttention(nn.Module):
@@ -179,7 +185,7 @@ class HybridAttention(nn.Module):
         the learned per-head factor that starts at 0 (``gate_init: floor``)."""
         o = torch.sigmoid(self.ogate(gate_in))
         if hasattr(self, "ogate_scale"):
-            o = (o * self.ogate_scale.weight).to(o.dtype)  # autocast: the gate's dtype
+            o = self.ogate_scale(o)
         return o.transpose(1, 2)[..., None]
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

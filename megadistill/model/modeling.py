@@ -97,9 +97,31 @@ class HybridPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model builds its own HybridCache
 
+    def initialize_weights(self) -> None:
+        """transformers' initialisation of every weight not loaded from a checkpoint, then the
+        new parameters of each hybrid layer none of which were loaded.
+
+        transformers >= 5.25 never calls ``_init_weights`` on a custom-code module without
+        parameters of its own, which :class:`HybridAttention` is: its new parameters (feature
+        maps, gates) would keep their construction values in a student built from its config.
+        Under ZeRO-3 construction (``deepspeed.zero.Init``) a parameter is already partitioned
+        here (no elements on this rank) and keeps those values, as transformers' own init does.
+        """
+        fresh = [
+            m
+            for m in self.modules()
+            if isinstance(m, HybridAttention)
+            and not m.kept
+            and not any(getattr(p, "_is_hf_initialized", False) for p in m.parameters())
+            and all(p.numel() > 0 for p in m.parameters())
+        ]
+        super().initialize_weights()
+        for attn in fresh:
+            attn.init_new_parameters()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, HybridAttention):
+        if isinstance(module, HybridAttention):  # transformers < 5.25 reaches the layer itself
             module.init_new_parameters()
         elif hasattr(module, "scalar_embed_scale"):
             # Gemma 3's scaled embedding: sqrt(hidden) lives in a non-persistent buffer that
