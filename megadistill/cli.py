@@ -513,7 +513,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- self-test
 def _selftest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", help="GPU kernels, stage II MFU, inference")
-    p.add_argument("--dry-run", action="store_true", help="the GPU groups' code, tiny, on CPU")
+    p.add_argument("--dry-run", action="store_true",
+                   help="rehearse --gpu on CPU: small shapes, Triton interpreted, Flex forward")  # fmt: skip
     p.add_argument("--out", default="selftest.json", help="JSON results file")
     p.add_argument("--budget-s", type=float, default=450.0, help="overall time budget (s)")
 

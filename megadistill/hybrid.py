@@ -99,6 +99,13 @@ class HybridSettings:
                               ("local_layers", LOCAL_LAYERS), ("gate_init", GATE_INITS)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        if self.mlstm_backend == "triton" and (
+            self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1)
+        ):
+            raise ConfigError(
+                f"mlstm_backend='triton' needs chunk_size a power of 2 >= 16 (its kernel's "
+                f"blocks), got {self.chunk_size}"
+            )
         if self.mix == "shared_norm" and self.rope_on != "input":
             raise ConfigError("mix='shared_norm' needs rope_on='input'")
         if self.rope_on == "features" and self.feature_map != "hedgehog":

@@ -12,7 +12,14 @@ prefill/decode throughput at 8K-64K context.
 Each check is isolated: an exception is recorded (``fail`` for a wrong number, ``unavailable`` for
 a missing piece such as Triton, ``error`` otherwise) and the next check runs. With ``--gpu`` each
 group runs in its own process with a timeout (a CUDA fault or hang cannot take the others down)
-inside one overall time budget. Results go to a JSON file and a printed table.
+inside one overall time budget. Results go to one JSON file (rewritten after every group, so a
+killed run keeps what it measured) and a printed table.
+
+``--dry-run`` rehearses the ``--gpu`` run on a CPU: the same groups, checks and child processes at
+small shapes; the Triton kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` in the
+child, which also refuses a ``tl.dot`` a GPU would refuse, see :func:`interpret_like_a_gpu`), the
+compiled FlexAttention forward runs on CPU and only FlexAttention's backward (no CPU
+implementation) is left to the GPU.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +79,13 @@ def _expect(metrics: dict[str, Any], key: str, value: float, tol: float) -> None
 
 
 # ----------------------------------------------------------------------------- mLSTM
-def _require_mlstm(backend: str) -> None:
+def _require_mlstm(backend: str, device: str = "cuda") -> None:
+    if backend == "triton":
+        from megadistill.model.backends import triton_backend_status
+
+        why = triton_backend_status(torch.device(device).type)
+        if why is not None:
+            raise CheckUnavailable(why)
     if backend in ("triton", "native"):
         from megadistill.model.mlstm import _kernel_fn
 
@@ -81,16 +95,34 @@ def _require_mlstm(backend: str) -> None:
             raise CheckUnavailable(str(exc)) from exc
 
 
+def interpret_like_a_gpu() -> None:
+    """Make Triton's interpreter refuse a ``tl.dot`` whose reduced dimension is below 16 (32 for
+    8-bit inputs), as triton's NVIDIA backend does (the interpreter itself accepts any size): a
+    chunk size or head size too small for a GPU then fails on CPU too. Uses the interpreter's
+    private ``interpreter_builder.codegen_fns`` (triton 3.7.1; tests/model/test_triton_kernels.py
+    fails if it changes)."""
+    from triton.runtime import interpreter
+
+    def min_dot_size(lhs_type, rhs_type) -> tuple[int, int, int]:
+        del rhs_type
+        return (1, 1, 32) if lhs_type.scalar.primitive_bitwidth == 8 else (1, 1, 16)
+
+    interpreter.interpreter_builder.codegen_fns["min_dot_size"] = min_dot_size
+
+
 def _mlstm_inputs(seed: int = 0, b: int = 2, h: int = 2, t: int = 200, d: int = 16):
     g = torch.Generator().manual_seed(seed)
     q = torch.softmax(torch.randn(b, h, t, d, generator=g, dtype=torch.float64), -1)
     k = torch.softmax(torch.randn(b, h, t, d, generator=g, dtype=torch.float64), -1)
     v = torch.randn(b, h, t, d, generator=g, dtype=torch.float64)
+    # Row 1's input gates 2 higher: there |n.q'| outgrows exp(-m) in the normaliser (as hundreds
+    # of keys in the state do at a real context length), so both of its branches are checked.
     i_pre = torch.randn(b, h, t, generator=g, dtype=torch.float64)
+    i_pre[1:] += 2.0
     f_pre = torch.randn(b, h, t, generator=g, dtype=torch.float64) + 3.0
     reset = torch.zeros(b, t, dtype=torch.bool)
     reset[:, 0] = True
-    reset[0, 77] = True  # two packed documents in row 0
+    reset[0, t * 2 // 5] = True  # two packed documents in row 0
     return (q, k, v, i_pre, f_pre), reset
 
 
@@ -104,10 +136,10 @@ def _mlstm_run(inputs, reset, backend: str, device: str, dtype: torch.dtype, chu
     return h, [x.grad for x in xs]
 
 
-def check_mlstm(backend: str, device: str, tol: float) -> dict[str, Any]:
+def check_mlstm(backend: str, device: str, tol: float, t: int = 200) -> dict[str, Any]:
     """One mLSTM backend on ``device`` in fp32 vs the float64 CPU recurrence, with resets."""
-    _require_mlstm(backend)
-    inputs, reset = _mlstm_inputs()
+    _require_mlstm(backend, device)
+    inputs, reset = _mlstm_inputs(t=t)
     h_ref, g_ref = _mlstm_run(inputs, reset, "recurrent", "cpu", torch.float64, 64)
     h, grads = _mlstm_run(inputs, reset, backend, device, torch.float32, 64)
     m: dict[str, Any] = {}
@@ -119,32 +151,49 @@ def check_mlstm(backend: str, device: str, tol: float) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- SWA
-def check_swa(backend: str, device: str, tol: float) -> dict[str, Any]:
-    """One SWA + sinks backend on ``device`` in fp32 vs float64 CPU ``reference``."""
-    from megadistill.model.swa import swa_attention
+GRADS_GPU_ONLY = "not compared here: FlexAttention has no CPU backward (the GPU run compares them)"
 
-    if backend == "flex" and device != "cuda":
-        raise CheckUnavailable("flex SWA is checked on CUDA only")
+
+def _grads_here(swa_backend: str, device: str) -> bool:
+    """Whether gradients can be compared: not with Flex off CUDA (no CPU backward)."""
+    return swa_backend != "flex" or torch.device(device).type == "cuda"
+
+
+def check_swa(backend: str, device: str, tol: float, t: int = 300) -> dict[str, Any]:
+    """One SWA + sinks backend on ``device`` in fp32 vs float64 CPU ``reference``. Flex off CUDA:
+    its compiled forward only (FlexAttention has no CPU backward)."""
+    from megadistill.model.swa import swa_attention, swa_flex
+
+    with_grads = _grads_here(backend, device)
     g = torch.Generator().manual_seed(0)
-    b, t, d = 2, 300, 32
+    b, d = 2, 32
     q, k, v = (torch.randn(b, n, t, d, generator=g, dtype=torch.float64) for n in (4, 2, 2))
     reset = torch.zeros(b, t, dtype=torch.bool)
     reset[:, 0] = True
-    reset[1, 150] = True
+    reset[1, t // 2] = True
     valid = torch.ones(b, t, dtype=torch.bool)
     valid[0, -10:] = False  # padding at the end of row 0
+    keep = valid[:, None, :, None]
 
     def run(dev, dtype, be):
-        xs = [x.detach().to(dev, dtype).requires_grad_(True) for x in (q, k, v)]
-        out = swa_attention(*xs, reset.to(dev), valid.to(dev), 64, 4, d**-0.5, be)
+        xs = [x.detach().to(dev, dtype).requires_grad_(with_grads) for x in (q, k, v)]
+        args = (*xs, reset.to(dev), valid.to(dev), 64, 4, d**-0.5)
+        if not with_grads:
+            with torch.no_grad():  # Flex off CUDA: the compiled kernel the GPU runs, forward only
+                out = swa_flex(*args, compiled=True) if be == "flex" else swa_attention(*args, be)
+            return out * keep.to(out.device), []
+        out = swa_attention(*args, be)
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        (out.double() * w.to(out.device) * valid.to(out.device)[:, None, :, None]).sum().backward()
-        return out * valid.to(out.device)[:, None, :, None], [x.grad for x in xs]
+        (out.double() * w.to(out.device) * keep.to(out.device)).sum().backward()
+        return out * keep.to(out.device), [x.grad for x in xs]
 
     ref, g_ref = run("cpu", torch.float64, "reference")
     out, grads = run(device, torch.float32, backend)
     m: dict[str, Any] = {}
     _expect(m, "fwd_rel_err", rel_err(out, ref), tol)
+    if not with_grads:
+        m["grads"] = GRADS_GPU_ONLY
+        return m
     _expect(m, "grad_max_rel_err", max(rel_err(a, r) for a, r in zip(grads, g_ref)), tol)
     return m
 
@@ -164,45 +213,56 @@ def _tiny_student():
     return student
 
 
-def _student_loss(model, device: str, autocast: bool = False):
+def _student_loss(model, device: str, autocast: bool = False, grads: bool = True):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, model.config.vocab_size, (2, 100), generator=g).to(device)
     pos = torch.cat([torch.arange(60), torch.arange(40)]).expand(2, -1).to(device)
     model.zero_grad(set_to_none=True)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=ids, position_ids=pos, labels=ids)
+        with torch.set_grad_enabled(grads):
+            out = model(input_ids=ids, position_ids=pos, labels=ids)
+    if not grads:
+        return out.logits.detach(), out.loss.detach(), {}
     out.loss.backward()
-    grads = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}
-    return out.logits.detach(), out.loss.detach(), grads
+    grads_ = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}
+    return out.logits.detach(), out.loss.detach(), grads_
 
 
 def check_student(mlstm_backend: str, swa_backend: str, device: str, tol: float) -> dict[str, Any]:
     """The student with the device backends in fp32 vs float64 CPU (chunkwise + reference)."""
-    _require_mlstm(mlstm_backend)
+    _require_mlstm(mlstm_backend, device)
+    grads = _grads_here(swa_backend, device)
     student = _tiny_student().train()
     ref = copy.deepcopy(student).double()
     ref.config.mlstm_backend, ref.config.swa_backend = "chunkwise", "reference"
     dev = copy.deepcopy(student).float().to(device)
     dev.config.mlstm_backend, dev.config.swa_backend = mlstm_backend, swa_backend
-    logits_ref, _, g_ref = _student_loss(ref, "cpu")
-    logits, _, grads = _student_loss(dev, device)
+    logits_ref, _, g_ref = _student_loss(ref, "cpu", grads=grads)
+    logits, _, got = _student_loss(dev, device, grads=grads)
     m: dict[str, Any] = {}
     _expect(m, "logits_rel_err", rel_err(logits, logits_ref), tol)
-    worst = max(grads, key=lambda n: rel_err(grads[n], g_ref[n]))
+    if not grads:
+        m["grads"] = GRADS_GPU_ONLY
+        return m
+    worst = max(got, key=lambda n: rel_err(got[n], g_ref[n]))
     m["worst_grad"] = worst
-    _expect(m, "grad_max_rel_err", rel_err(grads[worst], g_ref[worst]), tol)
+    _expect(m, "grad_max_rel_err", rel_err(got[worst], g_ref[worst]), tol)
     return m
 
 
 def check_bf16_autocast(mlstm_backend: str, swa_backend: str, device: str) -> dict[str, Any]:
     """The student under bf16 autocast vs fp32 on the same device (bf16-sized tolerances)."""
+    grads = _grads_here(swa_backend, device)
     model = _tiny_student().train().to(device)
     model.config.mlstm_backend, model.config.swa_backend = mlstm_backend, swa_backend
-    logits32, loss32, g32 = _student_loss(model, device)
-    logits16, loss16, g16 = _student_loss(model, device, autocast=True)
+    logits32, loss32, g32 = _student_loss(model, device, grads=grads)
+    logits16, loss16, g16 = _student_loss(model, device, autocast=True, grads=grads)
     m: dict[str, Any] = {"loss_fp32": float(loss32), "loss_bf16": float(loss16)}
     _expect(m, "logits_rel_err", rel_err(logits16.float(), logits32), 5e-2)
     _expect(m, "loss_abs_diff", abs(float(loss16) - float(loss32)), 2e-2)
+    if not grads:
+        m["grads"] = GRADS_GPU_ONLY
+        return m
     flat16 = torch.cat([g.flatten() for g in g16.values()])
     flat32 = torch.cat([g.flatten() for g in g32.values()])
     cos = float(torch.nn.functional.cosine_similarity(flat16, flat32, dim=0))
@@ -210,8 +270,13 @@ def check_bf16_autocast(mlstm_backend: str, swa_backend: str, device: str) -> di
     return m
 
 
-def correctness_checks(gpu: bool) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
-    """The correctness checks for the CPU (``gpu=False``) or the GPU paths."""
+def correctness_checks(
+    gpu: bool, rehearse: bool = False
+) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    """The correctness checks for the CPU (``gpu=False``) or the GPU paths; ``rehearse``: the GPU
+    paths' checks on the CPU at small shapes (Triton under its interpreter)."""
+    if rehearse:
+        return _gpu_checks("cpu", mlstm_t=48, swa_t=150)
     if not gpu:
         return [
             ("mlstm chunkwise (cpu fp32) vs fp64", lambda: check_mlstm("chunkwise", "cpu", 1e-5)),
@@ -224,17 +289,23 @@ def correctness_checks(gpu: bool) -> list[tuple[str, Callable[[], dict[str, Any]
             ("student bf16 autocast vs fp32 (cpu)", lambda: check_bf16_autocast(
                 "chunkwise", "blocked", "cpu")),
         ]  # fmt: skip
+    return _gpu_checks("cuda")
+
+
+def _gpu_checks(dev: str, mlstm_t: int = 200, swa_t: int = 300):
     # Triton and TF32 matmuls: ~1e-3 relative is expected; 2e-2 flags a wrong kernel.
     return [
-        ("mlstm triton (cuda fp32) vs fp64", lambda: check_mlstm("triton", "cuda", 2e-2)),
-        ("mlstm chunkwise (cuda fp32) vs fp64", lambda: check_mlstm("chunkwise", "cuda", 1e-3)),
-        ("swa flex (cuda fp32) vs fp64", lambda: check_swa("flex", "cuda", 1e-3)),
-        ("swa blocked (cuda fp32) vs fp64", lambda: check_swa("blocked", "cuda", 1e-3)),
-        ("student cuda triton+flex vs fp64", lambda: check_student("triton", "flex", "cuda", 2e-2)),
-        ("student cuda chunkwise+flex vs fp64",
-         lambda: check_student("chunkwise", "flex", "cuda", 2e-3)),
-        ("student bf16 autocast vs fp32 (cuda)",
-         lambda: check_bf16_autocast("chunkwise", "flex", "cuda")),
+        (f"mlstm triton ({dev} fp32) vs fp64",
+         lambda: check_mlstm("triton", dev, 2e-2, t=mlstm_t)),
+        (f"mlstm chunkwise ({dev} fp32) vs fp64",
+         lambda: check_mlstm("chunkwise", dev, 1e-3, t=mlstm_t)),
+        (f"swa flex ({dev} fp32) vs fp64", lambda: check_swa("flex", dev, 1e-3, t=swa_t)),
+        (f"swa blocked ({dev} fp32) vs fp64", lambda: check_swa("blocked", dev, 1e-3, t=swa_t)),
+        (f"student {dev} triton+flex vs fp64", lambda: check_student("triton", "flex", dev, 2e-2)),
+        (f"student {dev} chunkwise+flex vs fp64",
+         lambda: check_student("chunkwise", "flex", dev, 2e-3)),
+        (f"student bf16 autocast vs fp32 ({dev})",
+         lambda: check_bf16_autocast("chunkwise", "flex", dev)),
     ]  # fmt: skip
 
 
@@ -264,7 +335,7 @@ def llama_1b_config():
 
 def _fast_mlstm_backend() -> str:
     try:
-        _require_mlstm("triton")
+        _require_mlstm("triton", "cuda")
         return "triton"
     except CheckUnavailable:
         return "chunkwise"
@@ -426,7 +497,7 @@ def group_checks(
 ) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
     """The checks of one group: 'correctness', 'train' or 'inference'."""
     if group == "correctness":
-        return correctness_checks(gpu)
+        return correctness_checks(gpu, rehearse=dry_run)
     if group == "train":
         return [("stage II tokens/s + MFU (1 rank, ZeRO-3 bf16)",
                  lambda: check_train_mfu(dry_run=dry_run, seq_len=256 if dry_run else 4096))]  # fmt: skip
@@ -466,9 +537,14 @@ def _run_group_isolated(group: str, budget_s: float, dry_run: bool) -> list[Chec
         out = Path(tmp) / "results.jsonl"
         cmd = [sys.executable, "-m", "megadistill.selftest", "--group", group, "--results",
                str(out), "--budget-s", str(budget_s)] + (["--dry-run"] if dry_run else ["--gpu"])  # fmt: skip
+        env = dict(os.environ)
+        if dry_run and group == "correctness":  # before the child imports triton
+            env["TRITON_INTERPRET"] = "1"
         note = ""
         try:
-            proc = subprocess.run(cmd, timeout=budget_s + 30, capture_output=True, text=True)
+            proc = subprocess.run(
+                cmd, timeout=budget_s + 30, capture_output=True, text=True, env=env
+            )
             if proc.returncode:
                 note = f"exit {proc.returncode}: {proc.stderr[-1500:]}"
         except subprocess.TimeoutExpired:
@@ -501,15 +577,42 @@ def run_selftest(
                 results.append(CheckResult(group, "timeout", message="overall time budget used up"))
                 continue
             results += _run_group_isolated(group, min(GROUP_LIMIT_S[group], left), dry_run)
-    report = {"gpu": gpu, "dry_run": dry_run, "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "seconds": time.monotonic() - start, "results": [asdict(r) for r in results]}  # fmt: skip
-    if out is not None:
-        from megadistill.integrity import atomic_write_text
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out), json.dumps(report, indent=2, default=str) + "\n")
+            _write_report(out, gpu, dry_run, start, results)  # a killed run keeps these
+    _write_report(out, gpu, dry_run, start, results)
     return results
+
+
+def environment() -> dict[str, Any]:
+    """What the figures were measured with: versions, the device, whether Triton can run."""
+    from importlib import metadata
+
+    from megadistill.model.backends import triton_backend_status
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cuda = torch.cuda.is_available()
+    return {
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        **{dist: version(dist) for dist in ("triton", "mlstm_kernels", "deepspeed")},
+        # installed and with block pointers (the CPU rehearsal's children run it interpreted)
+        "triton_backend": triton_backend_status("cuda") or "usable",
+    }  # fmt: skip
+
+
+def _write_report(out, gpu: bool, dry_run: bool, start: float, results) -> None:
+    if out is None:
+        return
+    from megadistill.integrity import atomic_write_text
+
+    report = {"gpu": gpu, "dry_run": dry_run, **environment(),
+              "seconds": time.monotonic() - start, "results": [asdict(r) for r in results]}  # fmt: skip
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out), json.dumps(report, indent=2, default=str) + "\n")
 
 
 def ok(results: list[CheckResult]) -> bool:
@@ -553,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cpu_distributed_env()
         torch.set_num_threads(1)
+        if os.environ.get("TRITON_INTERPRET") == "1" and find_spec("triton") is not None:
+            interpret_like_a_gpu()
     deadline = time.monotonic() + args.budget_s
     checks = group_checks(args.group, args.gpu, args.dry_run, deadline)
 

@@ -2,8 +2,16 @@
 (and a check that the runner records failures instead of stopping)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from megadistill import selftest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_selftest_passes_and_writes_json(tmp_path):
@@ -49,14 +57,37 @@ def test_peak_flops_by_gpu_name():
     assert selftest.peak_bf16_flops("Some GPU") is None
 
 
-def test_gpu_groups_dry_run_on_cpu(tmp_path):
-    """The --gpu groups' code (child processes, 1-rank ZeRO-3 engine, head loss, inference timing)
-    run tiny on CPU, so the prepared GPU script is exercised before a GPU is at hand."""
-    results = selftest.run_selftest(gpu=False, out=tmp_path / "s.json", budget_s=240, dry_run=True)
-    by_name = {r.name: r for r in results}
-    assert all(r.status == "pass" for r in results), selftest.format_table(results)
-    train = by_name["stage II tokens/s + MFU (1 rank, ZeRO-3 bf16)"].metrics
+@pytest.mark.slow
+def test_gpu_check_script_rehearsed_on_cpu(tmp_path):
+    """``tools/gpu_check.sh OUT --rehearse``: the GPU run's script, CLI, child processes and every
+    check that is not CUDA-only, on CPU at small shapes: the Triton kernels under Triton's
+    interpreter, the compiled FlexAttention forward (its backward, which has no CPU implementation,
+    is left to the GPU), the 1-rank ZeRO-3 engine and head loss, inference timing. Figures land in
+    one JSON file. On a GPU the same script runs ``--gpu`` under a 10-minute bound (60 s version
+    lines + 470 s selftest)."""
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_check.sh"), str(out), "--rehearse"],
+        env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["dry_run"] and data["triton_backend"] == "usable", {
+        k: v for k, v in data.items() if k != "results"
+    }
+    by_name = {r["name"]: r for r in data["results"]}
+    expected = [n for g in ("correctness", "train", "inference")
+                for n, _ in selftest.group_checks(g, gpu=False, dry_run=True)]  # fmt: skip
+    assert list(by_name) == expected
+    bad = {
+        n: (r["status"], r["message"][:300]) for n, r in by_name.items() if r["status"] != "pass"
+    }
+    assert not bad, bad
+    triton = by_name["mlstm triton (cpu fp32) vs fp64"]["metrics"]
+    assert triton["fwd_rel_err"] < 1e-5 and triton["grad_max_rel_err"] < 1e-4  # interpreted: fp32
+    assert by_name["swa flex (cpu fp32) vs fp64"]["metrics"]["grads"] == selftest.GRADS_GPU_ONLY
+    train = by_name["stage II tokens/s + MFU (1 rank, ZeRO-3 bf16)"]["metrics"]
     assert train["tokens_per_s"] > 0 and train["loss"] > 0
-    rows = by_name["teacher vs student prefill/decode"].metrics["rows"]
+    rows = by_name["teacher vs student prefill/decode"]["metrics"]["rows"]
     assert [r["context"] for r in rows] == [512, 1024]
     assert all(r["student_decode_tok_s"] > 0 and r["teacher_decode_tok_s"] > 0 for r in rows)

@@ -87,6 +87,12 @@ class HybridConfig(PretrainedConfig):
                 f"rope_on='features' needs feature_dim == head_dim ({self.head_dim}), "
                 f"got {self.feature_dim}"
             )
+        dims = (self.mlstm_feature_dim, self.head_dim)
+        if self.mlstm_backend == "triton" and self.head_dim and min(dims) < 16:
+            raise ValueError(
+                "mlstm_backend='triton' needs feature_dim and head_dim >= 16 (a GPU's tl.dot), "
+                f"got {dims[0]} and {dims[1]}; use mlstm_backend='chunkwise'"
+            )
         num_layers = self.teacher_config.get("num_hidden_layers")
         bad = [i for i in self.softmax_layers if i < 0 or (num_layers and i >= num_layers)]
         if bad or len(set(self.softmax_layers)) != len(self.softmax_layers):

@@ -16,7 +16,9 @@ Backends:
 - ``chunkwise``: chunkwise-parallel in plain torch with exact document resets (default; any
   device, exact autograd gradients).
 - ``native``: ``mlstm_kernels`` chunkwise ``native_autograd`` (documents are run one at a time).
-- ``triton``: ``mlstm_kernels`` Triton ``limit_chunk`` kernel (CUDA only).
+- ``triton``: ``mlstm_kernels`` Triton ``limit_chunk`` kernel (CUDA; needs triton < 3.8, see
+  :mod:`.backends`, which falls back to ``chunkwise`` where it cannot run). Its backward leaves
+  out the normaliser's gradient; :func:`_with_exact_grad` adds it, so the gradients are exact.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from megadistill.hybrid import MLSTM_BACKENDS
+from megadistill.model.backends import resolve_mlstm_backend
 
 EPS = 1e-6
 # Gate pre-activations that make a step an exact no-op: exp(PAD_I - m) == 0 and logsigmoid(PAD_F) == 0.
@@ -256,8 +259,48 @@ def _kernel_fn(backend: str):
         ) from exc
 
 
-def _kernel_segment(fn, q, k, v, i_pre, f_pre, state, chunk_size, eps):
-    """Run an mlstm_kernels chunkwise kernel on one document, padding T to the chunk size."""
+# Value columns of the normaliser call of :func:`_with_exact_grad`: on a GPU the kernel's
+# tl.dot needs blocks of at least 16 along every reduced dimension.
+_NORM_COLS = 16
+
+
+def _with_exact_grad(fn, q, k, i_pre, f_pre, state, h, chunk_size, eps):
+    """``h`` (same values) with the gradients the Triton kernel's backward leaves out.
+
+    That backward holds the denominator ``den = max(|n.q'|, exp(-m)) + eps`` and the stabiliser
+    ``m`` constant (the xLSTM blocks it was written for put a per-head norm after the cell, which
+    cancels the denominator's gradient; this student has none: without this its q/k/i/f
+    gradients are off by up to ~100%). The terms added:
+
+    - where ``|n.q'|`` is the larger, the gradient of ``n.q'``: the same kernel with ones as values
+      returns ``s = n.q' / den`` (a state's C for ones is its n), and its backward (den constant
+      again) gives that gradient for the upstream ``-(dL/dh . h) sign(s)`` that
+      ``h - h * sign(s) * (s - s.detach())`` feeds it;
+    - ``m``'s: ``h`` depends on ``m`` through ``eps`` alone (``dh/dm = -h eps / den``, where
+      ``eps / den`` is ``1 - |s|`` or ``eps / (exp(-m) + eps)``); ``m_t`` is the recurrence's
+      running max, computed here with its gradient.
+    """
+    _, n, m = state
+    ones = h.new_ones(*h.shape[:-1], _NORM_COLS)
+    c_ones = n[..., None].expand(*n.shape, _NORM_COLS).contiguous()
+    s = fn(
+        q, k, ones, i_pre, f_pre, c_initial=c_ones, n_initial=n, m_initial=m[..., None],
+        return_last_states=False, chunk_size=chunk_size, eps=eps,
+    )[..., 0]  # fmt: skip
+    b = F.logsigmoid(f_pre).cumsum(-1)
+    m_t = torch.maximum(m[..., None] + b, (i_pre - b).cummax(-1).values + b)
+    with torch.no_grad():
+        floor = torch.exp(-m_t)
+        grows = s.abs() * (floor + eps) >= floor  # |n.q'| >= exp(-m)
+        eps_den = torch.where(grows, 1 - s.abs(), eps / (floor + eps))
+        sign = torch.sign(s) * grows
+    extra = sign * (s - s.detach()) + eps_den * (m_t - m_t.detach())  # zero, with gradients
+    return h - h.detach() * extra[..., None]
+
+
+def _kernel_segment(fn, q, k, v, i_pre, f_pre, state, chunk_size, eps, exact_grad=False):
+    """Run an mlstm_kernels chunkwise kernel on one document, padding T to the chunk size.
+    ``exact_grad``: add the gradients the Triton kernel's backward leaves out."""
     t = q.shape[2]
     pad = (-t) % chunk_size
     if pad:
@@ -265,10 +308,20 @@ def _kernel_segment(fn, q, k, v, i_pre, f_pre, state, chunk_size, eps):
         i_pre = F.pad(i_pre, (0, pad), value=PAD_I)
         f_pre = F.pad(f_pre, (0, pad), value=PAD_F)
     c, n, m = state
-    h, (c, n, m) = fn(
+    h, last = fn(
         q, k, v, i_pre, f_pre, c_initial=c, n_initial=n, m_initial=m[..., None],
         return_last_states=True, chunk_size=chunk_size, eps=eps,
     )  # fmt: skip
+    if (
+        exact_grad
+        and torch.is_grad_enabled()
+        and any(x.requires_grad for x in (q, k, i_pre, f_pre, n, m))
+    ):
+        h = _with_exact_grad(fn, q, k, i_pre, f_pre, state, h, chunk_size, eps)
+        # The kernel's gradients through its last state miss terms too (n's and part of f's);
+        # the state feeds a cache, which runs without autograd.
+        last = tuple(x.detach() for x in last)
+    c, n, m = last
     return h[:, :, :t], (c, n, m.reshape(m.shape[0], m.shape[1]))
 
 
@@ -286,13 +339,14 @@ def mlstm_kernels_forward(
 ) -> tuple[torch.Tensor, State]:
     """mlstm_kernels backends. Packed rows are split at document starts (one call per document)."""
     fn = _kernel_fn(backend)
+    exact = backend == "triton"  # native_autograd's gradients are autograd's
     dt = _compute_dtype(q)
     state = _start_state(q, v, state)
     q, k, v, i_pre, f_pre = (x.to(dt) for x in (q, k, v, i_pre, f_pre))
     if reset is None or not bool(reset[:, 1:].any()):
         if reset is not None and bool(reset[:, 0].any()):
             state = _reset_rows(state, reset[:, 0])
-        return _kernel_segment(fn, q, k, v, i_pre, f_pre, state, chunk_size, eps)
+        return _kernel_segment(fn, q, k, v, i_pre, f_pre, state, chunk_size, eps, exact)
     rows, states = [], []
     for r in range(q.shape[0]):
         starts = [0, *(reset[r, 1:].nonzero().flatten() + 1).tolist(), q.shape[2]]
@@ -306,7 +360,7 @@ def mlstm_kernels_forward(
             sl = slice(a, b)
             h, st = _kernel_segment(
                 fn, q[r : r + 1, :, sl], k[r : r + 1, :, sl], v[r : r + 1, :, sl],
-                i_pre[r : r + 1, :, sl], f_pre[r : r + 1, :, sl], st, chunk_size, eps,
+                i_pre[r : r + 1, :, sl], f_pre[r : r + 1, :, sl], st, chunk_size, eps, exact,
             )  # fmt: skip
             pieces.append(h)
         rows.append(torch.cat(pieces, dim=2))
@@ -328,6 +382,7 @@ def mlstm_forward(
     """Dispatch to a backend. Returns h (B,H,T,D) in q's dtype and the final state (float32+)."""
     if q.shape[2] == 1 and state is not None:
         backend = "recurrent"  # one decoding step: the step update is exact and cheapest
+    backend = resolve_mlstm_backend(backend, q.device.type)  # triton -> chunkwise where it can't
     if backend == "chunkwise":
         h, st = mlstm_chunkwise(q, k, v, i_pre, f_pre, reset, state, chunk_size)
     elif backend == "recurrent":

@@ -12,7 +12,8 @@ Backends (all exact):
 - ``reference``: one dense (T x T) boolean mask and SDPA.
 - ``blocked``: queries in blocks; each block sees only its window plus its document's sinks, so
   memory is O(T * (window + block)) and no T x T mask is ever built (CPU default for long inputs).
-- ``flex``: FlexAttention with a block mask (CUDA).
+- ``flex``: FlexAttention with a block mask (compiled on CUDA; its compiled forward is also tested
+  on CPU, where FlexAttention has no backward).
 """
 
 from __future__ import annotations
@@ -170,8 +171,10 @@ def causal_attention(q, k, v, scaling):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
 
 
-def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling):
-    """FlexAttention with a document/window/sink block mask (compiled; meant for CUDA)."""
+def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling, compiled=None):
+    """FlexAttention with a document/window/sink block mask. ``compiled`` (default: on CUDA):
+    block mask and kernel compiled, fused (on CPU the compiled kernel has no backward); else
+    eager flex, which materialises the full score matrix."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     tok = row_tokens(reset, key_valid)
@@ -184,7 +187,7 @@ def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling):
 
     bsz, _, t, _ = q.shape
     rep = q.shape[1] // k.shape[1]
-    if q.is_cuda:  # uncompiled flex materialises the full score matrix; compiled it is fused
+    if q.is_cuda if compiled is None else compiled:
         block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=q.device, _compile=True)
         return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=rep > 1)
     block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=q.device)

@@ -71,6 +71,12 @@ def _check_inputs(cfg: StageConfig) -> None:
     if cfg.teacher and missing_local_path(cfg.teacher):
         raise MegadistillError(f"teacher {cfg.teacher}: no such folder; fix 'teacher' (a Hugging "
                                "Face model folder or hub id)")  # fmt: skip
+    from megadistill.engine.distributed import device_type
+    from megadistill.model.backends import require_mlstm_backend
+
+    # Before any weight loads: a Triton that cannot run is one line now, not a trace later.
+    student = json.loads((folder / "config.json").read_text())
+    require_mlstm_backend(student.get("mlstm_backend", "chunkwise"), device_type())
 
 
 def student_builder(

@@ -87,3 +87,35 @@ def test_visible_is_the_documented_rule():
                 near = window is None or qi[i] - ki[j] < window or kp[j] < sinks
                 seen = ok[j] and qd[i] == kd[j] and ki[j] <= qi[i] and near
                 assert mask[i][j] == (seen or ki[j] == qi[i]), (i, j)
+
+
+@pytest.mark.slow
+def test_compiled_flex_forward_equals_float64_reference_on_cpu():
+    """The compiled FlexAttention path the GPU runs (compiled block mask + compiled kernel), on
+    CPU, forward only, against the float64 dense reference, all cases in one compiled call: row 0
+    three packed documents (each with its own sinks), row 1 left padding, row 2 two documents
+    then right padding; GQA (4 query heads on 2 K/V heads); T not a multiple of Flex's block.
+
+    Backward is GPU-only: FlexAttention has no CPU backward (``NotImplementedError``); the GPU
+    check (``tools/gpu_check.sh``, check "swa flex (cuda fp32) vs fp64") compares its gradients.
+    """
+    g = torch.Generator().manual_seed(3)
+    b, t, window, sinks = 3, 150, 16, 4
+    q = torch.randn(b, H, t, DH, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, KV, t, DH, generator=g, dtype=torch.float64) for _ in range(2))
+    reset = torch.zeros(b, t, dtype=torch.bool)
+    reset[:, 0] = reset[0, 50] = reset[0, 90] = reset[2, 70] = True
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :9] = False
+    valid[2, -13:] = False
+    reset[1, 9] = True  # the first real token of the left-padded row starts its document
+    with torch.no_grad():
+        out = swa_flex(
+            q.float(), k.float(), v.float(), reset, valid, window, sinks, 0.3, compiled=True
+        )
+    ref = swa_reference(q, k, v, reset, valid, window, sinks, 0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # The comparison sees a mask off by one key: one token less of window, one sink less.
+    for w, s in ((window - 1, sinks), (window, sinks - 1)):
+        wrong = swa_reference(q, k, v, reset, valid, w, s, 0.3)
+        assert (out.double() - wrong).abs().max() > 1e-2
