@@ -19,6 +19,7 @@ from megadistill.stages.align import AttentionProbe, train_new_parameters_only
 from megadistill.stages.losses import distill_loss, topk_logprobs
 from megadistill.teachers import convert
 from megadistill.teachers.tiny import tiny_teacher
+from tests.decoding import make_both_branches_matter
 
 LOSS_RTOL = 1e-2
 MIN_GRAD_COSINE = 0.999
@@ -36,10 +37,7 @@ def _batch():
 def _students():
     teacher = tiny_teacher("llama")  # GQA: 4 query heads on 2 K/V heads
     student, _ = convert(teacher, seed=0, window=16, num_sinks=2, chunk_size=16)
-    with torch.no_grad():  # both branches of the gate carry weight
-        for layer in student.model.layers:
-            layer.self_attn.ogate.bias.fill_(0.3)
-    fp32 = student.train()
+    fp32 = make_both_branches_matter(student).train()
     return teacher, fp32, copy.deepcopy(fp32).to(torch.bfloat16)
 
 
