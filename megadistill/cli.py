@@ -148,6 +148,20 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-docs", type=int, default=6, help="calibration documents used")
     p.add_argument("--max-length", type=int, default=1024, help="tokens scored per document")
     p.add_argument("--out", default=None, help="write the per-layer measurement as JSON")
+    p.add_argument(
+        "--criterion",
+        default="nll",
+        choices=["nll", "retrieval", "both"],
+        help="rank by beyond-W NLL of the text, by the needle answer's log-probability, or both",
+    )
+    p.add_argument("--needle-length", type=int, default=1024, help="probe length (retrieval)")
+    p.add_argument(
+        "--curve",
+        default=None,
+        help="also measure the top-k layers of each ranking kept, e.g. 0,1,2,4,8: beyond-W NLL "
+        "and needle scores per k (--niah lengths)",
+    )
+    p.add_argument("--niah", default="1024,2048", help="needle lengths of --curve")
 
 
 @command(
@@ -156,20 +170,41 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
     _choose_layers_args,
 )
 def _cmd_choose_layers(args: argparse.Namespace) -> int:
-    from megadistill.eval.layer_choice import format_ranking, rank_softmax_layers
+    from megadistill.eval.layer_choice import (
+        CRITERIA,
+        format_curve,
+        format_ranking,
+        layer_curve,
+        rank_softmax_layers,
+    )
     from megadistill.eval.runner import read_documents
     from megadistill.integrity import atomic_write_json
 
     docs = read_documents(args.text)[: args.num_docs]
-    result = rank_softmax_layers(
-        args.teacher, docs, window=args.window, num_sinks=args.num_sinks,
-        max_length=args.max_length,
-    )  # fmt: skip
+    criteria = CRITERIA if args.criterion == "both" else (args.criterion,)
+    rankings = {}
+    for criterion in criteria:
+        rankings[criterion] = rank_softmax_layers(
+            args.teacher, docs, window=args.window, num_sinks=args.num_sinks,
+            max_length=args.max_length, criterion=criterion, needle_length=args.needle_length,
+        )  # fmt: skip
+        print(format_ranking(rankings[criterion], args.k))
+    result = dict(rankings[criteria[0]])
+    if len(criteria) > 1:
+        result["rankings"] = rankings
+    if args.curve:
+        curve = layer_curve(
+            args.teacher, docs, {c: r["ranking"] for c, r in rankings.items()},
+            window=args.window, num_sinks=args.num_sinks, max_length=args.max_length,
+            ks=[int(k) for k in args.curve.split(",")],
+            needle_lengths=[int(n) for n in args.niah.split(",")],
+        )  # fmt: skip
+        result["curve"] = curve
+        print(format_curve(curve))
     if args.out:
         from pathlib import Path
 
         atomic_write_json(Path(args.out), result)
-    print(format_ranking(result, args.k))
     return 0
 
 

@@ -2,10 +2,18 @@
 
 Starting from the *floor* (every layer of the teacher cut to sliding-window attention with sinks,
 the student's window and no mLSTM), each layer in turn gets its full causal attention back and
-the mean NLL on calibration text at positions >= W is measured. A layer's *gain* is how much
-loss that one layer's full attention wins back beyond the window; the k layers with the largest
-gains are the ones to keep (``hybrid.softmax_layers``). The measurement needs only the teacher
-and a few long documents of the training mix (never the held-out sets).
+one score is measured. A layer's *gain* is how much that one layer's full attention wins back;
+the k layers with the largest gains are the ones to keep (``hybrid.softmax_layers``). Criteria:
+
+- ``nll``: the mean NLL on calibration text at positions >= W (lower is better; the gain is in
+  nats). It finds the layers that carry the most context in general.
+- ``retrieval``: the mean log-probability of the needle's answer tokens over needle probes
+  (:mod:`megadistill.eval.niah`, a haystack of filler text, never the training or held-out
+  sets; the gain is in nats per answer token). It finds the layers that look a fact up far back,
+  which the NLL of prose barely rewards.
+
+:func:`layer_curve` then measures what keeping the top k layers of each ranking gives, beyond-W
+NLL and needle accuracy, for k = 0, 1, 2, 4, 8: the curve on which a criterion is chosen.
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from megadistill.errors import MegadistillError
+
+Criterion = Literal["nll", "retrieval"]
+CRITERIA: tuple[str, ...] = get_args(Criterion)
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +44,15 @@ def _beyond_nll(model: Any, windows: Sequence[Sequence[int]], start: int) -> flo
     return total / count
 
 
-def rank_softmax_layers(
-    teacher_dir: str | Path,
-    documents: Sequence[str],
-    *,
-    window: int,
-    num_sinks: int = 4,
-    max_length: int = 1024,
-) -> dict[str, Any]:
-    """Measure every layer's gain (see module docstring).
+def _needle_logp(model: Any, tokenizer: Any, length: int, trials: int) -> float:
+    from megadistill.eval.niah import probe_model
 
-    Args:
-        teacher_dir: the teacher's Hugging Face folder.
-        documents: calibration text (a few long documents of the training mix).
-        window: the student's W; losses are averaged over positions >= W.
-        num_sinks: the student's sink tokens.
-        max_length: tokens scored per document.
+    return probe_model(model, tokenizer, [length], num_trials=trials)[length]["logp"]
 
-    Returns:
-        ``{"teacher": nll, "floor": nll, "gains": [per layer], "ranking": [layers, best first],
-        "window": W, "num_docs": n, "num_tokens": scored tokens per model}``.
-    """
+
+def _calibration(teacher_dir: str | Path, documents: Sequence[str], window: int, max_length: int):
     from megadistill.eval.lmeval import load_model
     from megadistill.eval.positions import token_ids
-    from megadistill.teachers.conversion import convert
 
     teacher, tokenizer = load_model(teacher_dir)
     windows = [w for w in token_ids(tokenizer, documents, max_length) if len(w) > window + 1]
@@ -64,34 +60,150 @@ def rank_softmax_layers(
         raise MegadistillError(
             f"no calibration document is longer than the window ({window} tokens): pass longer text"
         )
+    return teacher, tokenizer, windows
+
+
+def rank_softmax_layers(
+    teacher_dir: str | Path,
+    documents: Sequence[str],
+    *,
+    window: int,
+    num_sinks: int = 4,
+    max_length: int = 1024,
+    criterion: Criterion = "nll",
+    needle_length: int = 1024,
+    needle_trials: int = 2,
+) -> dict[str, Any]:
+    """Measure every layer's gain (see module docstring).
+
+    Args:
+        teacher_dir: the teacher's Hugging Face folder.
+        documents: calibration text (a few long documents of the training mix; ``nll``).
+        window: the student's W; losses are averaged over positions >= W.
+        num_sinks: the student's sink tokens.
+        max_length: tokens scored per document.
+        criterion: ``nll`` or ``retrieval``.
+        needle_length, needle_trials: probe length and probes per depth (3 depths) of
+            ``retrieval``.
+
+    Returns:
+        ``{"criterion", "teacher": score, "floor": score, "gains": [per layer, larger is
+        better], "ranking": [layers, best first], "window", "num_docs", "num_tokens"}``; the
+        score is the beyond-W NLL (``nll``) or the needle answer's log-probability.
+    """
+    from megadistill.teachers.conversion import convert
+
+    if criterion not in CRITERIA:
+        raise MegadistillError(f"criterion={criterion!r} is not one of {CRITERIA}")
+    teacher, tokenizer, windows = _calibration(teacher_dir, documents, window, max_length)
+
+    def score(model: Any) -> float:
+        if criterion == "nll":
+            return _beyond_nll(model, windows, window)
+        return _needle_logp(model, tokenizer, needle_length, needle_trials)
+
+    sign = -1.0 if criterion == "nll" else 1.0  # a gain is always "larger is better"
     floor, _ = convert(teacher, window=window, num_sinks=num_sinks, gate_mode="swa")
     result: dict[str, Any] = {
+        "criterion": criterion,
         "window": window,
         "num_sinks": num_sinks,
         "num_docs": len(windows),
         "num_tokens": sum(len(w) - 1 - window for w in windows),
-        "teacher": _beyond_nll(teacher, windows, window),
+        "teacher": score(teacher),
     }
     del teacher
-    result["floor"] = _beyond_nll(floor, windows, window)
+    result["floor"] = score(floor)
     gains = []
     for i, layer in enumerate(floor.model.layers):
         layer.self_attn.full = True  # the floor has no new parameters in use: safe to flip
-        nll = _beyond_nll(floor, windows, window)
+        gains.append(sign * (score(floor) - result["floor"]))
         layer.self_attn.full = False
-        gains.append(result["floor"] - nll)
-        log.info("layer %d: full attention wins back %.4f nats beyond W", i, gains[-1])
+        log.info("layer %d: full attention gains %.4f (%s)", i, gains[-1], criterion)
     result["gains"] = gains
     result["ranking"] = sorted(range(len(gains)), key=lambda i: -gains[i])
     return result
 
 
+def layer_curve(
+    teacher_dir: str | Path,
+    documents: Sequence[str],
+    rankings: dict[str, Sequence[int]],
+    *,
+    window: int,
+    num_sinks: int = 4,
+    max_length: int = 1024,
+    ks: Sequence[int] = (0, 1, 2, 4, 8),
+    needle_lengths: Sequence[int] = (1024, 2048),
+    needle_trials: int | None = None,
+) -> dict[str, Any]:
+    """The floor with the top k layers of each ranking kept as full attention, for each k:
+    beyond-W NLL on the documents, and needle exact match, digit accuracy and answer logp per
+    length. Row ``teacher`` is the teacher itself; k = 0 is the floor.
+
+    Returns:
+        ``{"teacher": metrics, "rows": [{"criterion", "k", "layers", **metrics}], ...}``.
+    """
+    from megadistill.eval.niah import probe_model
+    from megadistill.teachers.conversion import convert
+
+    teacher, tokenizer, windows = _calibration(teacher_dir, documents, window, max_length)
+
+    def metrics(model: Any) -> dict[str, Any]:
+        needle = probe_model(model, tokenizer, needle_lengths, num_trials=needle_trials)
+        return {
+            "nll": _beyond_nll(model, windows, window),
+            "needle": {str(n): {k: v for k, v in r.items() if k != "by_depth"}
+                       for n, r in needle.items()},
+        }  # fmt: skip
+
+    out: dict[str, Any] = {"window": window, "num_docs": len(windows), "ks": list(ks)}
+    out["teacher"] = metrics(teacher)
+    floor, _ = convert(teacher, window=window, num_sinks=num_sinks, gate_mode="swa")
+    del teacher
+    rows = []
+    for name, ranking in rankings.items():
+        for k in ks:
+            kept = sorted(ranking[:k])
+            for i in kept:
+                floor.model.layers[i].self_attn.full = True
+            rows.append({"criterion": name, "k": k, "layers": kept, **metrics(floor)})
+            for i in kept:
+                floor.model.layers[i].self_attn.full = False
+            log.info("%s k=%d %s: %s", name, k, kept, rows[-1])
+    out["rows"] = rows
+    return out
+
+
+def format_curve(curve: dict[str, Any]) -> str:
+    """Markdown: per criterion and k, the layers, beyond-W NLL and needle scores per length."""
+    lengths = list(curve["teacher"]["needle"])
+    head = "| criterion | k | layers | NLL >= W | " + " | ".join(
+        f"needle {n}: exact / digits / logp" for n in lengths
+    )
+    lines = [head + " |", "|---|---:|---|---:|" + "---:|" * len(lengths)]
+
+    def cells(m: dict[str, Any]) -> str:
+        needle = [m["needle"][n] for n in lengths]
+        return f"{m['nll']:.4f} | " + " | ".join(
+            f"{r['acc']:.2f} / {r['digit_acc']:.2f} / {r['logp']:.2f}" for r in needle
+        )
+
+    lines.append(f"| teacher | - | all | {cells(curve['teacher'])} |")
+    for r in curve["rows"]:
+        lines.append(f"| {r['criterion']} | {r['k']} | {r['layers']} | {cells(r)} |")
+    return "\n".join(lines)
+
+
 def format_ranking(result: dict[str, Any], k: int) -> str:
     """A short table: the floor's gap and the top layers' gains."""
-    gap = result["floor"] - result["teacher"]
+    criterion = result.get("criterion", "nll")
+    sign = -1.0 if criterion == "nll" else 1.0
+    gap = sign * (result["teacher"] - result["floor"])
+    what = "nats/token beyond W" if criterion == "nll" else "needle answer logp/token"
     lines = [
-        f"W = {result['window']}: teacher {result['teacher']:.4f}, floor {result['floor']:.4f} "
-        f"nats/token beyond W (gap {gap:+.4f}; {result['num_docs']} documents, "
+        f"W = {result['window']}, {criterion}: teacher {result['teacher']:.4f}, floor "
+        f"{result['floor']:.4f} {what} (gap {gap:+.4f}; {result['num_docs']} documents, "
         f"{result['num_tokens']} tokens)",
         "layer  gain (nats)  share of gap",
     ]

@@ -38,3 +38,34 @@ def test_documents_shorter_than_the_window_are_refused(tmp_path):
     byte_tokenizer(tmp_path / "t")
     with pytest.raises(MegadistillError, match="longer than the window"):
         rank_softmax_layers(tmp_path / "t", ["short"], window=64)
+
+
+def test_retrieval_criterion_and_the_k_curve_from_floor_to_teacher(tmp_path, capsys):
+    """The needle criterion ranks every layer; the curve's k = 0 row is the floor and keeping
+    every layer gives the teacher's numbers exactly."""
+    teacher = tiny_teacher("llama", seed=0)
+    teacher.save_pretrained(tmp_path / "t")
+    byte_tokenizer(tmp_path / "t")
+    n = teacher.config.num_hidden_layers
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": DOC}) + "\n")
+    out = tmp_path / "choice.json"
+    args = ["choose-layers", "--teacher", str(tmp_path / "t"), "--text", str(tmp_path / "d.jsonl"),
+            "--window", "8", "--num-sinks", "2", "--k", "1", "--criterion", "both",
+            "--needle-length", "96", "--curve", f"0,1,{n}", "--niah", "96", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    retrieval = result["rankings"]["retrieval"]
+    assert retrieval["criterion"] == "retrieval" and sorted(retrieval["ranking"]) == list(range(n))
+    assert retrieval["floor"] != retrieval["teacher"]  # a needle 80 tokens back, W = 8
+    curve = result["curve"]
+    assert [(r["criterion"], r["k"]) for r in curve["rows"]] == [
+        (c, k) for c in ("nll", "retrieval") for k in (0, 1, n)
+    ]
+    floor = result["floor"]
+    for r in curve["rows"]:
+        if r["k"] == 0:
+            assert r["nll"] == floor and r["layers"] == []
+        if r["k"] == n:  # every layer full: the teacher
+            assert r["nll"] == curve["teacher"]["nll"]
+            assert r["needle"] == curve["teacher"]["needle"]
+    assert "| retrieval | 1 |" in capsys.readouterr().out
