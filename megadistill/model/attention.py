@@ -256,7 +256,7 @@ class HybridAttention(nn.Module):
         plain = info.one_doc and info.all_valid
         full = swa_attention(
             q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
-            "auto" if plain else "reference", plain=plain, memo=info.memo,
+            "auto", plain=plain, memo=info.memo,
         )  # fmt: skip
         return self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
 
@@ -399,7 +399,7 @@ class HybridAttention(nn.Module):
             plain = info.one_doc and info.all_valid
             return swa_attention(
                 q_r, k_r, v, info.reset, info.valid, self.teacher_window, 0, self.scaling,
-                "auto" if plain else "reference", plain=plain,
+                "auto", plain=plain,
             )  # fmt: skip
         # The cache holds every key in stream order (key j is token j), so per key it records
         # only the document (int32) and whether it is real: a few bytes beside its K/V.

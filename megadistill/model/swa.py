@@ -123,10 +123,14 @@ def swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling):
     return _sdpa(q, k, v, token_mask(tok, tok, window, num_sinks), scaling)
 
 
-def blocked_layout(reset, key_valid, window, num_sinks, t, block=128):
+BLOCK = 128  # queries per block of the blocked backend
+
+
+def blocked_layout(reset, key_valid, window, num_sinks, t, block=BLOCK):
     """Per query block of :func:`swa_blocked`: (start, end, key indices (B,K), mask (B,L,K)).
     Depends only on the document layout, so a model builds it once per forward for all layers."""
     dev = reset.device
+    window = t if window is None else window  # full causal: a window covering the row
     tok = row_tokens(reset, key_valid)
     doc_start = tok.idx - tok.pos  # (B,T)
     out = []
@@ -147,11 +151,13 @@ def blocked_layout(reset, key_valid, window, num_sinks, t, block=128):
     return out
 
 
-def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=128, layout=None):
+def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=BLOCK, layout=None):
     """Blocked SWA + sinks: per query block, keys = the block's window + its document's sinks.
-    ``layout``: :func:`blocked_layout` of these arguments, when the caller has built it."""
+    ``layout``: :func:`blocked_layout` of these arguments, when the caller has built it.
+    ``window=None`` (full causal attention over packed documents: stage I's target, kept softmax
+    layers) is a window covering the row: memory O(T * block), never a T x T mask."""
     if window is None:
-        return swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling)
+        window = q.shape[2]
     if layout is None:
         layout = blocked_layout(reset, key_valid, window, num_sinks, q.shape[2], block)
     outs = []
@@ -224,8 +230,10 @@ def swa_attention(
     if backend == "auto":
         if q.is_cuda:
             backend = "flex"
-        elif window is not None and q.shape[2] > window:
-            backend = "blocked"  # dense masks keep CPU SDPA from skipping masked blocks
+        elif q.shape[2] > (window if window is not None else 2 * BLOCK):
+            # dense masks keep CPU SDPA from skipping masked blocks, and a T x T mask and score
+            # matrix per layer is what long training rows cannot afford
+            backend = "blocked"
         else:
             backend = "reference"
     if backend == "reference":

@@ -37,6 +37,26 @@ def test_blocked_equals_reference(window, sinks):
     torch.testing.assert_close(out, ref)
 
 
+def test_full_causal_attention_over_packed_documents_is_blocked_on_cpu():
+    """Stage I's target and kept softmax layers on long packed rows: ``auto`` takes the blocked
+    path (no T x T mask) and equals the dense reference."""
+    from megadistill.model.swa import swa_attention
+
+    g = torch.Generator().manual_seed(3)
+    t = 300
+    q, k, v = (torch.randn(2, n, t, DH, generator=g, dtype=torch.float64) for n in (H, KV, KV))
+    reset = torch.zeros(2, t, dtype=torch.bool)
+    reset[:, 0] = reset[0, 70] = reset[1, 290] = True
+    valid = torch.ones(2, t, dtype=torch.bool)
+    valid[1, :9] = False
+    reset &= valid
+    reset[1, 9] = True
+    memo: dict = {}
+    out = swa_attention(q, k, v, reset, valid, None, 0, 0.3, "auto", memo=memo)
+    assert ("swa_blocked", None, 0, t) in memo
+    torch.testing.assert_close(out, swa_reference(q, k, v, reset, valid, None, 0, 0.3))
+
+
 def test_flex_equals_reference_on_cpu():
     q, k, v, reset, valid = (x.float() if x.is_floating_point() else x for x in _inputs())
     ref = swa_reference(q, k, v, reset, valid, 16, 4, 0.3)
