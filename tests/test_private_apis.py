@@ -217,13 +217,22 @@ def _supports_default_dynamic_cache() -> None:
 
 @check("PreTrainedModel._is_stateful")
 def _is_stateful() -> None:
-    import transformers.generation.utils as generation
-    import transformers.modeling_utils as modeling
+    # What the flag is for: generation modes that rewind the cache (assisted decoding, prompt
+    # lookup) must be refused, since a recurrent state cannot be rolled back. transformers 5.24
+    # refuses them by reading the flag; 5.25 no longer reads it but refuses them for a model
+    # whose cache it does not know. Either way they must fail, not decode wrongly.
+    from megadistill.teachers import convert
+    from megadistill.teachers.tiny import tiny_teacher
 
-    read = any("_is_stateful" in inspect.getsource(m) for m in (generation, modeling))
-    # 4.x refuses cache-rewinding modes for stateful models; 5.x dropped those modes and the
-    # flag. Reading it again would need a look at what it now means for a recurrent cache.
-    assert read == (transformers_major() < 5), f"transformers reads _is_stateful: {read}"
+    teacher = tiny_teacher("llama")
+    student, _ = convert(teacher, seed=0, window=8, num_sinks=2)
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    for extra in ({"assistant_model": teacher}, {"prompt_lookup_num_tokens": 3}):
+        try:
+            student.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **extra)
+        except (ValueError, RuntimeError):
+            continue
+        raise AssertionError(f"generate({extra}) ran on a stateful student: it cannot rewind")
 
 
 @check("transformers.modeling_layers.GradientCheckpointingLayer")
