@@ -88,7 +88,8 @@ PRIVATE_APIS: tuple[PrivateApi, ...] = (
         used_in=("megadistill/model/modeling.py",),
         tokens=("_init_weights",),
         why="the per-module init hook post_init() calls (the custom-model guide overrides it); "
-        "5.x skips it for a custom-code module without parameters of its own (xfail test)",
+        "5.25 skips it for a custom-code module without parameters of its own, so "
+        "HybridPreTrainedModel.initialize_weights initialises the hybrid layers' new parameters",
         covered_by=(
             "tests/model/test_student.py::test_gate_on_swa_with_full_window_equals_teacher",
         ),

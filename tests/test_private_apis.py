@@ -61,6 +61,24 @@ def tiny_student(**teacher: object) -> torch.nn.Module:
     return HybridForCausalLM(HybridConfig.from_teacher(tiny_teacher_config("llama", **teacher)))
 
 
+def _built_in_init_contexts(dtype: torch.dtype) -> tuple[torch.nn.Module, list]:
+    """A tiny Llama built inside the contexts ``get_init_context`` returns, as loading.py does;
+    and those contexts."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_teacher_config("llama")
+    cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+    contexts = list(
+        cls.get_init_context(
+            dtype=dtype, is_quantized=False, _is_ds_init_called=False, allow_all_kernels=None
+        )
+    )
+    with contextlib.ExitStack() as stack:
+        for ctx in contexts:
+            stack.enter_context(ctx)
+        return cls(cfg), contexts
+
+
 def transformers_major() -> int:
     return int(importlib.metadata.version("transformers").split(".")[0])
 
@@ -91,19 +109,11 @@ def test_private_api_still_has_the_shape_the_product_relies_on(
 # ----------------------------------------------------------------------------- transformers
 @check("PreTrainedModel.get_init_context")
 def _get_init_context(zero3: dict) -> None:
-    from transformers import AutoModelForCausalLM, PreTrainedModel
+    from transformers import PreTrainedModel
 
     names = params(PreTrainedModel.get_init_context)
     assert names[:4] == ["dtype", "is_quantized", "_is_ds_init_called", "allow_all_kernels"], names
-    cfg = tiny_teacher_config("llama")
-    cls = AutoModelForCausalLM._model_mapping[type(cfg)]
-    contexts = cls.get_init_context(
-        dtype=torch.float64, is_quantized=False, _is_ds_init_called=False, allow_all_kernels=None
-    )
-    with contextlib.ExitStack() as stack:
-        for ctx in contexts:
-            stack.enter_context(ctx)
-        model = cls(cfg)
+    model, _ = _built_in_init_contexts(torch.float64)
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert zero3["zero_init_context"], "no deepspeed.zero.Init among the contexts under ZeRO-3"
     assert zero3["attrs"]["ds_id"] == "int", "a model built in the contexts is not partitioned"
@@ -287,7 +297,6 @@ def run_zero3_attributes(out_file: str) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     from megadistill.engine.distributed import init_distributed
@@ -300,15 +309,7 @@ def run_zero3_attributes(out_file: str) -> None:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     }
     keep = HfDeepSpeedConfig(ds)
-    cfg = tiny_teacher_config("llama")
-    cls = AutoModelForCausalLM._model_mapping[type(cfg)]
-    contexts = cls.get_init_context(
-        dtype=torch.float32, is_quantized=False, _is_ds_init_called=False, allow_all_kernels=None
-    )
-    with contextlib.ExitStack() as stack:
-        for ctx in contexts:
-            stack.enter_context(ctx)
-        model = cls(cfg)
+    model, contexts = _built_in_init_contexts(torch.float32)
     p = model.lm_head.weight
     names = ("ds_tensor", "ds_numel", "ds_shape", "ds_id", "ds_process_group",
              "ds_secondary_tensor")  # fmt: skip
