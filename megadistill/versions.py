@@ -104,11 +104,13 @@ def read_lock_text(text: str) -> dict[str, str]:
 
 def environment() -> dict[str, str]:
     """Canonical name -> version of every distribution installed in this interpreter."""
-    found = {}
+    found: dict[str, str] = {}
     for dist in metadata.distributions():
         name = dist.metadata["Name"]
+        # The first one on sys.path is the one imported (as metadata.version reports): later
+        # ones are shadowed copies, e.g. setuptools/_vendor once something imported setuptools.
         if name and canonical(name) not in _UNLOCKED:
-            found[canonical(name)] = dist.version
+            found.setdefault(canonical(name), dist.version)
     return found
 
 

@@ -69,3 +69,16 @@ def test_the_cli_warns_once_at_start_up(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("transformers 5.99.0 is outside") == 1, err
     assert err.index("transformers 5.99.0") < err.index("megadistill convert: error")
+
+
+def test_a_shadowed_copy_later_on_sys_path_is_not_what_the_environment_has(monkeypatch):
+    """setuptools puts its vendored packages (older more-itertools, wheel, ...) on sys.path once
+    something imports it; the installed copy, found first, is what counts."""
+    import sys
+
+    import setuptools
+
+    vendored = f"{setuptools.__path__[0]}/_vendor"
+    monkeypatch.setattr(sys, "path", [*sys.path, vendored])
+    pins = versions.read_lock(LOCK)
+    assert versions.lock_mismatches(pins, versions.environment()) == []
