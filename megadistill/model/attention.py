@@ -20,7 +20,15 @@ from torch import nn
 from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
-from megadistill.model.mlstm import PAD_F, PAD_I, _reset_rows, mlstm_forward, mlstm_step_
+from megadistill.model.mlstm import (
+    PAD_F,
+    PAD_I,
+    _reset_rows,
+    joint_state,
+    mlstm_forward,
+    mlstm_step_,
+    mlstm_step_joint_,
+)
 from megadistill.model.swa import Tokens, _sdpa, swa_attention, token_mask
 
 NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate")
@@ -43,6 +51,7 @@ class SeqInfo:
     one_doc: bool = False  # no document starts after a row's first token
     any_reset: bool = True  # some row starts a document in this forward
     sink_tokens: bool = True  # some real token is among its document's first ``num_sinks``
+    next_pos: torch.Tensor | None = None  # (B,) RoPE position of each row's next token
     # Structures every layer with the same window/sinks shares (masks, block layouts), built by
     # the first layer that needs them, once per forward.
     memo: dict[Any, Any] = field(default_factory=dict)
@@ -77,6 +86,99 @@ class FeatureMap(nn.Module):
         eye = torch.eye(d, f, dtype=torch.float32)
         noise = torch.randn(h, d, f, generator=generator, dtype=torch.float32) / math.sqrt(d)
         self.weight.copy_((eye + 0.1 * noise).to(self.weight.dtype))
+
+
+def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of heads ``x`` (B, N, T, d) with the rotary embedding's ``cos``/``sin`` (B, T, r):
+    transformers' ``apply_rotary_pos_emb`` of every supported family (the first r dims rotated,
+    the rest passed through, as Phi-3's partial RoPE), on any set of heads at once."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
+    rot = x[..., :r] if r < x.shape[-1] else x
+    out = rot * cos + torch.cat((-rot[..., r // 2 :], rot[..., : r // 2]), dim=-1) * sin
+    if r < x.shape[-1]:
+        out = torch.cat([out, x[..., r:]], dim=-1)
+    return out.to(x.dtype)
+
+
+def rotation_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """RoPE at one position as a matrix: R (B, d, d) with ``x @ R == rotate_heads(x, cos, sin)``
+    for heads x (B, N, 1, d) and ``cos``/``sin`` (B, 1, r), to rounding (each output is
+    ``x_i cos_i -+ x_j sin_i``, summed in one product). Built once per decoding step and shared
+    by every layer of the same RoPE: rotating a layer's q and k heads is then one product."""
+    c, s = cos[:, 0], sin[:, 0]  # (B, r)
+    r, h = c.shape[-1], c.shape[-1] // 2
+    idx = torch.arange(r, device=c.device)
+    rot = torch.cat([idx[h:], idx[:h]])  # output i reads x[rot[i]] for its sin term
+    mat = c.new_zeros(c.shape[0], head_dim, head_dim)
+    mat[:, idx, idx] = c
+    mat[:, rot, idx] = torch.cat([-s[:, :h], s[:, h:]], dim=-1)
+    if r < head_dim:  # partial RoPE: the other dims pass through
+        rest = torch.arange(r, head_dim, device=c.device)
+        mat[:, rest, rest] = 1.0
+    return mat
+
+
+@dataclass
+class StepWeights:
+    """A layer's weights as one decoding step reads them: the q/k/v projections and the input
+    and forget gates stacked into one matrix ([q | k | v | i | f] columns of ``proj``, transposed
+    for ``x @ proj``; zero bias where a projection has none), the q and k feature maps into one
+    (H + KV, d, f) tensor, and (views) the output gate's and o_proj's transposed weights. The
+    stacked ones are copies: a :class:`HybridCache` builds them at its first step and drops them
+    with itself."""
+
+    proj: torch.Tensor
+    proj_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    o_bias: torch.Tensor | None
+    ogate: torch.Tensor | None = None
+    ogate_bias: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    both_signs: bool = False
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """:class:`FeatureMap` of q and k heads at once: x (B, H + KV, 1, d) -> (B, H + KV, 1, f)."""
+        b, n, _, d = x.shape
+        if b == 1:
+            z = torch.bmm(x.view(n, 1, d), self.features).view(1, n, 1, -1)
+        else:
+            z = torch.bmm(x.view(b, n, d).transpose(0, 1), self.features).transpose(0, 1)[
+                :, :, None
+            ]
+        if self.both_signs:
+            return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+        return torch.softmax(z, dim=-1)
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, attn: HybridAttention) -> StepWeights:
+        """The step weights of ``attn`` (a hybrid layer or one kept as a local window)."""
+        if attn.adapter.fused_qkv:
+            mods = [attn.qkv_proj]
+        else:
+            mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+        hybrid = not attn.kept and attn.config.gate_mode != "swa"
+        if hybrid:
+            mods += [attn.igate, attn.fgate]
+        proj = torch.cat([m.weight for m in mods]).t()
+        bias = None
+        if any(m.bias is not None for m in mods):
+            bias = torch.cat(
+                [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods]
+            )
+        out = cls(proj, bias, attn.o_proj.weight.t(), attn.o_proj.bias)
+        if hybrid:
+            out.features = torch.cat([attn.q_feature.weight, attn.k_feature.weight])
+            out.both_signs = attn.q_feature.both_signs
+            if attn.config.gate_mode == "learned":
+                out.ogate, out.ogate_bias = attn.ogate.weight.t(), attn.ogate.bias
+        return out
+
+
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of rows x (B, in) with a transposed weight (in, out): one op."""
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
 
 
 class HybridAttention(nn.Module):
@@ -130,6 +232,9 @@ class HybridAttention(nn.Module):
         # An observer installed from outside (None: none) sees the hybrid path's projections and
         # output, called as observer(self, out, q_r, k_r, v, info); what it returns is the output.
         self.observer = None
+        # Decoding steps without autograd take the fused path (:meth:`_step`); False: the step
+        # through the modules (:meth:`_decode`), the reference it is tested against.
+        self.fused_step = True
         if self.kept:
             return
         fdim, pm = config.feature_dim, config.feature_map == "hedgehog_pm"
@@ -183,8 +288,10 @@ class HybridAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, info: SeqInfo
     ) -> torch.Tensor:
         bsz, t, _ = x.shape
-        q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
         lc = info.cache.layers[self.layer_idx] if info.cache is not None else None
+        if t == 1 and lc is not None and lc.k is not None and self._fused_step_applies():
+            return self._step(x, cos, sin, info, lc)
+        q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
         # ``full`` first: eval/layer_choice flips it on a layer to measure keeping that layer.
         if self.full:
             full = self._full(q_r, k_r, v, info, lc)
@@ -349,6 +456,107 @@ class HybridAttention(nn.Module):
         o = torch.sigmoid(self.ogate(gate_in)).transpose(1, 2)[..., None]  # (B,H,1,1)
         return torch.lerp(swa, mem, o)
 
+    def _fused_step_applies(self) -> bool:
+        """Whether a decoding step takes :meth:`_step` (else :meth:`_decode`, the reference):
+        inference only (the cache is updated in place), ``fused_step`` on, a hybrid layer of the
+        ``gate`` mix or a layer kept as the teacher's sliding window."""
+        return (
+            self.fused_step
+            and not torch.is_grad_enabled()
+            and not self.full
+            and (self.keep_local or not self.shared or self.config.gate_mode != "learned")
+        )
+
+    def _step_weights(self, cache: HybridCache) -> StepWeights | None:
+        """This layer's :class:`StepWeights` for decoding with ``cache`` (built at the first step
+        and kept by the cache; None where parameters are partitioned by ZeRO-3, whose hooks
+        gather a weight only inside its own module's forward)."""
+        if self.layer_idx in cache.step_weights:
+            return cache.step_weights[self.layer_idx]
+        fused = None
+        if not any(hasattr(p, "ds_id") for p in self.parameters()):
+            fused = StepWeights.of(self)
+        cache.step_weights[self.layer_idx] = fused
+        return fused
+
+    def _step(self, x, cos, sin, info: SeqInfo, lc: LayerCache) -> torch.Tensor:
+        """One decoding step (T = 1, no autograd) in few ops; the same function as
+        :meth:`_decode` (``tests/model/test_cache.py`` compares them). q, k, v and the input and
+        forget gates come from one product with the layer's :class:`StepWeights`; RoPE (one
+        product with the step's :func:`rotation_matrix`) and the feature maps run once on q and
+        k together ([q heads | k heads]); the SWA branch attends over the buffer's filled slots
+        only; the mLSTM state is updated in place (:func:`mlstm_step_joint_`); o_proj included."""
+        fw = self._step_weights(info.cache)
+        if fw is None:
+            return self._step_reference(x, cos, sin, info, lc)
+        bsz = x.shape[0]
+        nh, nkv, d = self.num_heads, self.num_kv, self.head_dim
+        nq, nk = self.qkv_sizes[0], self.qkv_sizes[1]
+        y = _linear(x.view(bsz, -1), fw.proj, fw.proj_bias)  # (B, [q | k | v | i | f])
+        if self.adapter.qk_norm == "none":
+            qk = y[:, : nq + nk].view(bsz, nh + nkv, 1, d)  # T = 1: heads lie as (B,H,1,d)
+        else:
+            q, k = y[:, :nq], y[:, nq : nq + nk]
+            if self.adapter.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            else:
+                q, k = self.q_norm(q.view(bsz, nh, d)), self.k_norm(k.view(bsz, nkv, d))
+            qk = torch.cat([q.reshape(bsz, nh, 1, d), k.reshape(bsz, nkv, 1, d)], 1)
+        v = y[:, nq + nk : nq + 2 * nk].view(bsz, nkv, 1, d)
+        qk_r = self._rotate(qk, cos, sin, info)
+        q_r, k_r = qk_r[:, :nh], qk_r[:, nh:]
+        mode = "swa" if self.keep_local else self.config.gate_mode
+        swa = mem = None
+        if mode != "mlstm":
+            swa = self._swa_step(q_r, k_r, v, info, lc)
+        else:
+            self._write_kv_step(k_r, v, info, lc)
+        if mode != "swa":
+            if self.config.rope_on == "input":
+                fqk = fw.feature_map(qk_r)
+            else:
+                fqk = self._rotate(fw.feature_map(qk), cos, sin, info)
+            gates = y[:, nq + 2 * nk :].view(bsz, 2, nh)  # input, forget
+            if not info.all_valid:  # padding steps are exact no-ops (as _gates)
+                pads = gates.new_tensor([[PAD_I], [PAD_F]])
+                gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
+            if info.any_reset:
+                lc.mlstm = _reset_rows(lc.mlstm, info.reset[:, 0])
+            if lc.mlstm_joint is None or lc.mlstm[0]._base is not lc.mlstm_joint:
+                lc.mlstm, lc.mlstm_joint = joint_state(lc.mlstm)  # once after a prefill
+            mem = mlstm_step_joint_(
+                fqk[:, :nh], fqk[:, nh:], v, gates[:, 0], gates[:, 1], lc.mlstm_joint, lc.mlstm[2]
+            ).to(v.dtype)
+        if mode == "swa":
+            mixed = swa
+        elif mode == "mlstm":
+            mixed = mem
+        else:
+            o = torch.sigmoid(_linear(y[:, : nq + 2 * nk], fw.ogate, fw.ogate_bias))
+            mixed = torch.lerp(swa, mem, o.view(bsz, nh, 1, 1))
+        # (B,H,1,d) is (B,1,H*d) at T = 1
+        return _linear(mixed.view(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
+
+    def _rotate(self, x: torch.Tensor, cos, sin, info: SeqInfo) -> torch.Tensor:
+        """RoPE of heads x (B, N, 1, d) at a decoding step: one product with the step's
+        :func:`rotation_matrix`, built once per RoPE (``cos``) and shared by its layers."""
+        key = ("rotation", id(cos))
+        rot = info.memo.get(key)
+        if rot is None:
+            rot = info.memo[key] = rotation_matrix(cos, sin, self.head_dim)
+        b, n, _, d = x.shape
+        return torch.bmm(x.reshape(b, n, d), rot).view(b, n, 1, d)
+
+    def _step_reference(self, x, cos, sin, info: SeqInfo, lc: LayerCache) -> torch.Tensor:
+        """A decoding step through the modules (the reference of :meth:`_step`)."""
+        bsz = x.shape[0]
+        q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
+        if self.keep_local:
+            out = self._swa_step(q_r, k_r, v, info, lc)
+        else:
+            out = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
+
     def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
         fq, fk = self._features(q, k, q_r, k_r, cos, sin)
         rep = self.num_heads // self.num_kv
@@ -411,15 +619,25 @@ class HybridAttention(nn.Module):
         by every layer of the same window and sinks (their slots hold the same tokens)."""
         self._write_kv_step(k_r, v, info, lc)
         rep = self.num_heads // self.num_kv
+        # The ring fills in stream order: while the stream is shorter than the window, the slots
+        # after this token's have never held one (empty, masked out), so they are not read.
+        n = self.num_sinks + min(info.cache.seen + 1, self.window)
         key = ("step_mask", self.window, self.num_sinks, rep)
         mask = info.memo.get(key)
         if mask is None:
-            mask = token_mask(info.tokens, lc.keys(), self.window, self.num_sinks)  # (B,1,N)
-            # GQA: the rep query heads of a K/V head are folded into the query length.
+            keys = lc.keys()
+            if n < lc.k.shape[2]:
+                keys = Tokens(*(f[..., :n] for f in keys))
+            seen = token_mask(info.tokens, keys, self.window, self.num_sinks)  # (B,1,n)
+            # Additive, as SDPA turns a boolean mask (in every layer); GQA: the rep query heads
+            # of a K/V head are folded into the query length.
+            mask = torch.zeros(seen.shape, dtype=q_r.dtype, device=q_r.device)
+            mask.masked_fill_(~seen, float("-inf"))
             info.memo[key] = mask = mask[:, None].expand(-1, -1, rep, -1)
+        k, v = (lc.k, lc.v) if n == lc.k.shape[2] else (lc.k[:, :, :n], lc.v[:, :, :n])
         bsz, _, _, d = q_r.shape
         return F.scaled_dot_product_attention(
-            q_r.reshape(bsz, self.num_kv, rep, d), lc.k, lc.v, attn_mask=mask, scale=self.scaling
+            q_r.reshape(bsz, self.num_kv, rep, d), k, v, attn_mask=mask, scale=self.scaling
         ).reshape(bsz, self.num_heads, 1, -1)
 
     @torch.no_grad()
@@ -429,15 +647,17 @@ class HybridAttention(nn.Module):
         if self.num_sinks and info.sink_tokens:
             self._write_kv(k_r, v, info, lc)
             return
-        t = info.cache.seen
-        slot = self.num_sinks + t % self.window
-        lc.k[:, :, slot] = k_r[:, :, 0]
-        lc.v[:, :, slot] = v[:, :, 0]
+        slot = self.num_sinks + info.cache.seen % self.window
+        at = info.memo.get(("step_slot", slot))
+        if at is None:  # the same slot in every layer of this window and sinks
+            at = info.memo[("step_slot", slot)] = torch.tensor([slot], device=k_r.device)
         held = info.memo.get("step_held")
         if held is None:  # the same token for every layer
-            held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)[..., 0]  # (B,3)
-        lc.held[:, :, slot] = held
-        lc.ok[:, slot] = info.valid[:, 0]
+            held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)  # (B,3,1)
+        lc.k.index_copy_(2, at, k_r)
+        lc.v.index_copy_(2, at, v)
+        lc.held.index_copy_(2, at, held)
+        lc.ok.index_copy_(1, at, info.valid)
 
     @torch.no_grad()
     def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:
@@ -460,6 +680,15 @@ class HybridAttention(nn.Module):
         if s == 0 or not info.sink_tokens:
             return
         held = torch.stack(tok[:3], 1)
+        if info.cache.seen == 0 and info.all_valid and info.one_doc:
+            # A stream's first tokens, one document, no padding: the sinks are the first S
+            # tokens of every row, in slots 0..S-1 (the host knows it: no per-sink sync).
+            n = min(s, t)
+            lc.k[:, :, :n] = k_r[:, :, :n]
+            lc.v[:, :, :n] = v[:, :, :n]
+            lc.held[:, :, :n] = held[..., :n]
+            lc.ok[:, :n] = True
+            return
         for col in sink.any(0).nonzero().flatten().tolist():
             rows = sink[:, col].nonzero().flatten()
             slot = tok.pos[rows, col]

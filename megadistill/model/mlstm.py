@@ -127,6 +127,55 @@ def mlstm_step_(
     return num / den[..., None], state
 
 
+def joint_state(state: State) -> tuple[State, torch.Tensor]:
+    """``state`` with C and n as views of one (B, H, F, D + 1) tensor ``[C | n]`` (returned
+    too), the layout :func:`mlstm_step_joint_` updates in place."""
+    c, n, m = state
+    cn = torch.cat([c, n[..., None]], dim=-1)
+    return (cn[..., :-1], cn[..., -1], m), cn
+
+
+def mlstm_step_joint_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i_pre: torch.Tensor,
+    f_pre: torch.Tensor,
+    cn: torch.Tensor,
+    m: torch.Tensor,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """:func:`mlstm_step` in place on the joint state (no autograd; a decoding step in few ops).
+
+    With ``cn = [C | n]`` and ``v' = [v | 1]``, the C and n updates are one product
+    (``cn <- fa cn + ia k v'^T``) and ``q.C`` and ``q.n`` one read-out (``q.cn``).
+
+    Args:
+        q: (B, H, 1, F); k: (B, KV, 1, F) and v: (B, KV, 1, D), each K/V head shared by
+            H / KV query heads (GQA); i_pre, f_pre: (B, H).
+        cn: (B, H, F, D + 1) and m: (B, H), the state (see :func:`joint_state`), updated.
+
+    Returns:
+        h (B, H, 1, D) in the state's dtype.
+    """
+    bsz, nh, _, fd = q.shape
+    nkv, dv = k.shape[1], v.shape[-1]
+    rep = nh // nkv
+    dt = cn.dtype
+    if q.dtype != dt:
+        q, k, v, i_pre, f_pre = (x.to(dt) for x in (q, k, v, i_pre, f_pre))
+    logf_m = F.logsigmoid(f_pre) + m
+    m_new = torch.maximum(logf_m, i_pre)
+    cn.mul_(torch.exp(logf_m - m_new).view(bsz, nh, 1, 1))
+    ka = k * torch.exp(i_pre - m_new).view(bsz, nkv, rep, 1)  # (B,KV,rep,F)
+    v1 = F.pad(v, (0, 1), value=1.0)  # (B,KV,1,D+1)
+    cn.view(bsz, nkv, rep, fd, dv + 1).addcmul_(ka[..., None], v1[:, :, None])
+    m.copy_(m_new)
+    r = torch.matmul(q * fd**-0.5, cn)  # (B,H,1,D+1): [q.C | q.n]
+    den = torch.maximum(r[..., dv:].abs(), torch.exp(-m_new).view(bsz, nh, 1, 1)) + eps
+    return r[..., :dv] / den
+
+
 def mlstm_recurrent(
     q: torch.Tensor,
     k: torch.Tensor,

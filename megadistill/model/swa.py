@@ -164,10 +164,8 @@ def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=128
 def causal_attention(q, k, v, scaling):
     """Plain causal attention (every row one document from its first token, no padding): SDPA's
     ``is_causal`` path, which skips the masked half and builds no mask. Exact."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    gqa = q.shape[1] != k.shape[1]  # K/V heads shared by query heads, read without copies
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
 
 
 def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling):
