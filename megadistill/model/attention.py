@@ -88,24 +88,13 @@ class FeatureMap(nn.Module):
         self.weight.copy_((eye + 0.1 * noise).to(self.weight.dtype))
 
 
-def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of heads ``x`` (B, N, T, d) with the rotary embedding's ``cos``/``sin`` (B, T, r):
-    transformers' ``apply_rotary_pos_emb`` of every supported family (the first r dims rotated,
-    the rest passed through, as Phi-3's partial RoPE), on any set of heads at once."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    r = cos.shape[-1]
-    rot = x[..., :r] if r < x.shape[-1] else x
-    out = rot * cos + torch.cat((-rot[..., r // 2 :], rot[..., : r // 2]), dim=-1) * sin
-    if r < x.shape[-1]:
-        out = torch.cat([out, x[..., r:]], dim=-1)
-    return out.to(x.dtype)
-
-
 def rotation_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """RoPE at one position as a matrix: R (B, d, d) with ``x @ R == rotate_heads(x, cos, sin)``
-    for heads x (B, N, 1, d) and ``cos``/``sin`` (B, 1, r), to rounding (each output is
-    ``x_i cos_i -+ x_j sin_i``, summed in one product). Built once per decoding step and shared
-    by every layer of the same RoPE: rotating a layer's q and k heads is then one product."""
+    """RoPE at one position as a matrix: R (B, d, d) such that ``x @ R`` is transformers'
+    ``apply_rotary_pos_emb`` of heads x (B, N, d) with ``cos``/``sin`` (B, 1, r) in every
+    supported family (the first r dims rotated, the rest passed through, as Phi-3's partial
+    RoPE), to rounding: each output is ``x_i cos_i -+ x_j sin_i``, summed in one product.
+    Built once per decoding step and shared by every layer of the same RoPE: rotating a layer's
+    q and k heads is then one product (``tests/model/test_cache.py`` checks every family)."""
     c, s = cos[:, 0], sin[:, 0]  # (B, r)
     r, h = c.shape[-1], c.shape[-1] // 2
     idx = torch.arange(r, device=c.device)
@@ -122,8 +111,9 @@ def rotation_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torc
 @dataclass
 class StepWeights:
     """A layer's weights as one decoding step reads them: the q/k/v projections and the input
-    and forget gates stacked into one matrix ([q | k | v | i | f] columns of ``proj``, transposed
-    for ``x @ proj``; zero bias where a projection has none), the q and k feature maps into one
+    and forget gates stacked into one matrix ([q | k | v | i | f | 0] columns of ``proj``,
+    transposed for ``x @ proj``; zero bias where a projection has none; H zero columns that give
+    the mLSTM step a scratch row of zeros), the q and k feature maps into one
     (H + KV, d, f) tensor, and (views) the output gate's and o_proj's transposed weights. The
     stacked ones are copies: a :class:`HybridCache` builds them at its first step and drops them
     with itself."""
@@ -159,14 +149,18 @@ class StepWeights:
         else:
             mods = [attn.q_proj, attn.k_proj, attn.v_proj]
         hybrid = not attn.kept and attn.config.gate_mode != "swa"
-        if hybrid:
-            mods += [attn.igate, attn.fgate]
-        proj = torch.cat([m.weight for m in mods]).t()
+        weights = [m.weight for m in mods]
+        biases = [
+            m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods
+        ]
+        if hybrid:  # the gates, and H zeros (the mLSTM step's scratch row, mlstm_step_joint_)
+            zeros = attn.igate.weight.new_zeros(attn.igate.weight.shape)
+            weights += [attn.igate.weight, attn.fgate.weight, zeros]
+            biases += [attn.igate.bias, attn.fgate.bias, zeros[:, 0]]
+        proj = torch.cat(weights).t()
         bias = None
-        if any(m.bias is not None for m in mods):
-            bias = torch.cat(
-                [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods]
-            )
+        if hybrid or any(m.bias is not None for m in mods):
+            bias = torch.cat(biases)
         out = cls(proj, bias, attn.o_proj.weight.t(), attn.o_proj.bias)
         if hybrid:
             out.features = torch.cat([attn.q_feature.weight, attn.k_feature.weight])
@@ -394,14 +388,15 @@ class HybridAttention(nn.Module):
                     f_pre[:, :, j],
                     one,
                     lc,
+                    info.cache.seen + j,
                 )  # fmt: skip
             )
         return torch.stack(outs, dim=2).to(v.dtype)
 
-    def _shared_step(self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache):
-        """One decoding step of the shared_norm mix (see model/shared_norm.py)."""
+    def _shared_step(self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache, t: int):
+        """One decoding step of the shared_norm mix (see model/shared_norm.py) for the token of
+        stream index ``t`` (known on the host: no sync)."""
         w, s = self.window, self.num_sinks
-        t = int(info.abs_idx[0])
         slot = s + t % w
         logf = torch.nn.functional.logsigmoid(f1.float())
         if info.any_reset:  # a new document: none of the old one's keys stays in the state
@@ -516,16 +511,16 @@ class HybridAttention(nn.Module):
                 fqk = fw.feature_map(qk_r)
             else:
                 fqk = self._rotate(fw.feature_map(qk), cos, sin, info)
-            gates = y[:, nq + 2 * nk :].view(bsz, 2, nh)  # input, forget
+            gates = y[:, nq + 2 * nk :].view(bsz, 3, nh)  # input, forget, zeros
             if not info.all_valid:  # padding steps are exact no-ops (as _gates)
-                pads = gates.new_tensor([[PAD_I], [PAD_F]])
+                pads = gates.new_tensor([[PAD_I], [PAD_F], [0.0]])
                 gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
             if info.any_reset:
                 lc.mlstm = _reset_rows(lc.mlstm, info.reset[:, 0])
             if lc.mlstm_joint is None or lc.mlstm[0]._base is not lc.mlstm_joint:
                 lc.mlstm, lc.mlstm_joint = joint_state(lc.mlstm)  # once after a prefill
             mem = mlstm_step_joint_(
-                fqk[:, :nh], fqk[:, nh:], v, gates[:, 0], gates[:, 1], lc.mlstm_joint, lc.mlstm[2]
+                fqk[:, :nh], fqk[:, nh:], v, gates, lc.mlstm_joint, lc.mlstm[2]
             ).to(v.dtype)
         if mode == "swa":
             mixed = swa

@@ -139,8 +139,7 @@ def mlstm_step_joint_(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    i_pre: torch.Tensor,
-    f_pre: torch.Tensor,
+    gates: torch.Tensor,
     cn: torch.Tensor,
     m: torch.Tensor,
     eps: float = EPS,
@@ -148,11 +147,14 @@ def mlstm_step_joint_(
     """:func:`mlstm_step` in place on the joint state (no autograd; a decoding step in few ops).
 
     With ``cn = [C | n]`` and ``v' = [v | 1]``, the C and n updates are one product
-    (``cn <- fa cn + ia k v'^T``) and ``q.C`` and ``q.n`` one read-out (``q.cn``).
+    (``cn <- fa cn + ia k v'^T``) and ``q.C`` and ``q.n`` one read-out (``q.cn``); the three
+    exponentials of the step (``ia``, ``fa`` and the read-out's floor ``exp(-m)``) are one.
 
     Args:
         q: (B, H, 1, F); k: (B, KV, 1, F) and v: (B, KV, 1, D), each K/V head shared by
-            H / KV query heads (GQA); i_pre, f_pre: (B, H).
+            H / KV query heads (GQA).
+        gates: (B, 3, H): the input and forget gates' pre-activations and zeros (scratch: the
+            step overwrites it).
         cn: (B, H, F, D + 1) and m: (B, H), the state (see :func:`joint_state`), updated.
 
     Returns:
@@ -163,16 +165,19 @@ def mlstm_step_joint_(
     rep = nh // nkv
     dt = cn.dtype
     if q.dtype != dt:
-        q, k, v, i_pre, f_pre = (x.to(dt) for x in (q, k, v, i_pre, f_pre))
-    logf_m = F.logsigmoid(f_pre) + m
-    m_new = torch.maximum(logf_m, i_pre)
-    cn.mul_(torch.exp(logf_m - m_new).view(bsz, nh, 1, 1))
-    ka = k * torch.exp(i_pre - m_new).view(bsz, nkv, rep, 1)  # (B,KV,rep,F)
+        q, k, v, gates = (x.to(dt) for x in (q, k, v, gates))
+    logf = gates[:, 1]
+    torch.add(F.logsigmoid(logf), m, out=logf)  # [i, log f + m, 0]
+    m_new = gates[:, :2].amax(1)
+    e = torch.exp(gates - m_new[:, None])  # [exp(i - m'), exp(log f + m - m'), exp(-m')]
+    m.copy_(m_new)
+    cn.mul_(e[:, 1].view(bsz, nh, 1, 1))
+    ka = k * e[:, 0].view(bsz, nkv, rep, 1)  # (B,KV,rep,F)
     v1 = F.pad(v, (0, 1), value=1.0)  # (B,KV,1,D+1)
     cn.view(bsz, nkv, rep, fd, dv + 1).addcmul_(ka[..., None], v1[:, :, None])
-    m.copy_(m_new)
-    r = torch.matmul(q * fd**-0.5, cn)  # (B,H,1,D+1): [q.C | q.n]
-    den = torch.maximum(r[..., dv:].abs(), torch.exp(-m_new).view(bsz, nh, 1, 1)) + eps
+    qs = (q * fd**-0.5).view(bsz * nh, 1, fd)
+    r = torch.bmm(qs, cn.view(bsz * nh, fd, dv + 1)).view(bsz, nh, 1, dv + 1)  # [q.C | q.n]
+    den = torch.maximum(r[..., dv:].abs(), e[:, 2].view(bsz, nh, 1, 1)) + eps
     return r[..., :dv] / den
 
 

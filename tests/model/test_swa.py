@@ -5,6 +5,7 @@ import torch
 
 from megadistill.model.swa import (
     Tokens,
+    blocked_layout,
     document_layout,
     swa_blocked,
     swa_flex,
@@ -34,6 +35,23 @@ def test_blocked_equals_reference(window, sinks):
     q, k, v, reset, valid = _inputs()
     ref = swa_reference(q, k, v, reset, valid, window, sinks, 0.3)
     out = swa_blocked(q, k, v, reset, valid, window, sinks, 0.3, block=24)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize(("window", "sinks"), [(16, 4), (32, 0), (3, 4), (1000, 4)])
+@pytest.mark.parametrize("starts", [True, False])
+def test_blocked_plain_rows_take_key_ranges_and_equal_reference(window, sinks, starts):
+    # Rows of one document from their first token, no padding (a document start there, or a
+    # row beginning mid-document): the blocks read key columns by ranges (sinks, then the
+    # window), not by gathered indices; the function is the same.
+    q, k, v, _, _ = _inputs()
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = starts
+    valid = torch.ones(B, T, dtype=torch.bool)
+    ref = swa_reference(q, k, v, reset, valid, window, sinks, 0.3)
+    layout = blocked_layout(reset, valid, window, sinks, T, block=24, plain=True, dtype=q.dtype)
+    assert all(isinstance(keys, list) for _, _, keys, _ in layout)
+    out = swa_blocked(q, k, v, reset, valid, window, sinks, 0.3, layout=layout)
     torch.testing.assert_close(out, ref)
 
 
