@@ -284,16 +284,26 @@ def mlstm_chunkwise(
     c_in, n_in, m_in = torch.stack(cs, 2), torch.stack(ns, 2), torch.stack(ms, 2)
     # Outputs of all chunks at once.
     base = torch.where(cont, b + m_in[..., None], fresh)  # (B,H,NC,L)
-    logd = (b[..., :, None] - b[..., None, :] + i_pre[..., None, :]).masked_fill(
-        ~same[:, None], float("-inf")
-    )  # (B,H,NC,L,L)
-    m_t = torch.maximum(base, logd.amax(-1))
     qs = q * fd**-0.5
-    s_mat = (qs @ k.transpose(-1, -2)) * torch.exp(logd - m_t[..., None])
-    w_state = torch.exp(base - m_t) * cont
-    num = s_mat @ v + w_state[..., None] * (qs @ c_in)
-    den = s_mat.sum(-1) + w_state * (qs @ n_in[..., None]).squeeze(-1)
-    h = num / (torch.maximum(den.abs(), torch.exp(-m_t)) + eps)[..., None]
+    if torch.is_grad_enabled():
+        logd = (b[..., :, None] - b[..., None, :] + i_pre[..., None, :]).masked_fill(
+            ~same[:, None], float("-inf")
+        )  # (B,H,NC,L,L)
+        m_t = torch.maximum(base, logd.amax(-1))
+        s_mat = (qs @ k.transpose(-1, -2)) * torch.exp(logd - m_t[..., None])
+        w_state = torch.exp(base - m_t) * cont
+        num = s_mat @ v + w_state[..., None] * (qs @ c_in)
+        den = s_mat.sum(-1) + w_state * (qs @ n_in[..., None]).squeeze(-1)
+        h = num / (torch.maximum(den.abs(), torch.exp(-m_t)) + eps)[..., None]
+    else:  # the same in place: no backward keeps them, so no new (L, L) and (L, D) buffers
+        logd = b[..., :, None] - b[..., None, :]
+        logd.add_(i_pre[..., None, :]).masked_fill_(~same[:, None], float("-inf"))
+        m_t = torch.maximum(base, logd.amax(-1))
+        s_mat = (qs @ k.transpose(-1, -2)).mul_(logd.sub_(m_t[..., None]).exp_())
+        w_state = torch.exp(base - m_t) * cont
+        num = (s_mat @ v).addcmul_(w_state[..., None], qs @ c_in)
+        den = s_mat.sum(-1).addcmul_(w_state, (qs @ n_in[..., None]).squeeze(-1))
+        h = num.div_((torch.maximum(den.abs(), torch.exp(-m_t)) + eps)[..., None])
     return h.reshape(bsz, nh, nc * el, dv)[:, :, :t], (c, n, m)
 
 

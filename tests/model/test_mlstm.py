@@ -44,6 +44,17 @@ def test_backend_matches_recurrent_values_and_grads(backend):
         torch.testing.assert_close(a, b, msg=f"gradient of {name}")
 
 
+def test_chunkwise_without_autograd_matches_recurrent():
+    # Without autograd the chunkwise form reuses its buffers in place (inference): same values.
+    xs, reset = _inputs()
+    h_ref, st_ref = mlstm_recurrent(*xs, reset=reset)
+    with torch.no_grad():
+        h, st = mlstm_chunkwise(*xs, reset=reset, chunk_size=8)
+    torch.testing.assert_close(h, h_ref)
+    for a, b in zip(st, st_ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_chunkwise_gradcheck():
     xs, reset = _inputs(requires_grad=True)
     small = [x[:1, :1, :9].detach().clone().requires_grad_(True) for x in xs]
