@@ -665,10 +665,11 @@ class HybridAttention(nn.Module):
         if self.num_sinks and info.sink_tokens:
             self._write_kv(k_r, v, info, lc)
             return
-        slot = self.num_sinks + info.cache.seen % self.window
-        at = info.memo.get(("step_slot", slot))
-        if at is None:  # the same slot in every layer of this window and sinks
-            at = info.memo[("step_slot", slot)] = torch.tensor([slot], device=k_r.device)
+        key = ("step_slot", self.window, self.num_sinks)
+        at = info.memo.get(key)
+        if at is None:  # the same slot in every layer of this window and sinks (made on the
+            # device from the step's index: no copy from the host, which would wait on a GPU)
+            at = info.memo[key] = self.num_sinks + info.abs_idx % self.window
         held = info.memo.get("step_held")
         if held is None:  # the same token for every layer
             held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)  # (B,3,1)
