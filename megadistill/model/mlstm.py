@@ -168,9 +168,8 @@ def mlstm_step_joint_(
         q, k, v, gates = (x.to(dt) for x in (q, k, v, gates))
     logf = gates[:, 1]
     torch.add(F.logsigmoid(logf), m, out=logf)  # [i, log f + m, 0]
-    m_new = gates[:, :2].amax(1)
+    m_new = torch.amax(gates[:, :2], 1, out=m)  # (m is read above: updated in place now)
     e = torch.exp(gates - m_new[:, None])  # [exp(i - m'), exp(log f + m - m'), exp(-m')]
-    m.copy_(m_new)
     cn.mul_(e[:, 1].view(bsz, nh, 1, 1))
     ka = k * e[:, 0].view(bsz, nkv, rep, 1)  # (B,KV,rep,F)
     v1 = F.pad(v, (0, 1), value=1.0)  # (B,KV,1,D+1)
