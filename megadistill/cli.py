@@ -516,6 +516,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # megadistill.bench.<name> -> (its config class, run function, table formatter)
 _BENCHES = {
     "inference": ("InferenceBenchConfig", "run_inference_bench", "format_rows"),
+    "generate": ("GenerateBenchConfig", "run_generate_bench", "format_result"),
     "train": ("TrainBenchConfig", "run_train_bench", "format_summary"),
     "data": ("DataBenchConfig", "run_data_bench", "format_rows"),
     "merge": ("MergeBenchConfig", "run_merge_bench", "format_results"),

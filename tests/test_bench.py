@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megadistill.bench.generate import GenerateBenchConfig
 from megadistill.bench.merge import MergeBenchConfig
 from megadistill.bench.train import TrainBenchConfig, run_train_bench
 from megadistill.cli import main
@@ -66,6 +67,24 @@ def test_inference_bench_on_a_teacher_folder_interleaved(tmp_path, capsys):
     assert "max_position_embeddings is 128" in capsys.readouterr().err
     assert main(["bench", "inference", f"teacher={tmp_path / 'nothing'}"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_generate_bench_times_both_models_through_generate(capsys):
+    args = ["hidden_size=64", "vocab_size=256", "prompts=[16,40]", "new_tokens=3", "window=16",
+            "repeats=1", "count_tokens=2"]  # fmt: skip
+    assert main(["bench", "generate", *args]) == 0
+    out = capsys.readouterr().out
+    assert "aten ops per generated token" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert [r["prompt"] for r in result["rows"]] == [16, 40]
+    for r in result["rows"]:
+        assert r["ratio"] == pytest.approx(r["teacher_s"] / r["student_s"])
+        for kind in ("teacher", "student"):  # the first forward (prefill) splits the time
+            assert 0 < r[f"{kind}_prefill_s"] < r[f"{kind}_s"] and r[f"{kind}_decode_s"] > 0
+        assert r["decode_ratio"] == pytest.approx(r["teacher_decode_s"] / r["student_decode_s"])
+    assert result["ops_per_token"]["teacher"] > 0 and result["ops_per_token"]["student"] > 0
+    with pytest.raises(ConfigError, match="clock"):
+        GenerateBenchConfig(clock="sundial")
 
 
 def test_train_bench_stage1_and_stage2_on_a_teacher_folder(tmp_path):

@@ -20,7 +20,15 @@ from torch import nn
 from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
-from megadistill.model.mlstm import PAD_F, PAD_I, _reset_rows, mlstm_forward, mlstm_step_
+from megadistill.model.mlstm import (
+    PAD_F,
+    PAD_I,
+    _reset_rows,
+    joint_state,
+    mlstm_forward,
+    mlstm_step_,
+    mlstm_step_joint_,
+)
 from megadistill.model.swa import Tokens, _sdpa, swa_attention, token_mask
 
 NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate", "ogate_scale")
@@ -45,6 +53,7 @@ class SeqInfo:
     one_doc: bool = False  # no document starts after a row's first token
     any_reset: bool = True  # some row starts a document in this forward
     sink_tokens: bool = True  # some real token is among its document's first ``num_sinks``
+    next_pos: torch.Tensor | None = None  # (B,) RoPE position of each row's next token
     # Structures every layer with the same window/sinks shares (masks, block layouts), built by
     # the first layer that needs them, once per forward.
     memo: dict[Any, Any] = field(default_factory=dict)
@@ -93,6 +102,96 @@ class GateScale(nn.Module):
         # Applied through forward (not by reading .weight from outside) so that ZeRO-3's module
         # hooks gather the partitioned weight in the forward and again in the backward.
         return (gate * self.weight).to(gate.dtype)
+
+
+def rotation_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """RoPE at one position as a matrix: R (B, d, d) such that ``x @ R`` is transformers'
+    ``apply_rotary_pos_emb`` of heads x (B, N, d) with ``cos``/``sin`` (B, 1, r) in every
+    supported family (the first r dims rotated, the rest passed through, as Phi-3's partial
+    RoPE), to rounding: each output is ``x_i cos_i -+ x_j sin_i``, summed in one product.
+    Built once per decoding step and shared by every layer of the same RoPE: rotating a layer's
+    q and k heads is then one product (``tests/model/test_cache.py`` checks every family)."""
+    c, s = cos[:, 0], sin[:, 0]  # (B, r)
+    r, h = c.shape[-1], c.shape[-1] // 2
+    idx = torch.arange(r, device=c.device)
+    rot = torch.cat([idx[h:], idx[:h]])  # output i reads x[rot[i]] for its sin term
+    mat = c.new_zeros(c.shape[0], head_dim, head_dim)
+    mat[:, idx, idx] = c
+    mat[:, rot, idx] = torch.cat([-s[:, :h], s[:, h:]], dim=-1)
+    if r < head_dim:  # partial RoPE: the other dims pass through
+        rest = torch.arange(r, head_dim, device=c.device)
+        mat[:, rest, rest] = 1.0
+    return mat
+
+
+@dataclass
+class StepWeights:
+    """A layer's weights as one decoding step reads them: the q/k/v projections and the input
+    and forget gates stacked into one matrix ([q | k | v | i | f | 0] columns of ``proj``,
+    transposed for ``x @ proj``; zero bias where a projection has none; H zero columns that give
+    the mLSTM step a scratch row of zeros), the q and k feature maps into one
+    (H + KV, d, f) tensor, and (views) the output gate's and o_proj's transposed weights. The
+    stacked ones are copies: a :class:`HybridCache` builds them at its first step and drops them
+    with itself."""
+
+    proj: torch.Tensor
+    proj_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    o_bias: torch.Tensor | None
+    ogate: torch.Tensor | None = None
+    ogate_bias: torch.Tensor | None = None
+    ogate_scale: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    both_signs: bool = False
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """:class:`FeatureMap` of q and k heads at once: x (B, H + KV, 1, d) -> (B, H + KV, 1, f)."""
+        b, n, _, d = x.shape
+        if b == 1:
+            z = torch.bmm(x.view(n, 1, d), self.features).view(1, n, 1, -1)
+        else:
+            z = torch.bmm(x.view(b, n, d).transpose(0, 1), self.features).transpose(0, 1)[
+                :, :, None
+            ]
+        if self.both_signs:
+            return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+        return torch.softmax(z, dim=-1)
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, attn: HybridAttention) -> StepWeights:
+        """The step weights of ``attn`` (a hybrid layer or one kept as a local window)."""
+        if attn.adapter.fused_qkv:
+            mods = [attn.qkv_proj]
+        else:
+            mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+        hybrid = not attn.kept and attn.config.gate_mode != "swa"
+        weights = [m.weight for m in mods]
+        biases = [
+            m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods
+        ]
+        if hybrid:  # the gates, and H zeros (the mLSTM step's scratch row, mlstm_step_joint_)
+            zeros = attn.igate.weight.new_zeros(attn.igate.weight.shape)
+            weights += [attn.igate.weight, attn.fgate.weight, zeros]
+            biases += [attn.igate.bias, attn.fgate.bias, zeros[:, 0]]
+        proj = torch.cat(weights).t()
+        bias = None
+        if hybrid or any(m.bias is not None for m in mods):
+            bias = torch.cat(biases)
+        out = cls(proj, bias, attn.o_proj.weight.t(), attn.o_proj.bias)
+        if hybrid:
+            out.features = torch.cat([attn.q_feature.weight, attn.k_feature.weight])
+            out.both_signs = attn.q_feature.both_signs
+            if attn.config.gate_mode == "learned":
+                out.ogate, out.ogate_bias = attn.ogate.weight.t(), attn.ogate.bias
+                if hasattr(attn, "ogate_scale"):  # gate_init: floor
+                    out.ogate_scale = attn.ogate_scale.weight
+        return out
+
+
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of rows x (B, in) with a transposed weight (in, out): one op."""
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
 
 
 class HybridAttention(nn.Module):
@@ -146,6 +245,9 @@ class HybridAttention(nn.Module):
         # An observer installed from outside (None: none) sees the hybrid path's projections and
         # output, called as observer(self, out, q_r, k_r, v, info); what it returns is the output.
         self.observer = None
+        # Decoding steps without autograd take the fused path (:meth:`_step`); False: the step
+        # through the modules (:meth:`_decode`), the reference it is tested against.
+        self.fused_step = True
         if self.kept:
             return
         fdim, pm = config.feature_dim, config.feature_map == "hedgehog_pm"
@@ -188,9 +290,21 @@ class HybridAttention(nn.Module):
             o = self.ogate_scale(o)
         return o.transpose(1, 2)[..., None]
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused=None):
+        """q, k (normed), q_r, k_r (RoPE), v (B,H,T,d), the output gate's input [q | k | v]
+        (B,T,.) of a hybrid layer (None for a kept one) and, with ``fused`` (the layer's
+        :class:`StepWeights`: one product for q/k/v and the gates), the gates' pre-activations
+        [i | f] (B,T,2H) (else None)."""
         bsz, t, _ = x.shape
-        if self.adapter.fused_qkv:
+        gates = gate_in = None
+        if fused is not None:
+            y = _linear(x.reshape(bsz * t, -1), fused.proj, fused.proj_bias).view(bsz, t, -1)
+            qkv = sum(self.qkv_sizes)
+            q_raw, k_raw, v = y[..., :qkv].split(self.qkv_sizes, dim=-1)
+            gate_in = None if self.kept else y[..., :qkv]
+            if fused.features is not None:
+                gates = y[..., qkv : qkv + 2 * self.num_heads]
+        elif self.adapter.fused_qkv:
             q_raw, k_raw, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q_raw, k_raw, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -204,15 +318,22 @@ class HybridAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v4 = v.view(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
         q_r, k_r = self.apply_rotary(q, k, cos, sin)
-        gate_in = torch.cat([q_raw, k_raw, v], dim=-1)
-        return q, k, q_r, k_r, v4, gate_in
+        if gate_in is None and not self.kept:
+            gate_in = torch.cat([q_raw, k_raw, v], dim=-1)
+        return q, k, q_r, k_r, v4, gate_in, gates
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, info: SeqInfo
     ) -> torch.Tensor:
         bsz, t, _ = x.shape
-        q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
         lc = info.cache.layers[self.layer_idx] if info.cache is not None else None
+        fused = None
+        if lc is not None and self._fused_step_applies():
+            if t == 1 and lc.k is not None:
+                return self._step(x, cos, sin, info, lc)
+            if lc.k is None:  # a prefill: the step's fused product serves it too
+                fused = self._step_weights(info.cache)
+        q, k, q_r, k_r, v, gate_in, gates = self._project(x, cos, sin, fused)
         # ``full`` first: eval/layer_choice flips it on a layer to measure keeping that layer.
         if self.full:
             full = self._full(q_r, k_r, v, info, lc)
@@ -234,12 +355,12 @@ class HybridAttention(nn.Module):
         if mode == "swa":
             mixed = swa
         else:
-            mem = self._mlstm(x, q, k, q_r, k_r, v, cos, sin, info, lc)
+            mem = self._mlstm(x, q, k, q_r, k_r, v, cos, sin, info, lc, gates)
             if mode == "mlstm":
                 mixed = mem
             else:
                 o = self._output_gate(gate_in)  # (B,H,T,1)
-                mixed = o * mem + (1 - o) * swa
+                mixed = torch.lerp(swa, mem, o.to(swa.dtype))  # o * mem + (1 - o) * swa
         if lc is not None and (lc.k is None or mode == "mlstm"):
             self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
         out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
@@ -260,10 +381,16 @@ class HybridAttention(nn.Module):
         )  # fmt: skip
         return self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
 
-    def _gates(self, x: torch.Tensor, info: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input and forget gate pre-activations (B,H,T); padding steps are exact no-ops."""
-        i_pre = self.igate(x).transpose(1, 2)
-        f_pre = self.fgate(x).transpose(1, 2)
+    def _gates(
+        self, x: torch.Tensor, info: SeqInfo, pre: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and forget gate pre-activations (B,H,T) (``pre``: already computed, (B,T,2H));
+        padding steps are exact no-ops."""
+        if pre is not None:
+            i_pre, f_pre = pre.transpose(1, 2).split(self.num_heads, dim=1)
+        else:
+            i_pre = self.igate(x).transpose(1, 2)
+            f_pre = self.fgate(x).transpose(1, 2)
         if not info.all_valid:
             pad = ~info.valid[:, None, :]
             i_pre = i_pre.masked_fill(pad, PAD_I)
@@ -315,14 +442,15 @@ class HybridAttention(nn.Module):
                     f_pre[:, :, j],
                     one,
                     lc,
+                    info.cache.seen + j,
                 )  # fmt: skip
             )
         return torch.stack(outs, dim=2).to(v.dtype)
 
-    def _shared_step(self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache):
-        """One decoding step of the shared_norm mix (see model/shared_norm.py)."""
+    def _shared_step(self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache, t: int):
+        """One decoding step of the shared_norm mix (see model/shared_norm.py) for the token of
+        stream index ``t`` (known on the host: no sync)."""
         w, s = self.window, self.num_sinks
-        t = int(info.abs_idx[0])
         slot = s + t % w
         logf = torch.nn.functional.logsigmoid(f1.float())
         if info.any_reset:  # a new document: none of the old one's keys stays in the state
@@ -376,13 +504,116 @@ class HybridAttention(nn.Module):
             return mem
         return torch.lerp(swa, mem, self._output_gate(gate_in).to(swa.dtype))
 
-    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
+    def _fused_step_applies(self) -> bool:
+        """Whether a decoding step takes :meth:`_step` (else :meth:`_decode`, the reference):
+        inference only (the cache is updated in place), ``fused_step`` on, a hybrid layer of the
+        ``gate`` mix or a layer kept as the teacher's sliding window."""
+        return (
+            self.fused_step
+            and not torch.is_grad_enabled()
+            and not self.full
+            and (self.keep_local or not self.shared or self.config.gate_mode != "learned")
+        )
+
+    def _step_weights(self, cache: HybridCache) -> StepWeights | None:
+        """This layer's :class:`StepWeights` for decoding with ``cache`` (built at the first step
+        and kept by the cache; None where parameters are partitioned by ZeRO-3, whose hooks
+        gather a weight only inside its own module's forward)."""
+        if self.layer_idx in cache.step_weights:
+            return cache.step_weights[self.layer_idx]
+        fused = None
+        if not any(hasattr(p, "ds_id") for p in self.parameters()):
+            fused = StepWeights.of(self)
+        cache.step_weights[self.layer_idx] = fused
+        return fused
+
+    def _step(self, x, cos, sin, info: SeqInfo, lc: LayerCache) -> torch.Tensor:
+        """One decoding step (T = 1, no autograd) in few ops; the same function as
+        :meth:`_decode` (``tests/model/test_cache.py`` compares them). q, k, v and the input and
+        forget gates come from one product with the layer's :class:`StepWeights`; RoPE (one
+        product with the step's :func:`rotation_matrix`) and the feature maps run once on q and
+        k together ([q heads | k heads]); the SWA branch attends over the buffer's filled slots
+        only; the mLSTM state is updated in place (:func:`mlstm_step_joint_`); o_proj included."""
+        fw = self._step_weights(info.cache)
+        if fw is None:
+            return self._step_reference(x, cos, sin, info, lc)
+        bsz = x.shape[0]
+        nh, nkv, d = self.num_heads, self.num_kv, self.head_dim
+        nq, nk = self.qkv_sizes[0], self.qkv_sizes[1]
+        y = _linear(x.view(bsz, -1), fw.proj, fw.proj_bias)  # (B, [q | k | v | i | f])
+        if self.adapter.qk_norm == "none":
+            qk = y[:, : nq + nk].view(bsz, nh + nkv, 1, d)  # T = 1: heads lie as (B,H,1,d)
+        else:
+            q, k = y[:, :nq], y[:, nq : nq + nk]
+            if self.adapter.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            else:
+                q, k = self.q_norm(q.view(bsz, nh, d)), self.k_norm(k.view(bsz, nkv, d))
+            qk = torch.cat([q.reshape(bsz, nh, 1, d), k.reshape(bsz, nkv, 1, d)], 1)
+        v = y[:, nq + nk : nq + 2 * nk].view(bsz, nkv, 1, d)
+        qk_r = self._rotate(qk, cos, sin, info)
+        q_r, k_r = qk_r[:, :nh], qk_r[:, nh:]
+        mode = "swa" if self.keep_local else self.config.gate_mode
+        swa = mem = None
+        if mode != "mlstm":
+            swa = self._swa_step(q_r, k_r, v, info, lc)
+        else:
+            self._write_kv_step(k_r, v, info, lc)
+        if mode != "swa":
+            if self.config.rope_on == "input":
+                fqk = fw.feature_map(qk_r)
+            else:
+                fqk = self._rotate(fw.feature_map(qk), cos, sin, info)
+            gates = y[:, nq + 2 * nk :].view(bsz, 3, nh)  # input, forget, zeros
+            if not info.all_valid:  # padding steps are exact no-ops (as _gates)
+                pads = gates.new_tensor([[PAD_I], [PAD_F], [0.0]])
+                gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
+            if info.any_reset:
+                lc.mlstm = _reset_rows(lc.mlstm, info.reset[:, 0])
+            if lc.mlstm_joint is None or lc.mlstm[0]._base is not lc.mlstm_joint:
+                lc.mlstm, lc.mlstm_joint = joint_state(lc.mlstm)  # once after a prefill
+            mem = mlstm_step_joint_(
+                fqk[:, :nh], fqk[:, nh:], v, gates, lc.mlstm_joint, lc.mlstm[2]
+            ).to(v.dtype)
+        if mode == "swa":
+            mixed = swa
+        elif mode == "mlstm":
+            mixed = mem
+        else:
+            o = torch.sigmoid(_linear(y[:, : nq + 2 * nk], fw.ogate, fw.ogate_bias))
+            if fw.ogate_scale is not None:  # gate_init: floor
+                o = o * fw.ogate_scale
+            mixed = torch.lerp(swa, mem, o.view(bsz, nh, 1, 1).to(swa.dtype))
+        # (B,H,1,d) is (B,1,H*d) at T = 1
+        return _linear(mixed.view(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
+
+    def _rotate(self, x: torch.Tensor, cos, sin, info: SeqInfo) -> torch.Tensor:
+        """RoPE of heads x (B, N, 1, d) at a decoding step: one product with the step's
+        :func:`rotation_matrix`, built once per RoPE (``cos``) and shared by its layers."""
+        key = ("rotation", id(cos))
+        rot = info.memo.get(key)
+        if rot is None:
+            rot = info.memo[key] = rotation_matrix(cos, sin, self.head_dim)
+        b, n, _, d = x.shape
+        return torch.bmm(x.reshape(b, n, d), rot).view(b, n, 1, d)
+
+    def _step_reference(self, x, cos, sin, info: SeqInfo, lc: LayerCache) -> torch.Tensor:
+        """A decoding step through the modules (the reference of :meth:`_step`)."""
+        bsz = x.shape[0]
+        q, k, q_r, k_r, v, gate_in, _ = self._project(x, cos, sin)
+        if self.keep_local:
+            out = self._swa_step(q_r, k_r, v, info, lc)
+        else:
+            out = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
+
+    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc, gates=None):
         fq, fk = self._features(q, k, q_r, k_r, cos, sin)
         rep = self.num_heads // self.num_kv
         if rep > 1:
             fk = fk.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        i_pre, f_pre = self._gates(x, info)
+        i_pre, f_pre = self._gates(x, info, gates)
         state = lc.mlstm if lc is not None else None
         h, state = mlstm_forward(
             fq, fk, v, i_pre, f_pre, info.reset, state,
@@ -438,15 +669,25 @@ class HybridAttention(nn.Module):
         by every layer of the same window and sinks (their slots hold the same tokens)."""
         self._write_kv_step(k_r, v, info, lc)
         rep = self.num_heads // self.num_kv
+        # The ring fills in stream order: while the stream is shorter than the window, the slots
+        # after this token's have never held one (empty, masked out), so they are not read.
+        n = self.num_sinks + min(info.cache.seen + 1, self.window)
         key = ("step_mask", self.window, self.num_sinks, rep)
         mask = info.memo.get(key)
         if mask is None:
-            mask = token_mask(info.tokens, lc.keys(), self.window, self.num_sinks)  # (B,1,N)
-            # GQA: the rep query heads of a K/V head are folded into the query length.
+            keys = lc.keys()
+            if n < lc.k.shape[2]:
+                keys = Tokens(*(f[..., :n] for f in keys))
+            seen = token_mask(info.tokens, keys, self.window, self.num_sinks)  # (B,1,n)
+            # Additive, as SDPA turns a boolean mask (in every layer); GQA: the rep query heads
+            # of a K/V head are folded into the query length.
+            mask = torch.zeros(seen.shape, dtype=q_r.dtype, device=q_r.device)
+            mask.masked_fill_(~seen, float("-inf"))
             info.memo[key] = mask = mask[:, None].expand(-1, -1, rep, -1)
+        k, v = (lc.k, lc.v) if n == lc.k.shape[2] else (lc.k[:, :, :n], lc.v[:, :, :n])
         bsz, _, _, d = q_r.shape
         return F.scaled_dot_product_attention(
-            q_r.reshape(bsz, self.num_kv, rep, d), lc.k, lc.v, attn_mask=mask, scale=self.scaling
+            q_r.reshape(bsz, self.num_kv, rep, d), k, v, attn_mask=mask, scale=self.scaling
         ).reshape(bsz, self.num_heads, 1, -1)
 
     @torch.no_grad()
@@ -456,15 +697,18 @@ class HybridAttention(nn.Module):
         if self.num_sinks and info.sink_tokens:
             self._write_kv(k_r, v, info, lc)
             return
-        t = info.cache.seen
-        slot = self.num_sinks + t % self.window
-        lc.k[:, :, slot] = k_r[:, :, 0]
-        lc.v[:, :, slot] = v[:, :, 0]
+        key = ("step_slot", self.window, self.num_sinks)
+        at = info.memo.get(key)
+        if at is None:  # the same slot in every layer of this window and sinks (made on the
+            # device from the step's index: no copy from the host, which would wait on a GPU)
+            at = info.memo[key] = self.num_sinks + info.abs_idx % self.window
         held = info.memo.get("step_held")
         if held is None:  # the same token for every layer
-            held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)[..., 0]  # (B,3)
-        lc.held[:, :, slot] = held
-        lc.ok[:, slot] = info.valid[:, 0]
+            held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)  # (B,3,1)
+        lc.k.index_copy_(2, at, k_r)
+        lc.v.index_copy_(2, at, v)
+        lc.held.index_copy_(2, at, held)
+        lc.ok.index_copy_(1, at, info.valid)
 
     @torch.no_grad()
     def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:
@@ -487,6 +731,15 @@ class HybridAttention(nn.Module):
         if s == 0 or not info.sink_tokens:
             return
         held = torch.stack(tok[:3], 1)
+        if info.cache.seen == 0 and info.all_valid and info.one_doc:
+            # A stream's first tokens, one document, no padding: the sinks are the first S
+            # tokens of every row, in slots 0..S-1 (the host knows it: no per-sink sync).
+            n = min(s, t)
+            lc.k[:, :, :n] = k_r[:, :, :n]
+            lc.v[:, :, :n] = v[:, :, :n]
+            lc.held[:, :, :n] = held[..., :n]
+            lc.ok[:, :n] = True
+            return
         for col in sink.any(0).nonzero().flatten().tolist():
             rows = sink[:, col].nonzero().flatten()
             slot = tok.pos[rows, col]

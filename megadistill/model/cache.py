@@ -12,6 +12,7 @@ use, so memory after 16 tokens and after 2,000 tokens is the same.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -43,6 +44,9 @@ class LayerCache:
     # accumulated since it entered (it joins the mLSTM state with both when it leaves the window).
     gate_i: torch.Tensor | None = None  # (B, H, S + W)
     decay: torch.Tensor | None = None  # (B, H, S + W)
+    # Decoding steps keep C and n of ``mlstm`` as views of one (B, H, F, D + 1) tensor [C | n]
+    # (see mlstm.joint_state); this is that tensor (not counted again by ``tensors``).
+    mlstm_joint: torch.Tensor | None = None
 
     def keys(self) -> Tokens:
         """The tokens the slots hold, as the visibility rule takes them."""
@@ -65,6 +69,15 @@ class HybridCache:
     next_pos: torch.Tensor | None = None  # (B,) next RoPE position per row
     doc: torch.Tensor | None = None  # (B,) document id of each row's last token
     doc_start: torch.Tensor | None = None  # (B,) stream index where that document started
+    # Every row's next token, if real and without given positions, goes on with the row's
+    # document past its sinks (read back by the last forward's one host sync): a decoding step
+    # then needs no sync at all.
+    continuing: bool = False
+    # Per layer, the weights a decoding step reads fused (HybridAttention._step_weights): built
+    # from the layer's parameters at its first step with this cache and dropped with it, so no
+    # change of the weights between two generations can leave them stale. Not decoding state:
+    # neither counted by nbytes nor reordered.
+    step_weights: dict[int, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -85,6 +98,7 @@ class HybridCache:
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Select rows (beam search)."""
         for lc in self.layers:
+            lc.mlstm_joint = None  # the selected rows' C and n are copies, no longer its views
             for name in vars(lc):
                 val = getattr(lc, name)
                 if isinstance(val, torch.Tensor):

@@ -130,6 +130,59 @@ def mlstm_step_(
     return num / den[..., None], state
 
 
+def joint_state(state: State) -> tuple[State, torch.Tensor]:
+    """``state`` with C and n as views of one (B, H, F, D + 1) tensor ``[C | n]`` (returned
+    too), the layout :func:`mlstm_step_joint_` updates in place."""
+    c, n, m = state
+    cn = torch.cat([c, n[..., None]], dim=-1)
+    return (cn[..., :-1], cn[..., -1], m), cn
+
+
+def mlstm_step_joint_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor,
+    cn: torch.Tensor,
+    m: torch.Tensor,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """:func:`mlstm_step` in place on the joint state (no autograd; a decoding step in few ops).
+
+    With ``cn = [C | n]`` and ``v' = [v | 1]``, the C and n updates are one product
+    (``cn <- fa cn + ia k v'^T``) and ``q.C`` and ``q.n`` one read-out (``q.cn``); the three
+    exponentials of the step (``ia``, ``fa`` and the read-out's floor ``exp(-m)``) are one.
+
+    Args:
+        q: (B, H, 1, F); k: (B, KV, 1, F) and v: (B, KV, 1, D), each K/V head shared by
+            H / KV query heads (GQA).
+        gates: (B, 3, H): the input and forget gates' pre-activations and zeros (scratch: the
+            step overwrites it).
+        cn: (B, H, F, D + 1) and m: (B, H), the state (see :func:`joint_state`), updated.
+
+    Returns:
+        h (B, H, 1, D) in the state's dtype.
+    """
+    bsz, nh, _, fd = q.shape
+    nkv, dv = k.shape[1], v.shape[-1]
+    rep = nh // nkv
+    dt = cn.dtype
+    if q.dtype != dt:
+        q, k, v, gates = (x.to(dt) for x in (q, k, v, gates))
+    logf = gates[:, 1]
+    torch.add(F.logsigmoid(logf), m, out=logf)  # [i, log f + m, 0]
+    m_new = torch.amax(gates[:, :2], 1, out=m)  # (m is read above: updated in place now)
+    e = torch.exp(gates - m_new[:, None])  # [exp(i - m'), exp(log f + m - m'), exp(-m')]
+    cn.mul_(e[:, 1].view(bsz, nh, 1, 1))
+    ka = k * e[:, 0].view(bsz, nkv, rep, 1)  # (B,KV,rep,F)
+    v1 = F.pad(v, (0, 1), value=1.0)  # (B,KV,1,D+1)
+    cn.view(bsz, nkv, rep, fd, dv + 1).addcmul_(ka[..., None], v1[:, :, None])
+    qs = (q * fd**-0.5).view(bsz * nh, 1, fd)
+    r = torch.bmm(qs, cn.view(bsz * nh, fd, dv + 1)).view(bsz, nh, 1, dv + 1)  # [q.C | q.n]
+    den = torch.maximum(r[..., dv:].abs(), e[:, 2].view(bsz, nh, 1, 1)) + eps
+    return r[..., :dv] / den
+
+
 def mlstm_recurrent(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,16 +286,26 @@ def mlstm_chunkwise(
     c_in, n_in, m_in = torch.stack(cs, 2), torch.stack(ns, 2), torch.stack(ms, 2)
     # Outputs of all chunks at once.
     base = torch.where(cont, b + m_in[..., None], fresh)  # (B,H,NC,L)
-    logd = (b[..., :, None] - b[..., None, :] + i_pre[..., None, :]).masked_fill(
-        ~same[:, None], float("-inf")
-    )  # (B,H,NC,L,L)
-    m_t = torch.maximum(base, logd.amax(-1))
     qs = q * fd**-0.5
-    s_mat = (qs @ k.transpose(-1, -2)) * torch.exp(logd - m_t[..., None])
-    w_state = torch.exp(base - m_t) * cont
-    num = s_mat @ v + w_state[..., None] * (qs @ c_in)
-    den = s_mat.sum(-1) + w_state * (qs @ n_in[..., None]).squeeze(-1)
-    h = num / (torch.maximum(den.abs(), torch.exp(-m_t)) + eps)[..., None]
+    if torch.is_grad_enabled():
+        logd = (b[..., :, None] - b[..., None, :] + i_pre[..., None, :]).masked_fill(
+            ~same[:, None], float("-inf")
+        )  # (B,H,NC,L,L)
+        m_t = torch.maximum(base, logd.amax(-1))
+        s_mat = (qs @ k.transpose(-1, -2)) * torch.exp(logd - m_t[..., None])
+        w_state = torch.exp(base - m_t) * cont
+        num = s_mat @ v + w_state[..., None] * (qs @ c_in)
+        den = s_mat.sum(-1) + w_state * (qs @ n_in[..., None]).squeeze(-1)
+        h = num / (torch.maximum(den.abs(), torch.exp(-m_t)) + eps)[..., None]
+    else:  # the same in place: no backward keeps them, so no new (L, L) and (L, D) buffers
+        logd = b[..., :, None] - b[..., None, :]
+        logd.add_(i_pre[..., None, :]).masked_fill_(~same[:, None], float("-inf"))
+        m_t = torch.maximum(base, logd.amax(-1))
+        s_mat = (qs @ k.transpose(-1, -2)).mul_(logd.sub_(m_t[..., None]).exp_())
+        w_state = torch.exp(base - m_t) * cont
+        num = (s_mat @ v).addcmul_(w_state[..., None], qs @ c_in)
+        den = s_mat.sum(-1).addcmul_(w_state, (qs @ n_in[..., None]).squeeze(-1))
+        h = num.div_((torch.maximum(den.abs(), torch.exp(-m_t)) + eps)[..., None])
     return h.reshape(bsz, nh, nc * el, dv)[:, :, :t], (c, n, m)
 
 

@@ -176,6 +176,9 @@ class HybridModel(HybridPreTrainedModel):
 
     def _seq_info(self, input_ids, attention_mask, position_ids, cache) -> SeqInfo:
         bsz, t = input_ids.shape[:2]
+        if t == 1 and attention_mask is None and position_ids is None and cache is not None:
+            if cache.continuing:
+                return self._step_info(bsz, cache)
         dev = input_ids.device
         valid = (
             attention_mask[:, -t:].bool()
@@ -194,18 +197,49 @@ class HybridModel(HybridPreTrainedModel):
         # Documents continue across forwards: a cache carries each row's document and its start.
         doc0, start0 = (cache.doc, cache.doc_start) if cache is not None else (None, None)
         doc, doc_pos = document_layout(reset, abs_idx, doc0, start0)
+        # The next token's RoPE position: after the row's last token, or where its last real
+        # one left off when the row ends in padding.
+        last = valid[:, -1]
+        next_pos = torch.where(
+            last,
+            position_ids[:, -1] + 1,
+            position_ids.masked_fill(~valid, -1).amax(-1) + 1,
+        )
         # The facts layers branch on, read back in one host sync per forward (not one per layer).
         # One document per row means no document starts after the row's first token: a row that
         # begins mid-document and then starts another has one reset but holds two documents.
-        all_valid, any_reset, one_doc, sink_tokens = torch.stack(
+        # ``continuing``: every row's next token (real, positions not given) goes on with its
+        # document past its sinks, so that steps can skip this sync (see _step_info).
+        all_valid, any_reset, one_doc, sink_tokens, continuing = torch.stack(
             [valid.all(), reset.any(), ~reset[:, 1:].any(),
-             (valid & (doc_pos < self.config.num_sinks)).any()]
+             (valid & (doc_pos < self.config.num_sinks)).any(),
+             (next_pos > 0).all() & (doc_pos[:, -1] + 1 >= self.config.num_sinks).all()]
         ).tolist()  # fmt: skip
+        if cache is not None:
+            cache.continuing = continuing
         return SeqInfo(
             reset=reset, valid=valid, pos=position_ids, abs_idx=abs_idx,
             tokens=Tokens(abs_idx.expand(bsz, -1), doc, doc_pos, valid), cache=cache,
             all_valid=all_valid,
-            any_reset=any_reset, one_doc=one_doc, sink_tokens=sink_tokens,
+            any_reset=any_reset, one_doc=one_doc, sink_tokens=sink_tokens, next_pos=next_pos,
+        )  # fmt: skip
+
+    def _step_info(self, bsz: int, cache: HybridCache) -> SeqInfo:
+        """:meth:`_seq_info` of one real token per row after ``cache``, positions not given,
+        when the cache says every row goes on with its document past its sinks
+        (``cache.continuing``, as in generate()'s steps without padding): then no token starts a
+        document nor is a sink, and the host knows every fact the layers branch on without
+        reading the device (no sync)."""
+        dev = cache.next_pos.device
+        seen = cache.seen
+        valid = torch.ones(bsz, 1, dtype=torch.bool, device=dev)
+        abs_idx = torch.arange(seen, seen + 1, device=dev)
+        doc_pos = (seen - cache.doc_start)[:, None]
+        return SeqInfo(
+            reset=torch.zeros_like(valid), valid=valid, pos=cache.next_pos[:, None],
+            abs_idx=abs_idx, tokens=Tokens(abs_idx.expand(bsz, 1), cache.doc[:, None], doc_pos,
+            valid), cache=cache, all_valid=True,
+            any_reset=False, one_doc=True, sink_tokens=False, next_pos=cache.next_pos + 1,
         )  # fmt: skip
 
     def forward(
@@ -228,11 +262,10 @@ class HybridModel(HybridPreTrainedModel):
             x = layer(x, cos, sin, info)
         if cache is not None:
             cache.seen += input_ids.shape[1]
-            cache.next_pos = info.pos[:, -1] + info.valid[:, -1].long()
-            if not info.all_valid and not bool(info.valid[:, -1].all()):
-                cache.next_pos = info.pos.masked_fill(~info.valid, -1).amax(-1) + 1
-            cache.doc = info.tokens.doc[:, -1]
-            cache.doc_start = cache.seen - 1 - info.tokens.pos[:, -1]
+            cache.next_pos = info.next_pos
+            if info.any_reset or cache.doc is None:  # (else the documents go on as they were)
+                cache.doc = info.tokens.doc[:, -1]
+                cache.doc_start = cache.seen - 1 - info.tokens.pos[:, -1]
         return self.norm(x)
 
 
@@ -327,15 +360,21 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         attention_mask=None,
         past_key_values=None,
         token_type_ids=None,  # returned by some tokenizers; transformers 4.x refuses unknown names
+        logits_to_keep=None,
         **kwargs,
     ):
         del token_type_ids
         cache = cache if cache is not None else past_key_values
         if cache is not None and cache.seen > 0:
             input_ids = input_ids[:, cache.seen :]
-        return {
+        inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "cache": cache,
             "use_cache": kwargs.get("use_cache", True),
         }
+        # generate() asks for the last position's logits only (1; more when it verifies
+        # candidate tokens): without it the prefill computed the LM head over the whole prompt.
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs

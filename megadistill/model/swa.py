@@ -19,6 +19,7 @@ Backends (all exact):
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -101,19 +102,21 @@ def row_tokens(reset: torch.Tensor, valid: torch.Tensor) -> Tokens:
 
 
 def _sdpa(q, k, v, mask, scaling):
-    """SDPA with a boolean mask (B, Tq, Tk) shared by all heads; GQA without repeating K/V.
+    """SDPA with a mask (B, Tq, Tk) shared by all heads (boolean, or additive); GQA without
+    repeating K/V.
 
     The ``rep`` query heads that share a K/V head are folded into the query length, so each K/V
-    head is read once (no repeat_interleave copies of the cache or the keys).
+    head is read once (no repeat_interleave copies of the cache or the keys); the mask is repeated
+    to match, unless the caller gives it repeated already (B, rep * Tq, Tk).
     """
     b, h, t, d = q.shape
     rep = h // k.shape[1]
     if rep == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling)
     qg = q.reshape(b, k.shape[1], rep * t, d)
-    out = F.scaled_dot_product_attention(
-        qg, k, v, attn_mask=mask.repeat(1, rep, 1)[:, None], scale=scaling
-    )
+    if mask.shape[1] != rep * t:
+        mask = mask.repeat(1, rep, 1)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None], scale=scaling)
     return out.reshape(b, h, t, -1)
 
 
@@ -126,8 +129,15 @@ def swa_reference(q, k, v, reset, key_valid, window, num_sinks, scaling):
 BLOCK = 128  # queries per block of the blocked backend
 
 
-def blocked_layout(reset, key_valid, window, num_sinks, t, block=BLOCK):
-    """Per query block of :func:`swa_blocked`: (start, end, key indices (B,K), mask (B,L,K)).
+def blocked_layout(
+    reset, key_valid, window, num_sinks, t, block=BLOCK, plain=False, dtype=None, rep=1
+):
+    """Per query block of :func:`swa_blocked`: (start, end, keys, mask (B,L,K)). ``keys``: the key
+    indices (B,K) to gather, or, for ``plain`` rows (one document from the row's first token, no
+    padding: the caller knows it), the ranges [(a, b), ...] of key columns to take, the same in
+    every row (the document's sinks, then the block's window: slices, no gather). ``dtype``: the
+    masks are additive (0 / -inf) in it, as SDPA would make them in every call, else boolean;
+    ``rep`` > 1: repeated for that many query heads per K/V head, as :func:`_sdpa` folds them.
     Depends only on the document layout, so a model builds it once per forward for all layers."""
     dev = reset.device
     window = t if window is None else window  # full causal: a window covering the row
@@ -137,6 +147,14 @@ def blocked_layout(reset, key_valid, window, num_sinks, t, block=BLOCK):
     for s in range(0, t, block):
         e = min(s + block, t)
         ws = max(0, s - window + 1)
+        queries = Tokens(*(f[:, s:e] for f in tok))
+        if plain:  # every row's document starts at column 0: sinks 0..S-1, then the window
+            ranges = [(0, e)] if ws <= num_sinks else [(0, min(num_sinks, t)), (ws, e)]
+            cols = torch.cat([torch.arange(a, b, device=dev) for a, b in ranges])
+            keys = Tokens(*(f[:, cols] for f in tok))
+            mask = token_mask(queries, keys, window, num_sinks)
+            out.append((s, e, ranges, _additive(mask, dtype, rep)))
+            continue
         span = tok.idx[:, ws:e]
         # The sinks of the first query's document (later queries of the block either share that
         # document or started a new one inside the window). A sink inside the span comes with
@@ -146,12 +164,33 @@ def blocked_layout(reset, key_valid, window, num_sinks, t, block=BLOCK):
         live = torch.cat([sink_idx < ws, torch.ones_like(span, dtype=torch.bool)], dim=1)
         idx, doc, pos, ok = (f.gather(1, k_idx) for f in tok)
         keys = Tokens(idx.masked_fill(~live, -1), doc, pos, ok & live)
-        queries = Tokens(*(f[:, s:e] for f in tok))
-        out.append((s, e, k_idx, token_mask(queries, keys, window, num_sinks)))
+        mask = token_mask(queries, keys, window, num_sinks)
+        out.append((s, e, k_idx, _additive(mask, dtype, rep)))
     return out
 
 
-def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=BLOCK, layout=None):
+def _additive(mask: torch.Tensor, dtype: torch.dtype | None, rep: int = 1) -> torch.Tensor:
+    """A boolean mask (B,L,K) as SDPA's additive one in ``dtype`` (0 where seen, -inf
+    elsewhere; ``dtype`` None: kept boolean), repeated ``rep`` times along L (see :func:`_sdpa`)."""
+    if rep > 1:
+        mask = mask.repeat(1, rep, 1)
+    if dtype is None:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+
+
+def _block_keys(x: torch.Tensor, keys) -> torch.Tensor:
+    """The keys (or values) x (B,KV,T,d) of one block: gathered by index (B,K), or the column
+    ranges of plain rows (a view for one range)."""
+    if isinstance(keys, list):
+        parts = [x[:, :, a:b] for a, b in keys]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return x.gather(2, keys[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+
+def swa_blocked(
+    q, k, v, reset, key_valid, window, num_sinks, scaling, block=BLOCK, layout=None, plain=False
+):
     """Blocked SWA + sinks: per query block, keys = the block's window + its document's sinks.
     ``layout``: :func:`blocked_layout` of these arguments, when the caller has built it.
     ``window=None`` (full causal attention over packed documents: stage I's target, kept softmax
@@ -159,11 +198,13 @@ def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=BLO
     if window is None:
         window = q.shape[2]
     if layout is None:
-        layout = blocked_layout(reset, key_valid, window, num_sinks, q.shape[2], block)
+        rep = q.shape[1] // k.shape[1]
+        layout = blocked_layout(
+            reset, key_valid, window, num_sinks, q.shape[2], block, plain, q.dtype, rep
+        )
     outs = []
-    for s, e, k_idx, mask in layout:
-        gather = k_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-        kb, vb = k.gather(2, gather), v.gather(2, gather)
+    for s, e, keys, mask in layout:
+        kb, vb = _block_keys(k, keys), _block_keys(v, keys)
         outs.append(_sdpa(q[:, :, s:e], kb, vb, mask, scaling))
     return torch.cat(outs, dim=2)
 
@@ -171,10 +212,8 @@ def swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, block=BLO
 def causal_attention(q, k, v, scaling):
     """Plain causal attention (every row one document from its first token, no padding): SDPA's
     ``is_causal`` path, which skips the masked half and builds no mask. Exact."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    gqa = q.shape[1] != k.shape[1]  # K/V heads shared by query heads, read without copies
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
 
 
 def swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling, compiled=None):
@@ -241,12 +280,17 @@ def swa_attention(
     if backend == "blocked":
         layout = None
         if memo is not None:
-            key = ("swa_blocked", window, num_sinks, q.shape[2])
+            rep = q.shape[1] // k.shape[1]
+            key = ("swa_blocked", window, num_sinks, q.shape[2], plain, q.dtype, rep)
             layout = memo.get(key)
             if layout is None:
-                layout = blocked_layout(reset, key_valid, window, num_sinks, q.shape[2])
+                layout = blocked_layout(
+                    reset, key_valid, window, num_sinks, q.shape[2], BLOCK, plain, q.dtype, rep
+                )
                 memo[key] = layout
-        return swa_blocked(q, k, v, reset, key_valid, window, num_sinks, scaling, layout=layout)
+        return swa_blocked(
+            q, k, v, reset, key_valid, window, num_sinks, scaling, layout=layout, plain=plain
+        )
     if backend == "flex":
         return swa_flex(q, k, v, reset, key_valid, window, num_sinks, scaling)
     raise ValueError(f"unknown swa_backend {backend!r}; choose one of {SWA_BACKENDS}")

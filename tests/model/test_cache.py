@@ -8,9 +8,11 @@ borders) and compare the logits.
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from megadistill.model.attention import rotation_matrix
 from megadistill.teachers import convert
-from megadistill.teachers.tiny import tiny_teacher
+from megadistill.teachers.tiny import TINY_FAMILIES, tiny_teacher
 from tests.decoding import fed, make_both_branches_matter
 
 # W = 8, S = 2: the streams below are several windows long.
@@ -97,3 +99,94 @@ def test_row_starting_mid_document_through_a_cache_equals_parallel():
             full = student(ids, position_ids=pos).logits
             for cuts in ([0, 1, 40], [0, 19, 20, 40]):
                 torch.testing.assert_close(fed(student, ids, cuts, position_ids=pos), full)
+
+
+def _set_fused_step(student, on: bool) -> None:
+    for layer in student.model.layers:
+        layer.self_attn.fused_step = on
+
+
+def _stepped_with_caches(student, ids, prefill, **kw):
+    """Logits of a prefill then one token at a time, and the cache left."""
+    cache, parts = student.new_cache(), []
+    with torch.no_grad():
+        for a, b in zip([0, *range(prefill, ids.shape[1])], range(prefill, ids.shape[1] + 1)):
+            sub = {k: (v[:, :b] if k == "attention_mask" else v[:, a:b]) for k, v in kw.items()}
+            parts.append(student(ids[:, a:b], cache=cache, **sub).logits)
+    return torch.cat(parts, 1), cache
+
+
+@pytest.mark.parametrize(
+    ("family", "hybrid"),
+    [c for c in _cases() if c.id != "shared_norm"],  # (no fused step)
+)
+def test_fused_step_equals_the_step_through_the_modules(family, hybrid):
+    # The fused decoding step (one product for q/k/v and the gates, RoPE as a product, the
+    # [C | n] state) against the step through the modules, token by token over several windows,
+    # with packed documents and left padding: logits and the state they leave.
+    student = _student(family, **hybrid)
+    ids, pos = _packed([17, 5, 26], [9, 39])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    for kw in ({}, {"position_ids": pos}, {"attention_mask": mask}):
+        fused, fused_cache = _stepped_with_caches(student, ids, 3, **kw)
+        _set_fused_step(student, False)
+        ref, ref_cache = _stepped_with_caches(student, ids, 3, **kw)
+        _set_fused_step(student, True)
+        torch.testing.assert_close(fused, ref)
+        for a, b in zip(fused_cache.layers, ref_cache.layers, strict=True):
+            for x, y in zip(a.tensors(), b.tensors(), strict=True):
+                torch.testing.assert_close(x, y)
+        assert fused_cache.step_weights and not ref_cache.step_weights
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of tensor values by the host (``item``, ``bool``, ``nonzero``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("hybrid", [{}, {"mix": "shared_norm"}, {"softmax_layers": [1]}])
+def test_decoding_steps_read_nothing_back_from_the_device(hybrid, monkeypatch):
+    # After a prefill past the sinks, a step without mask or positions (generate()'s steps) is
+    # decided on the host: no sync per step (on a GPU each would stall the launch queue).
+    student = _student(**hybrid)
+    tolist = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: tolist.append(1) or [])
+    ids = torch.randint(0, 256, (2, 30))
+    cache = student.new_cache()
+    with torch.no_grad():
+        monkeypatch.undo()
+        student(ids[:, :5], cache=cache)
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: tolist.append(1) or [])
+        with _HostReads() as reads:
+            for i in range(5, 30):
+                student(ids[:, i : i + 1], cache=cache)
+    assert reads.count == 0 and not tolist
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_step_rope_as_a_product_is_each_familys_apply_rotary_pos_emb(family):
+    # The fused step rotates q and k heads with one product (attention.rotation_matrix) instead
+    # of the family's transformers function; Phi-3's partial RoPE and Gemma 3's per-layer-type
+    # RoPE included. Leans on transformers' private apply_rotary_pos_emb: a release that changes
+    # it fails here.
+    student = _student(family)
+    model, attn = student.model, student.model.layers[-1].self_attn
+    pos = torch.tensor([[37], [1000]])
+    args = (model.layers[-1].layer_type,) if model.adapter.rope_per_layer_type else ()
+    x = torch.randn(2, 1, model.config.hidden_size)
+    cos, sin = model.rotary_emb(x, pos, *args)
+    q = torch.randn(2, attn.num_heads, 1, attn.head_dim)
+    k = torch.randn(2, attn.num_kv, 1, attn.head_dim)
+    q_ref, k_ref = attn.apply_rotary(q, k, cos, sin)
+    rot = rotation_matrix(cos, sin, attn.head_dim)
+    torch.testing.assert_close(torch.bmm(q[:, :, 0], rot)[:, :, None], q_ref)
+    torch.testing.assert_close(torch.bmm(k[:, :, 0], rot)[:, :, None], k_ref)

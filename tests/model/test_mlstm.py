@@ -6,9 +6,12 @@ import torch
 from megadistill.model.mlstm import (
     PAD_F,
     PAD_I,
+    joint_state,
     mlstm_chunkwise,
     mlstm_forward,
     mlstm_recurrent,
+    mlstm_step,
+    mlstm_step_joint_,
 )
 
 B, H, T, FD, D = 2, 2, 23, 4, 3
@@ -39,6 +42,17 @@ def test_backend_matches_recurrent_values_and_grads(backend):
         torch.testing.assert_close(a, b)
     for name, a, b in zip("qkvif", grads, grads_ref):
         torch.testing.assert_close(a, b, msg=f"gradient of {name}")
+
+
+def test_chunkwise_without_autograd_matches_recurrent():
+    # Without autograd the chunkwise form reuses its buffers in place (inference): same values.
+    xs, reset = _inputs()
+    h_ref, st_ref = mlstm_recurrent(*xs, reset=reset)
+    with torch.no_grad():
+        h, st = mlstm_chunkwise(*xs, reset=reset, chunk_size=8)
+    torch.testing.assert_close(h, h_ref)
+    for a, b in zip(st, st_ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_chunkwise_gradcheck():
@@ -76,6 +90,32 @@ def test_padding_gates_leave_state_unchanged():
     _, st_p = mlstm_chunkwise(qp, kp, vp, ip, fp, chunk_size=8)
     for a, b in zip(st, st_p):
         torch.testing.assert_close(a, b)
+
+
+def test_joint_step_in_place_equals_the_step():
+    # The decoding step on [C | n] (GQA: 4 query heads on 2 K/V heads), a padding step among
+    # them: the same outputs and state as the reference step with K/V repeated per query head.
+    g = torch.Generator().manual_seed(2)
+    nh, nkv = 4, 2
+    shapes = [(B, nh, FD, D), (B, nh, FD), (B, nh)]
+    ref = tuple(torch.zeros(s, dtype=torch.float64) for s in shapes)
+    (c, n, m), cn = joint_state(ref)
+    for t in range(12):
+        q = torch.rand(B, nh, 1, FD, generator=g, dtype=torch.float64)
+        k = torch.rand(B, nkv, 1, FD, generator=g, dtype=torch.float64)
+        v = torch.randn(B, nkv, 1, D, generator=g, dtype=torch.float64)
+        i, f = (torch.randn(B, nh, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+        if t == 5:
+            i[1], f[1] = PAD_I, PAD_F
+        h_ref, ref = mlstm_step(
+            q[:, :, 0], k[:, :, 0].repeat_interleave(2, 1), v[:, :, 0].repeat_interleave(2, 1),
+            i, f, ref,
+        )  # fmt: skip
+        gates = torch.stack([i, f, torch.zeros_like(i)], 1)
+        h = mlstm_step_joint_(q, k, v, gates, cn, m)
+        torch.testing.assert_close(h[:, :, 0], h_ref)
+        for a, b in zip((c, n, m), ref):
+            torch.testing.assert_close(a, b)
 
 
 def test_unknown_backend_lists_choices():

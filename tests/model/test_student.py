@@ -284,6 +284,18 @@ def test_generate_feeds_one_new_token_per_forward_after_prefill():
     assert lengths == [7] + [1] * 8
 
 
+def test_generate_computes_only_the_logits_it_reads():
+    # generate() asks for the last position's logits (logits_to_keep=1): the prefill of a long
+    # prompt must not run the LM head over every prompt token.
+    student = _student("llama").eval()
+    positions = []
+    student.lm_head.register_forward_pre_hook(lambda _m, args: positions.append(args[0].shape[1]))
+    prompt = torch.randint(3, 256, (2, 20))
+    student.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                     do_sample=False, pad_token_id=0)  # fmt: skip
+    assert positions == [1] * 4
+
+
 def _left_padded_pair():
     """Rows of 12 and 7 tokens, batched with the short one left-padded by 5: (long, short,
     batch, attention_mask)."""

@@ -5,6 +5,7 @@ import torch
 
 from megadistill.model.swa import (
     Tokens,
+    blocked_layout,
     document_layout,
     swa_blocked,
     swa_flex,
@@ -53,8 +54,25 @@ def test_full_causal_attention_over_packed_documents_is_blocked_on_cpu():
     reset[1, 9] = True
     memo: dict = {}
     out = swa_attention(q, k, v, reset, valid, None, 0, 0.3, "auto", memo=memo)
-    assert ("swa_blocked", None, 0, t) in memo
+    assert any(key[:3] == ("swa_blocked", None, 0) for key in memo)
     torch.testing.assert_close(out, swa_reference(q, k, v, reset, valid, None, 0, 0.3))
+
+
+@pytest.mark.parametrize(("window", "sinks"), [(16, 4), (32, 0), (3, 4), (1000, 4)])
+@pytest.mark.parametrize("starts", [True, False])
+def test_blocked_plain_rows_take_key_ranges_and_equal_reference(window, sinks, starts):
+    # Rows of one document from their first token, no padding (a document start there, or a
+    # row beginning mid-document): the blocks read key columns by ranges (sinks, then the
+    # window), not by gathered indices; the function is the same.
+    q, k, v, _, _ = _inputs()
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = starts
+    valid = torch.ones(B, T, dtype=torch.bool)
+    ref = swa_reference(q, k, v, reset, valid, window, sinks, 0.3)
+    layout = blocked_layout(reset, valid, window, sinks, T, block=24, plain=True, dtype=q.dtype)
+    assert all(isinstance(keys, list) for _, _, keys, _ in layout)
+    out = swa_blocked(q, k, v, reset, valid, window, sinks, 0.3, layout=layout)
+    torch.testing.assert_close(out, ref)
 
 
 def test_flex_equals_reference_on_cpu():
