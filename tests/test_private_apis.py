@@ -225,6 +225,22 @@ def _supports_default_dynamic_cache() -> None:
     assert HybridForCausalLM._supports_default_dynamic_cache() is False
 
 
+@check("torch.utils._python_dispatch.TorchDispatchMode")
+def _torch_dispatch_mode() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        torch.ones(2) + 1
+    assert any("add" in name for name in seen), seen
+
+
 @check("PreTrainedModel._is_stateful")
 def _is_stateful() -> None:
     # What the flag is for: generation modes that rewind the cache (assisted decoding, prompt

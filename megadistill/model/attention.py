@@ -570,7 +570,9 @@ class HybridAttention(nn.Module):
                 gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
             if info.any_reset:
                 lc.mlstm = _reset_rows(lc.mlstm, info.reset[:, 0])
-            if lc.mlstm_joint is None or lc.mlstm[0]._base is not lc.mlstm_joint:
+            # C is a view at the start of the joint [C | n] buffer until a prefill or a reset
+            # replaces it: then the buffer is built again, once
+            if lc.mlstm_joint is None or lc.mlstm[0].data_ptr() != lc.mlstm_joint.data_ptr():
                 lc.mlstm, lc.mlstm_joint = joint_state(lc.mlstm)  # once after a prefill
             mem = mlstm_step_joint_(
                 fqk[:, :nh], fqk[:, nh:], v, gates, lc.mlstm_joint, lc.mlstm[2]
