@@ -290,21 +290,11 @@ class HybridAttention(nn.Module):
             o = self.ogate_scale(o)
         return o.transpose(1, 2)[..., None]
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused=None):
-        """q, k (normed), q_r, k_r (RoPE), v (B,H,T,d), the output gate's input [q | k | v]
-        (B,T,.) of a hybrid layer (None for a kept one) and, with ``fused`` (the layer's
-        :class:`StepWeights`: one product for q/k/v and the gates), the gates' pre-activations
-        [i | f] (B,T,2H) (else None)."""
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k (normed), q_r, k_r (RoPE), v (B,H,T,d) and the output gate's input
+        [q | k | v] (B,T,.) of a hybrid layer (None for a kept one)."""
         bsz, t, _ = x.shape
-        gates = gate_in = None
-        if fused is not None:
-            y = _linear(x.reshape(bsz * t, -1), fused.proj, fused.proj_bias).view(bsz, t, -1)
-            qkv = sum(self.qkv_sizes)
-            q_raw, k_raw, v = y[..., :qkv].split(self.qkv_sizes, dim=-1)
-            gate_in = None if self.kept else y[..., :qkv]
-            if fused.features is not None:
-                gates = y[..., qkv : qkv + 2 * self.num_heads]
-        elif self.adapter.fused_qkv:
+        if self.adapter.fused_qkv:
             q_raw, k_raw, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q_raw, k_raw, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -318,22 +308,17 @@ class HybridAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v4 = v.view(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
         q_r, k_r = self.apply_rotary(q, k, cos, sin)
-        if gate_in is None and not self.kept:
-            gate_in = torch.cat([q_raw, k_raw, v], dim=-1)
-        return q, k, q_r, k_r, v4, gate_in, gates
+        gate_in = None if self.kept else torch.cat([q_raw, k_raw, v], dim=-1)
+        return q, k, q_r, k_r, v4, gate_in
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, info: SeqInfo
     ) -> torch.Tensor:
         bsz, t, _ = x.shape
         lc = info.cache.layers[self.layer_idx] if info.cache is not None else None
-        fused = None
-        if lc is not None and self._fused_step_applies():
-            if t == 1 and lc.k is not None:
-                return self._step(x, cos, sin, info, lc)
-            if lc.k is None:  # a prefill: the step's fused product serves it too
-                fused = self._step_weights(info.cache)
-        q, k, q_r, k_r, v, gate_in, gates = self._project(x, cos, sin, fused)
+        if t == 1 and lc is not None and lc.k is not None and self._fused_step_applies():
+            return self._step(x, cos, sin, info, lc)
+        q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
         # ``full`` first: eval/layer_choice flips it on a layer to measure keeping that layer.
         if self.full:
             full = self._full(q_r, k_r, v, info, lc)
@@ -355,7 +340,7 @@ class HybridAttention(nn.Module):
         if mode == "swa":
             mixed = swa
         else:
-            mem = self._mlstm(x, q, k, q_r, k_r, v, cos, sin, info, lc, gates)
+            mem = self._mlstm(x, q, k, q_r, k_r, v, cos, sin, info, lc)
             if mode == "mlstm":
                 mixed = mem
             else:
@@ -381,16 +366,10 @@ class HybridAttention(nn.Module):
         )  # fmt: skip
         return self.o_proj(full.transpose(1, 2).reshape(bsz, t, -1))
 
-    def _gates(
-        self, x: torch.Tensor, info: SeqInfo, pre: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input and forget gate pre-activations (B,H,T) (``pre``: already computed, (B,T,2H));
-        padding steps are exact no-ops."""
-        if pre is not None:
-            i_pre, f_pre = pre.transpose(1, 2).split(self.num_heads, dim=1)
-        else:
-            i_pre = self.igate(x).transpose(1, 2)
-            f_pre = self.fgate(x).transpose(1, 2)
+    def _gates(self, x: torch.Tensor, info: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and forget gate pre-activations (B,H,T); padding steps are exact no-ops."""
+        i_pre = self.igate(x).transpose(1, 2)
+        f_pre = self.fgate(x).transpose(1, 2)
         if not info.all_valid:
             pad = ~info.valid[:, None, :]
             i_pre = i_pre.masked_fill(pad, PAD_I)
@@ -602,20 +581,20 @@ class HybridAttention(nn.Module):
     def _step_reference(self, x, cos, sin, info: SeqInfo, lc: LayerCache) -> torch.Tensor:
         """A decoding step through the modules (the reference of :meth:`_step`)."""
         bsz = x.shape[0]
-        q, k, q_r, k_r, v, gate_in, _ = self._project(x, cos, sin)
+        q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
         if self.keep_local:
             out = self._swa_step(q_r, k_r, v, info, lc)
         else:
             out = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
 
-    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc, gates=None):
+    def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):
         fq, fk = self._features(q, k, q_r, k_r, cos, sin)
         rep = self.num_heads // self.num_kv
         if rep > 1:
             fk = fk.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        i_pre, f_pre = self._gates(x, info, gates)
+        i_pre, f_pre = self._gates(x, info)
         state = lc.mlstm if lc is not None else None
         h, state = mlstm_forward(
             fq, fk, v, i_pre, f_pre, info.reset, state,
