@@ -152,7 +152,8 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
         "--criterion",
         default="nll",
         choices=["nll", "retrieval", "both"],
-        help="rank by beyond-W NLL of the text, by the needle answer's log-probability, or both",
+        help="rank by beyond-W NLL of the text, by the needle answer's log-probability, or both "
+        "(the two rankings taken in turn, retrieval first)",
     )
     p.add_argument("--needle-length", type=int, default=1024, help="probe length (retrieval)")
     p.add_argument(
@@ -171,7 +172,7 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
 )
 def _cmd_choose_layers(args: argparse.Namespace) -> int:
     from megadistill.eval.layer_choice import (
-        CRITERIA,
+        combine_rankings,
         format_curve,
         format_ranking,
         layer_curve,
@@ -181,7 +182,7 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
     from megadistill.integrity import atomic_write_json
 
     docs = read_documents(args.text)[: args.num_docs]
-    criteria = CRITERIA if args.criterion == "both" else (args.criterion,)
+    criteria = ("retrieval", "nll") if args.criterion == "both" else (args.criterion,)
     rankings = {}
     for criterion in criteria:
         rankings[criterion] = rank_softmax_layers(
@@ -189,12 +190,18 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
             max_length=args.max_length, criterion=criterion, needle_length=args.needle_length,
         )  # fmt: skip
         print(format_ranking(rankings[criterion], args.k))
+    orders = {c: r["ranking"] for c, r in rankings.items()}
     result = dict(rankings[criteria[0]])
     if len(criteria) > 1:
+        orders["both"] = combine_rankings(*orders.values())
+        print(
+            f"softmax_layers for k = {args.k} (both, in turn): {sorted(orders['both'][: args.k])}"
+        )
         result["rankings"] = rankings
+        result["ranking"] = orders["both"]
     if args.curve:
         curve = layer_curve(
-            args.teacher, docs, {c: r["ranking"] for c, r in rankings.items()},
+            args.teacher, docs, orders,
             window=args.window, num_sinks=args.num_sinks, max_length=args.max_length,
             ks=[int(k) for k in args.curve.split(",")],
             needle_lengths=[int(n) for n in args.niah.split(",")],
@@ -340,6 +347,11 @@ def _compare_positions_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--max-length", type=int, default=2048, help="tokens scored per document")
     p.add_argument("--cache-dir", default=None, help="teacher/floor loss cache (default: assets)")
+    p.add_argument(
+        "--reference", default=None, metavar="NAME",
+        help="a student that is a floor too (e.g. a SWA-only student trained through the same "
+        "stage II): every other student's share of its gap is reported",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="folder for positions.json and positions.md")
 
 
@@ -365,6 +377,7 @@ def _cmd_compare_positions(args: argparse.Namespace) -> int:
     result = compare_students(
         args.teacher, students, parse_heldout(args.heldout), max_length=args.max_length,
         cache_dir=Path(args.cache_dir) if args.cache_dir else cache_root() / "eval-teacher",
+        reference=args.reference,
     )  # fmt: skip
     print(write_comparison(result, args.out).read_text())
     return 0

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megadistill.config import ConfigError
 from megadistill.eval.report import RESULTS, load_results, write_report
 from megadistill.integrity import atomic_write_json, follow_umask
 from megadistill.pipeline import load_recipe
@@ -31,6 +32,11 @@ _QUICK_DOMAINS = {
 _QUICK_HELDOUT = ("LGPL-2.1",)
 QUALITY_KEEP_SOFTMAX = 4
 """Softmax layers the quality benchmark keeps (chosen by measurement; README: what was tried)."""
+QUALITY_LAYER_CRITERION = "both"
+"""How the quality benchmark ranks layers: the needle's and the NLL's rankings in turn (the NLL
+criterion alone keeps no layer that retrieves; README: beyond the window)."""
+CALIBRATION_DOCS = 3
+"""Training documents (1,024 tokens each) a layer ranking by NLL is measured on."""
 
 
 @dataclass(kw_only=True)
@@ -51,6 +57,9 @@ class DemoConfig:
     """Keep this many layers as softmax attention, chosen by ``choose-layers`` on the training
     text (None: QUALITY_KEEP_SOFTMAX for --quality, else the recipe's ``hybrid.softmax_layers``;
     0: none)."""
+    layer_criterion: str | None = None
+    """How those layers are ranked: ``nll``, ``retrieval`` or ``both`` (``choose-layers
+    --criterion``; None: QUALITY_LAYER_CRITERION for --quality, else ``nll``)."""
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -132,23 +141,77 @@ def _heldout_sets(root: Path, cache_dir: str | None) -> list[str]:
 
 
 def _choose_layers(
-    root: Path, teacher: Path, sources: list[dict[str, str]], k: int, recipe_file: Path, cfg
-) -> list[int]:
-    """Measure which k layers to keep as softmax attention (cached in the run's assets)."""
-    from megadistill.eval.layer_choice import format_ranking, rank_softmax_layers
+    root: Path, teacher: Path, sources: list[dict[str, str]], k: int, recipe_file: Path, cfg,
+    criterion: str,
+) -> list[int]:  # fmt: skip
+    """Measure which k layers to keep as softmax attention (each ranking cached in the run's
+    assets)."""
+    from megadistill.eval.layer_choice import (
+        CHOICES,
+        combine_rankings,
+        format_ranking,
+        rank_softmax_layers,
+    )
     from megadistill.eval.runner import read_documents
 
+    if criterion not in CHOICES:
+        raise ConfigError(f"layer criterion {criterion!r} is not one of {', '.join(CHOICES)}")
     hybrid = load_recipe(recipe_file, list(cfg.overrides)).hybrid
     window, sinks = hybrid.window, hybrid.num_sinks
-    cache = root / f"layer_choice_w{window}_s{sinks}.json"
-    if cache.is_file():
-        result = json.loads(cache.read_text())
-    else:
-        docs = read_documents([sources[0]["path"]])[:6]
-        result = rank_softmax_layers(teacher, docs, window=window, num_sinks=sinks, max_length=1024)
-        atomic_write_json(cache, result)
-    log.info("demo: layer choice\n%s", format_ranking(result, k))
-    return sorted(result["ranking"][:k])
+    rankings = []
+    for name in ("retrieval", "nll") if criterion == "both" else (criterion,):
+        suffix = "" if name == "nll" else f"_{name}"  # the NLL cache keeps its old name
+        cache = root / f"layer_choice{suffix}_w{window}_s{sinks}.json"
+        if cache.is_file():
+            result = json.loads(cache.read_text())
+        else:
+            docs = read_documents([sources[0]["path"]])[:CALIBRATION_DOCS]
+            result = rank_softmax_layers(teacher, docs, window=window, num_sinks=sinks,
+                                         max_length=1024, criterion=name)  # fmt: skip
+            atomic_write_json(cache, result)
+        log.info("demo: layer choice\n%s", format_ranking(result, k))
+        rankings.append(result["ranking"])
+    chosen = sorted(combine_rankings(*rankings)[:k])
+    log.info("demo: softmax layers (%s): %s", criterion, chosen)
+    return chosen
+
+
+FLOOR_TASKS = "offline:arc_easy@5"
+"""The trained floor's own eval: one task (its loss by position and needle are what matter)."""
+TRAINED_FLOOR = "swa_trained"
+"""The trained floor's name in the side-by-side comparison (``positions/``)."""
+
+
+def _trained_floor(recipe_file: Path, overrides: list[str], run_dir: Path) -> Path:
+    """The fair floor: a SWA-only student (no mLSTM; the same window, sinks and softmax layers)
+    trained through the same stage II and final step on the same data; no stage I, it has
+    nothing to train. Stage II's adaptation to the training text then cancels in "recovered".
+    Returns the trained floor's folder."""
+    floor_overrides = [*overrides, "hybrid.gate_mode=swa", "align=null",
+                       f"eval.tasks={FLOOR_TASKS}"]  # fmt: skip
+    recipe = load_recipe(recipe_file, floor_overrides)
+    log.info("demo: training the SWA-only floor through stage II in %s", run_dir)
+    run_local(recipe, run_dir)
+    return run_dir / "final" / "final"
+
+
+def _compare_floors(teacher: Path, pipeline: Path, floor: Path, sets: list[str], out: Path,
+                    cache_dir: str | None) -> Path:  # fmt: skip
+    """Fresh, stage I and final student beside the trained floor, by position on the held-out
+    sets: shares of the untrained floor's gap and of the trained floor's (``positions/``)."""
+    from megadistill.assets import cache_root
+    from megadistill.eval.heldout import parse_heldout
+    from megadistill.eval.levers import compare_students, write_comparison
+
+    students = {"fresh": pipeline / "student"}
+    for stage_i in sorted(pipeline.glob("experts/*/align/final")):
+        students[f"stage_I_{stage_i.parent.parent.name}"] = stage_i
+    students.update({"student": pipeline / "final" / "final", TRAINED_FLOOR: floor})
+    cache = Path(cache_dir) if cache_dir else cache_root()
+    result = compare_students(str(teacher), {n: str(p) for n, p in students.items()},
+                              parse_heldout(sets), max_length=2048,
+                              cache_dir=cache / "eval-teacher", reference=TRAINED_FLOOR)  # fmt: skip
+    return write_comparison(result, out)
 
 
 def _stage_tokens(run_dir: Path) -> dict[str, float]:
@@ -208,7 +271,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     if keep is None and cfg.quality:
         keep = QUALITY_KEEP_SOFTMAX
     if keep:
-        layers = _choose_layers(assets, teacher, sources, keep, recipe_file, cfg)
+        criterion = cfg.layer_criterion or (QUALITY_LAYER_CRITERION if cfg.quality else "nll")
+        layers = _choose_layers(assets, teacher, sources, keep, recipe_file, cfg, criterion)
         overrides.append(f"hybrid.softmax_layers={json.dumps(layers)}")
     overrides += cfg.overrides
     recipe = load_recipe(recipe_file, overrides)
@@ -217,6 +281,15 @@ def run_demo(cfg: DemoConfig) -> Path:
     eval_dir = run_dir / "pipeline" / "eval"
     results = load_results(eval_dir)  # the budget goes into results.json: `report` keeps it
     results["training_budget"] = _training_budget(run_dir / "pipeline", quick=cfg.quick)
+    if cfg.quality:
+        floor = _trained_floor(recipe_file, overrides, run_dir / "floor")
+        compared = _compare_floors(teacher, run_dir / "pipeline", floor, sets,
+                                   run_dir / "positions", cfg.cache_dir)  # fmt: skip
+        results["training_budget"]["notes"].append(
+            f"fresh, stage I and final student beside the SWA-only student trained through "
+            f"the same stage II ({TRAINED_FLOOR}): {compared}"
+        )
+        log.info("demo: students beside the trained floor: %s", compared)
     atomic_write_json(eval_dir / RESULTS, results)
     report = write_report(results, eval_dir)
     log.info("demo: finished in %.1f min; report: %s", (time.monotonic() - start) / 60, report)

@@ -7,7 +7,7 @@ per prompt length; medians are reported (:mod:`megadistill.bench.timing`). A for
 the clock when the prompt's forward (the prefill) returns, so each time splits into prefill and
 decode. Aten ops per generated token are counted once per model (a ``TorchDispatchMode`` around
 two generations at the shortest prompt that differ by ``count_tokens`` tokens): a load-independent
-measure of the per-token work outside the big matrix products.
+measure of the per-token work besides the big matrix products.
 """
 
 from __future__ import annotations
@@ -90,10 +90,11 @@ def generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def ops_per_token(model, ids: torch.Tensor, count_tokens: int) -> float:
-    """Aten ops per generated token: ops of a ``1 + count_tokens``-token generation minus those
-    of a 1-token one (the prefill and generate's set-up cancel), over ``count_tokens``."""
+    """Aten ops per generated token: ops of a ``2 + count_tokens``-token generation minus those
+    of a 2-token one, over ``count_tokens`` (the prefill, generate's set-up and the first
+    step's one-off work, such as the student's fused step weights, cancel)."""
     counts = []
-    for n in (1, 1 + count_tokens):
+    for n in (2, 2 + count_tokens):
         with OpCounter() as counter:
             generate(model, ids, n)
         counts.append(counter.count)

@@ -11,6 +11,8 @@ the k layers with the largest gains are the ones to keep (``hybrid.softmax_layer
   (:mod:`megadistill.eval.niah`, a haystack of filler text, never the training or held-out
   sets; the gain is in nats per answer token). It finds the layers that look a fact up far back,
   which the NLL of prose barely rewards.
+- ``both``: the two rankings taken in turn (:func:`combine_rankings`), retrieval first: with k
+  kept layers, about half look facts up and half carry context in general.
 
 :func:`layer_curve` then measures what keeping the top k layers of each ranking gives, beyond-W
 NLL and needle accuracy, for k = 0, 1, 2, 4, 8: the curve on which a criterion is chosen.
@@ -27,6 +29,8 @@ from megadistill.errors import MegadistillError
 
 Criterion = Literal["nll", "retrieval"]
 CRITERIA: tuple[str, ...] = get_args(Criterion)
+CHOICES: tuple[str, ...] = (*CRITERIA, "both")
+"""What a layer choice can follow: one criterion's ranking, or both taken in turn."""
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,22 @@ def _calibration(teacher_dir: str | Path, documents: Sequence[str], window: int,
             f"no calibration document is longer than the window ({window} tokens): pass longer text"
         )
     return teacher, tokenizer, windows
+
+
+def combine_rankings(*rankings: Sequence[int]) -> list[int]:
+    """One ranking from several: each one's best layer not yet taken, in turn (the first
+    ranking's best, then the second's, ...), until every layer is taken."""
+    out: list[int] = []
+    taken: set[int] = set()
+    pending = [list(r) for r in rankings]
+    while any(pending):
+        for ranking in pending:
+            while ranking and ranking[0] in taken:
+                ranking.pop(0)
+            if ranking:
+                taken.add(ranking[0])
+                out.append(ranking.pop(0))
+    return out
 
 
 def rank_softmax_layers(

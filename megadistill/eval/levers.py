@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,24 @@ def compare_students(
     *,
     max_length: int = 2048,
     cache_dir: Path | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """Score teacher, floor and every student; returns the comparison (see module docstring)."""
+    """Score teacher, floor and every student; returns the comparison (see module docstring).
+
+    ``reference`` names a student that serves as a second floor: every other student's share of
+    its gap is reported too (e.g. a SWA-only student trained through the same stage II: its
+    adaptation to the training text then cancels, and the share is what the recurrent branch
+    carries)."""
     from megadistill.eval.heldout import _floor, _score_role, _tokenize
     from megadistill.eval.lmeval import load_model, model_fingerprint
     from megadistill.model import load_tokenizer
 
     if not students:
         raise MegadistillError("pass at least one student NAME=DIR")
+    if reference is not None and reference not in students:
+        raise MegadistillError(
+            f"reference {reference!r} is not one of the students ({', '.join(students)})"
+        )
     configs = {n: json.loads((Path(d) / "config.json").read_text()) for n, d in students.items()}
     hybrid = {(c.get("window"), c.get("num_sinks")) for c in configs.values()}
     if len(hybrid) != 1 or None in next(iter(hybrid)):
@@ -68,7 +79,8 @@ def compare_students(
             raise MegadistillError(f"student name {name!r} is reserved; pick another")
         nll[name] = _score_role(name, None, lambda p=path: load_model(p)[0], windows, None)[0]
     edges = bucket_edges(window, max_length)
-    out: dict[str, Any] = {**settings, "students": dict(students), "sets": {}}
+    out: dict[str, Any] = {**settings, "students": dict(students), "reference": reference,
+                           "sets": {}}  # fmt: skip
     for s in sets:
         per = {m: nll[m][s.name] for m in nll}
         rows = bucket_stats(per, edges)
@@ -76,14 +88,30 @@ def compare_students(
             "domain": s.domain,
             "num_docs": len(windows[s.name]),
             "buckets": rows,
-            "beyond": _beyond(per, 4 * window, list(students)),
+            "beyond": _beyond(per, 4 * window, list(students), reference),
         }
     return out
 
 
-def _beyond(per: Mapping[str, list[list[float]]], start: int, students: list[str]):
+def _share(won: list[float], gaps: list[float]) -> dict[str, Any]:
+    """``sum(won) / sum(gaps)`` with its delta-method SE over documents; None (both) where the
+    gap is not above two standard errors (a share of noise)."""
+    from megadistill.eval.metrics import ratio_se
+
+    gap, gap_se = _mean_se(gaps)
+    if not gap > max(2 * (0.0 if math.isnan(gap_se) else gap_se), 1e-9):
+        return {"share": None, "se": None}
+    share, se = ratio_se(won, gaps)
+    return {"share": share, "se": se}
+
+
+def _beyond(
+    per: Mapping[str, list[list[float]]], start: int, students: list[str],
+    reference: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Per student, at positions >= start: relative gap to the teacher and recovered share of the
-    floor's gap, each with a standard error over documents."""
+    floor's gap (and of ``reference``'s gap, a student used as a floor), each with a standard
+    error over documents."""
     docs = range(len(per["teacher"]))
 
     def mean(name, d):
@@ -92,18 +120,27 @@ def _beyond(per: Mapping[str, list[list[float]]], start: int, students: list[str
 
     ok = [d for d in docs if mean("teacher", d) is not None]
     t = {d: mean("teacher", d) for d in ok}
-    f = {d: mean("floor", d) for d in ok}
-    out: dict[str, Any] = {"from": start, "num_docs": len(ok)}
+    out: dict[str, Any] = {"from": start, "num_docs": len(ok), "reference": reference}
     out["teacher"] = sum(t.values()) / len(ok) if ok else None
     for name in ["floor", *students]:
         rel = [(mean(name, d) - t[d]) / t[d] for d in ok]
         m, se = _mean_se(rel) if rel else (float("nan"), float("nan"))
         out[name] = {"rel_gap": m, "rel_gap_se": se}
-        if name != "floor":
-            gaps = sum(f[d] - t[d] for d in ok)
-            won = sum(f[d] - mean(name, d) for d in ok)
-            out[name]["recovered"] = won / gaps if gaps > 0 else None
+        for floor, key in (("floor", "recovered"), (reference, "recovered_ref")):
+            if floor is None or name in ("floor", floor) or not ok:
+                continue
+            gaps = [mean(floor, d) - t[d] for d in ok]
+            won = [mean(floor, d) - mean(name, d) for d in ok]
+            share = _share(won, gaps)
+            out[name][key], out[name][f"{key}_se"] = share["share"], share["se"]
     return out
+
+
+def _won(row: dict[str, Any], key: str) -> str:
+    share, se = row.get(key), row.get(f"{key}_se")
+    if share is None:
+        return "won -"
+    return f"won {share:.0%}" + ("" if se is None or math.isnan(se) else f" +- {se:.0%}")
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -120,15 +157,20 @@ def render_markdown(result: dict[str, Any]) -> str:
         "| set (domain, docs) | teacher NLL | floor | " + " | ".join(names) + " |",
         "|---|---:|---:|" + "---:|" * len(names),
     ]
+    ref = result.get("reference")
+    if ref:
+        lines[2] += (
+            f" The second share (vs {ref}) takes the student {ref!r} as the floor. A share is "
+            '"-" where that floor\'s gap is under two standard errors.'
+        )
     for set_name, s in result["sets"].items():
         b = s["beyond"]
         cells = [f"{b['floor']['rel_gap']:+.1%}"]
         for n in names:
-            rec = b[n]["recovered"]
-            cells.append(
-                f"{b[n]['rel_gap']:+.1%} +- {b[n]['rel_gap_se']:.1%} "
-                f"(won {'n/a' if rec is None else f'{rec:.0%}'})"
-            )
+            won = [_won(b[n], "recovered")]
+            if ref and n != ref:
+                won.append(f"vs {ref} {_won(b[n], 'recovered_ref')}")
+            cells.append(f"{b[n]['rel_gap']:+.1%} +- {b[n]['rel_gap_se']:.1%} ({'; '.join(won)})")
         lines.append(
             f"| {set_name} ({s['domain']}-domain, {s['num_docs']}) | {b['teacher']:.3f} | "
             + " | ".join(cells)

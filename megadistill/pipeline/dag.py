@@ -81,7 +81,7 @@ FINAL_TASK = "final"
 def has_prepare(recipe: PipelineRecipe) -> bool:
     """Whether the DAG has a prepare step: when ``commands.prepare`` is given, or when a stage
     section or an expert names data ``sources`` (a recipe without any has nothing to prepare)."""
-    sections = [recipe.align, recipe.distill, recipe.final, *(e.data for e in recipe.experts)]
+    sections = [recipe.align or {}, recipe.distill, recipe.final, *(e.data for e in recipe.experts)]
     named = any("sources" in (s.get("data") or {}) for s in sections[:3])
     return recipe.commands.prepare is not None or named or any("sources" in d for d in sections[3:])
 
@@ -93,6 +93,11 @@ def task_names(step: str, experts: list[str]) -> list[str]:
     if step == "prepare":
         return [*experts, FINAL_TASK]
     return [""]
+
+
+def expert_stages(recipe: PipelineRecipe) -> tuple[str, ...]:
+    """The stages each expert runs: stage I then II, or II alone (``align: null``)."""
+    return ("distill",) if recipe.align is None else ("align", "distill")
 
 
 def _literal(text: str) -> str:
@@ -109,11 +114,12 @@ def default_commands(recipe: PipelineRecipe | None, step: str) -> list[list[str]
     """The ``megadistill`` commands of ``step`` as templates (see ``TEMPLATE_FIELDS``).
 
     The single place where the pipeline meets the stage CLIs: ``convert`` writes the initial
-    student once, ``prepare`` tokenises and packs the data of each expert's two stages (and, in
-    its last task, called with ``recipe`` None, of the final stage) on CPU nodes, each expert runs stage I then stage II from its own stage YAML (``--resume``:
-    a requeued job continues from its newest checkpoint), ``merge`` reads the experts' ZeRO-3
-    checkpoints, ``final`` is a stage II run from the merged model, ``eval`` compares it with the
-    teacher.
+    student once, ``prepare`` tokenises and packs the data of each expert's stages (and, in its
+    last task, called with ``recipe`` None, of the final stage) on CPU nodes, each expert runs
+    stage I then stage II (stage II alone with ``align: null``) from its own stage YAMLs
+    (``--resume``: a requeued job continues from its newest checkpoint), ``merge`` reads the
+    experts' ZeRO-3 checkpoints, ``final`` is a stage II run from the merged model, ``eval``
+    compares it with the teacher.
     """
     md = ["{python}", "-m", "megadistill.cli"]
     configs = "{run_dir}/configs"
@@ -123,16 +129,14 @@ def default_commands(recipe: PipelineRecipe | None, step: str) -> list[list[str]
         if recipe is None:  # the final stage's task
             return [[*md, "prepare-data", f"{configs}/final.yaml", tok]]
         return [[*md, "prepare-data", f"{configs}/expert_{{expert}}.{stage}.yaml", tok]
-                for stage in ("align", "distill")]  # fmt: skip
+                for stage in expert_stages(recipe)]  # fmt: skip
     if step == "convert":
         hybrid = [_override(k, v) for k, v in recipe.hybrid.changed().items()]
         return [[*md, "convert", "--teacher", "{teacher}", "--out", "{step_dir}",
                  "seed={seed}", *hybrid]]  # fmt: skip
     if step == "expert":
-        return [
-            [*md, "align", f"{configs}/expert_{{expert}}.align.yaml", "--resume"],
-            [*md, "distill", f"{configs}/expert_{{expert}}.distill.yaml", "--resume"],
-        ]
+        return [[*md, stage, f"{configs}/expert_{{expert}}.{stage}.yaml", "--resume"]
+                for stage in expert_stages(recipe)]  # fmt: skip
     if step == "merge":
         return [[*md, "merge", "--config", "{config}", "--out", "{step_dir}", "--overwrite"]]
     if step == "final":
@@ -176,10 +180,14 @@ def step_configs(recipe: PipelineRecipe, run_dir: Path) -> dict[str, dict[str, A
     out = {"convert.yaml": {**base, "hybrid": recipe.hybrid.to_dict()}}
     for e in recipe.experts:
         root = run_dir / "experts" / e.name
-        align = _stage_yaml(recipe.align, "align", student0, root / "align", recipe.teacher, e.data)
-        distill = _stage_yaml(recipe.distill, "distill", root / "align" / "final",
+        align = None
+        if recipe.align is not None:
+            align = _stage_yaml(recipe.align, "align", student0, root / "align", recipe.teacher,
+                                e.data)  # fmt: skip
+            out[f"expert_{e.name}.align.yaml"] = align
+        distill = _stage_yaml(recipe.distill, "distill",
+                              student0 if align is None else root / "align" / "final",
                               root / "distill", recipe.teacher, e.data)  # fmt: skip
-        out[f"expert_{e.name}.align.yaml"] = align
         out[f"expert_{e.name}.distill.yaml"] = distill
         out[f"expert_{e.name}.yaml"] = {**base, "expert": to_dict(e), "align": align,
                                         "distill": distill}  # fmt: skip

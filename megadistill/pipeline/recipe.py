@@ -208,8 +208,10 @@ class PipelineRecipe:
     """Student architecture settings for ``megadistill convert`` (e.g. window, num_sinks)."""
     experts: list[Expert]
     """The experts, one SLURM array task each."""
-    align: dict[str, Any] = field(default_factory=dict)
-    """Stage I config shared by every expert; each expert's ``data`` overrides its ``data`` keys."""
+    align: dict[str, Any] | None = field(default_factory=dict)
+    """Stage I config shared by every expert; each expert's ``data`` overrides its ``data`` keys.
+    None (``align: null``): no stage I, each expert's stage II starts from the converted student
+    (a SWA-only student, ``hybrid.gate_mode: swa``, has nothing for stage I to train)."""
     distill: dict[str, Any] = field(default_factory=dict)
     """Stage II config shared by every expert (same ``data`` rule)."""
     merge: dict[str, Any] = field(default_factory=dict)
@@ -237,6 +239,12 @@ class PipelineRecipe:
         if dupes:
             raise ConfigError(f"experts: name {dupes[0]!r} is used twice; names must be unique")
         _check_weights(self.experts)
+        if self.align is not None and self.hybrid.gate_mode == "swa":
+            raise ConfigError(
+                "hybrid.gate_mode is 'swa': the student's new parameters are unused, so stage I "
+                "has nothing to train; set 'align: null' (stage II starts from the converted "
+                "student)"
+            )
         bad = [k for k, v in self.env.items() if not isinstance(v, str) or not k.isidentifier()]
         if bad:
             raise ConfigError(f"env: {bad[0]!r} must be a variable name with a string value")

@@ -75,6 +75,17 @@ def distill_loss_for(cfg: StageConfig, loader: Any, world: int) -> DistillLoss:
     return DistillLoss(cfg, teacher_engine=build_teacher(cfg, world))
 
 
+def freeze_unused_parameters(model: torch.nn.Module) -> None:
+    """A SWA-only student (``gate_mode: swa``, the trained floor) never uses the parameters it
+    adds to the teacher: freeze them, so no optimizer state or gradient exists for them."""
+    if getattr(model.config, "gate_mode", None) != "swa":
+        return
+    unused = set(model.new_parameter_names())
+    for name, p in model.named_parameters():
+        if name in unused:
+            p.requires_grad_(False)
+
+
 def run_distill(cfg: StageConfig) -> TrainResult:
     """Run stage II on every rank (call under torchrun / deepspeed / the SLURM entrypoint)."""
     if cfg.stage != "distill":
@@ -85,4 +96,5 @@ def run_distill(cfg: StageConfig) -> TrainResult:
             distill_loss_for(cfg, loader, world),
             contextlib.nullcontext(),
         ),  # fmt: skip
+        prepare_student=freeze_unused_parameters,
     )

@@ -71,3 +71,27 @@ def test_compare_positions_bad_heldout_spec_is_one_line(models, capsys):
             "--heldout", f"prose:maybe:{docs}", "--out", str(root / "x")]  # fmt: skip
     assert main(args) == 2
     assert "NAME:in|out:PATH" in capsys.readouterr().err
+
+
+def test_a_student_as_second_floor_gives_shares_of_its_gap(models, capsys):
+    """--reference: a student (here the untrained floor itself, so the shares must agree with the
+    floor's) serves as a second floor; the reference gets no share of its own gap."""
+    root, docs = models
+    args = [
+        "compare-positions", "--teacher", str(root / "teacher"),
+        *(f"{n}={root / n}" for n in ("swa", "kept", "hybrid")), "--reference", "swa",
+        "--heldout", f"prose:out:{docs}", "--max-length", "128", "--out", str(root / "ref"),
+        "--cache-dir", str(root / "cache"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    md = capsys.readouterr().out
+    beyond = json.loads((root / "ref" / "positions.json").read_text())["sets"]["prose"]["beyond"]
+    assert beyond["reference"] == "swa" and "recovered_ref" not in beyond["swa"]
+    assert beyond["kept"]["recovered_ref"] == pytest.approx(1.0, abs=1e-5)
+    assert beyond["hybrid"]["recovered_ref"] == pytest.approx(beyond["hybrid"]["recovered"])
+    assert beyond["hybrid"]["recovered_ref_se"] == pytest.approx(beyond["hybrid"]["recovered_se"])
+    assert "vs swa won" in md
+    bad = [("nope" if a == "swa" and args[i - 1] == "--reference" else a)
+           for i, a in enumerate(args)]  # fmt: skip
+    assert main(bad) == 2
+    assert "reference 'nope' is not one of the students" in capsys.readouterr().err

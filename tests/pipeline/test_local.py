@@ -278,3 +278,39 @@ def test_prepare_step_builds_every_stage_cache_before_the_experts(tmp_path, monk
     log = (run / "logs" / "prepare" / "local_2.out").read_text()
     summary = json.loads(log[log.index("{") : log.rindex("}") + 1])
     assert summary["num_proc"] == len(os.sched_getaffinity(0))  # one tokenizer per CPU
+
+
+def test_a_swa_only_student_skips_stage_i_and_stage_ii_trains_only_the_teachers_parameters(
+    tmp_path,
+):
+    """The trained floor: ``hybrid.gate_mode: swa`` with ``align: null`` runs each expert's stage
+    II from the converted student under real ZeRO-3 ranks; the parameters the SWA-only student
+    never uses are frozen (unchanged), the teacher's own are trained."""
+    from safetensors.torch import load_file
+
+    from tests.pipeline.conftest import real_tiny_recipe
+
+    data = to_dict(real_tiny_recipe(tmp_path / "assets"))
+    data["hybrid"]["gate_mode"] = "swa"
+    data["experts"] = data["experts"][:1]
+    with pytest.raises(Exception, match="set 'align: null'"):
+        recipe_from_dict(data)
+    data["align"] = None
+    run = tmp_path / "run"
+    results = run_local(recipe_from_dict(data), run)
+    assert [r.step for r in results] == ["convert", "prepare", "prepare", "expert", "merge",
+                                         "final", "eval"]  # fmt: skip
+    assert not (run / "experts" / "a" / "align").exists()
+    log = (run / "logs" / "expert" / "local_0.out").read_text()
+    assert " align " not in log and "distill" in log
+
+    def weights(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    fresh, final = weights(run / "student"), weights(run / "final" / "final")
+    assert json.loads((run / "final" / "final" / "config.json").read_text())["gate_mode"] == "swa"
+    new = [k for k in fresh if any(f".{m}." in k for m in ("igate", "fgate", "q_feature"))]
+    assert new and all(fresh[k].equal(final[k]) for k in new)
+    assert not fresh["model.layers.0.self_attn.q_proj.weight"].equal(
+        final["model.layers.0.self_attn.q_proj.weight"]
+    )
