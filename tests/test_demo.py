@@ -62,3 +62,30 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     stamp = final.stat().st_mtime_ns
     assert main(["demo", "--quick", "--run-dir", str(run)]) == 0
     assert final.stat().st_mtime_ns == stamp and report.read_text() == text
+
+
+def test_demo_layer_choice_both_takes_the_two_rankings_in_turn(tmp_path):
+    """--layer-criterion both: the retrieval and the NLL ranking are each measured once (cached in
+    the run's assets) and the kept layers are their best layers taken in turn."""
+    from megadistill.config import ConfigError
+    from megadistill.demo import RECIPES, DemoConfig, _choose_layers, _quick_assets
+    from megadistill.eval.layer_choice import combine_rankings
+
+    teacher, data, _ = _quick_assets(tmp_path)
+    sources = [{"path": str(data["gpl"])}]
+    cfg, recipe = DemoConfig(quick=True), RECIPES / "tiny_cpu.yaml"
+    layers = _choose_layers(tmp_path, teacher, sources, 2, recipe, cfg, "both")
+    caches = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("layer_choice*.json")}
+    assert sorted(c["criterion"] for c in caches.values()) == ["nll", "retrieval"]
+    by = {c["criterion"]: c["ranking"] for c in caches.values()}
+    assert layers == sorted(combine_rankings(by["retrieval"], by["nll"])[:2])
+    assert combine_rankings([3, 1, 2, 0], [1, 3, 0, 2]) == [3, 1, 2, 0]
+    assert combine_rankings([0, 1, 2], [2, 1, 0]) == [0, 2, 1]
+    # measured once: a second choice reads the caches (a changed cache changes the answer)
+    flipped = {**caches["layer_choice_retrieval_w16_s2.json"]}
+    flipped["ranking"] = flipped["ranking"][::-1]
+    (tmp_path / "layer_choice_retrieval_w16_s2.json").write_text(json.dumps(flipped))
+    again = _choose_layers(tmp_path, teacher, sources, 1, recipe, cfg, "both")
+    assert again == [flipped["ranking"][0]]
+    with pytest.raises(ConfigError, match="'knn' is not one of nll, retrieval, both"):
+        _choose_layers(tmp_path, teacher, sources, 1, recipe, cfg, "knn")
