@@ -237,7 +237,11 @@ class HybridAttention(nn.Module):
             k_size = self.head_dim if adapter.qk_norm == "head" else self.num_kv * self.head_dim
             self.q_norm = norm_cls(q_size, eps=teacher_cfg.rms_norm_eps)
             self.k_norm = norm_cls(k_size, eps=teacher_cfg.rms_norm_eps)
-        self.apply_rotary = adapter.modeling().apply_rotary_pos_emb
+        # transformers >= 5.25 makes apply_rotary_pos_emb an nn.Module (a hub-kernel dispatcher)
+        # shared by the whole model. Registered as a submodule of every layer, ZeRO-3 hooked the
+        # one instance once per layer at each of its calls: 30x the hooks and 3,600 autograd
+        # nodes per SmolLM2 step. In a tuple it stays out of the module tree (apply_rotary).
+        self._rotary = (adapter.modeling().apply_rotary_pos_emb,)
         # A layer kept as the teacher's attention (full, or its sliding window: a ring buffer of
         # W_t slots) has no new parameters at all.
         self.full = kept and not local
@@ -261,6 +265,10 @@ class HybridAttention(nn.Module):
             self.ogate = nn.Linear(qkv_dim, self.num_heads)
             if config.gate_init == "floor":
                 self.ogate_scale = GateScale(self.num_heads)
+
+    def apply_rotary(self, q, k, cos, sin):
+        """The teacher family's ``apply_rotary_pos_emb`` (its numerics, its kernels)."""
+        return self._rotary[0](q, k, cos, sin)
 
     @torch.no_grad()
     def init_new_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -495,3 +495,27 @@ def test_default_keeps_local_layers_and_older_students_load_as_they_were_made(tm
     ids = torch.randint(0, 256, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_no_module_is_shared_between_layers(family):
+    """Each module of a student is reachable by one path only. ZeRO-3 hooks every child of every
+    module: a module shared by all layers (transformers >= 5.25 makes apply_rotary_pos_emb one
+    nn.Module per family) is hooked once per layer at each of its calls (30x the hooks and
+    3,600 autograd nodes per SmolLM2 step)."""
+    student, _ = convert(tiny_teacher(family), window=8, num_sinks=2, softmax_layers=[0])
+    paths: dict[int, list[str]] = {}
+    for name, module in student.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    shared = {names[0]: names[1:] for names in paths.values() if len(names) > 1}
+    assert not shared, f"modules reachable by several paths: {shared}"
+    # the family's RoPE is still what the student applies
+    attn = student.model.layers[-1].self_attn
+    q, k = (
+        torch.randn(1, attn.num_heads, 5, attn.head_dim),
+        torch.randn(1, attn.num_kv, 5, attn.head_dim),
+    )
+    cos, sin = torch.randn(1, 5, attn.head_dim), torch.randn(1, 5, attn.head_dim)
+    rope = attn.adapter.modeling().apply_rotary_pos_emb
+    for got, want in zip(attn.apply_rotary(q, k, cos, sin), rope(q, k, cos, sin)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
