@@ -151,10 +151,12 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--criterion",
         default="nll",
-        choices=["nll", "retrieval", "both"],
+        choices=["nll", "retrieval", "both", "kl"],
         help="rank by beyond-W NLL of the text, by the needle answer's log-probability, or both "
-        "(the two rankings taken in turn, retrieval first)",
+        "(the two rankings taken in turn, retrieval first), all on the untrained floor; or kl: "
+        "the drop of the trained --student's beyond-W KL to the teacher",
     )
+    p.add_argument("--student", default=None, help="trained student folder (--criterion kl)")
     p.add_argument("--needle-length", type=int, default=1024, help="probe length (retrieval)")
     p.add_argument(
         "--curve",
@@ -171,18 +173,33 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
     _choose_layers_args,
 )
 def _cmd_choose_layers(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megadistill.errors import MegadistillError
     from megadistill.eval.layer_choice import (
         combine_rankings,
         format_curve,
         format_ranking,
         layer_curve,
+        rank_by_kl,
         rank_softmax_layers,
     )
     from megadistill.eval.runner import read_documents
     from megadistill.integrity import atomic_write_json
 
     docs = read_documents(args.text)[: args.num_docs]
-    criteria = ("retrieval", "nll") if args.criterion == "both" else (args.criterion,)
+    if args.criterion == "kl" or args.student:
+        if args.criterion != "kl" or not args.student or args.curve:
+            raise MegadistillError(
+                "--criterion kl and --student go together (a trained student folder), without "
+                "--curve"
+            )
+        result = rank_by_kl(args.teacher, args.student, docs, max_length=args.max_length)
+        print(format_ranking(result, args.k))
+        if args.out:
+            atomic_write_json(Path(args.out), result)
+        return 0
+    criteria = ("nll", "retrieval") if args.criterion == "both" else (args.criterion,)
     rankings = {}
     for criterion in criteria:
         rankings[criterion] = rank_softmax_layers(
@@ -193,7 +210,7 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
     orders = {c: r["ranking"] for c, r in rankings.items()}
     result = dict(rankings[criteria[0]])
     if len(criteria) > 1:
-        orders["both"] = combine_rankings(*orders.values())
+        orders["both"] = combine_rankings(orders["retrieval"], orders["nll"])
         print(
             f"softmax_layers for k = {args.k} (both, in turn): {sorted(orders['both'][: args.k])}"
         )
@@ -209,8 +226,6 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
         result["curve"] = curve
         print(format_curve(curve))
     if args.out:
-        from pathlib import Path
-
         atomic_write_json(Path(args.out), result)
     return 0
 

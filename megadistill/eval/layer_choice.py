@@ -11,6 +11,12 @@ the k layers with the largest gains are the ones to keep (``hybrid.softmax_layer
   (:mod:`megadistill.eval.niah`, a haystack of filler text, never the training or held-out
   sets; the gain is in nats per answer token). It finds the layers that look a fact up far back,
   which the NLL of prose barely rewards.
+- ``kl`` (needs a *trained* student): inside the student, each layer not yet kept in turn gets
+  full softmax attention back, and the gain is the drop of the mean KL(teacher || student) at
+  positions >= W on calibration text (nats per token). It ranks layers by what the trained
+  student still misses, not by what the untrained floor misses (the recipe of KL-guided layer
+  selection, "Distilling to Hybrid Attention Models via KL-Guided Layer Selection", ICLR 2026;
+  measured here in one pass, each layer alone, not greedily).
 - ``both``: the two rankings taken in turn (:func:`combine_rankings`), retrieval first: with k
   kept layers, about half look facts up and half carry context in general.
 
@@ -65,6 +71,80 @@ def _calibration(teacher_dir: str | Path, documents: Sequence[str], window: int,
             f"no calibration document is longer than the window ({window} tokens): pass longer text"
         )
     return teacher, tokenizer, windows
+
+
+def _teacher_logprobs(teacher: Any, windows: Sequence[Sequence[int]], start: int) -> list[Any]:
+    """The teacher's full-vocabulary log-probabilities at positions >= start, per window."""
+    import torch
+
+    with torch.no_grad():
+        return [
+            torch.log_softmax(teacher(input_ids=torch.tensor([list(ids)])).logits[0, start:-1]
+                              .float(), dim=-1)
+            for ids in windows
+        ]  # fmt: skip
+
+
+def _beyond_kl(model: Any, windows: Sequence[Sequence[int]], start: int, teacher_lp) -> float:
+    """Mean KL(teacher || model) per token at positions >= start."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, t_lp in zip(windows, teacher_lp):
+            logits = model(input_ids=torch.tensor([list(ids)])).logits[0, start:-1].float()
+            kl = (t_lp.exp() * (t_lp - torch.log_softmax(logits, dim=-1))).sum(-1)
+            total += float(kl.sum())
+            count += kl.numel()
+    return total / count
+
+
+def rank_by_kl(
+    teacher_dir: str | Path,
+    student_dir: str | Path,
+    documents: Sequence[str],
+    *,
+    max_length: int = 1024,
+) -> dict[str, Any]:
+    """The ``kl`` criterion (see module docstring) on a trained student.
+
+    Returns:
+        ``{"criterion": "kl", "teacher": 0.0, "floor": the student's KL, "gains": [per layer;
+        0 for layers the student already keeps], "ranking": [layers not yet kept, best first],
+        "kept": [layers the student keeps], "window", "num_sinks", "num_docs", "num_tokens"}``.
+    """
+    from megadistill.eval.lmeval import load_model
+
+    student, _ = load_model(student_dir)
+    window, sinks = student.config.window, student.config.num_sinks
+    teacher, _, windows = _calibration(teacher_dir, documents, window, max_length)
+    teacher_lp = _teacher_logprobs(teacher, windows, window)
+    del teacher
+    layers = [layer.self_attn for layer in student.model.layers]
+    kept = [i for i, attn in enumerate(layers) if attn.kept]
+    base = _beyond_kl(student, windows, window, teacher_lp)
+    gains = [0.0] * len(layers)
+    for i, attn in enumerate(layers):
+        if attn.kept:
+            continue
+        attn.full = True  # the hybrid path is skipped: this layer is the teacher's attention
+        gains[i] = base - _beyond_kl(student, windows, window, teacher_lp)
+        attn.full = False
+        log.info("layer %d: full attention lowers the KL by %.4f", i, gains[i])
+    return {
+        "criterion": "kl",
+        "window": window,
+        "num_sinks": sinks,
+        "num_docs": len(windows),
+        "num_tokens": sum(len(w) - 1 - window for w in windows),
+        "teacher": 0.0,
+        "floor": base,
+        "gains": gains,
+        "kept": kept,
+        "ranking": sorted(
+            (i for i in range(len(layers)) if i not in kept), key=lambda i: -gains[i]
+        ),
+    }
 
 
 def combine_rankings(*rankings: Sequence[int]) -> list[int]:
@@ -218,11 +298,13 @@ def format_curve(curve: dict[str, Any]) -> str:
 def format_ranking(result: dict[str, Any], k: int) -> str:
     """A short table: the floor's gap and the top layers' gains."""
     criterion = result.get("criterion", "nll")
-    sign = -1.0 if criterion == "nll" else 1.0
+    sign = -1.0 if criterion in ("nll", "kl") else 1.0
     gap = sign * (result["teacher"] - result["floor"])
-    what = "nats/token beyond W" if criterion == "nll" else "needle answer logp/token"
+    what = {"nll": "nats/token beyond W", "kl": "KL(teacher || student) nats/token beyond W",
+            "retrieval": "needle answer logp/token"}[criterion]  # fmt: skip
+    base = "the student" if criterion == "kl" else "floor"
     lines = [
-        f"W = {result['window']}, {criterion}: teacher {result['teacher']:.4f}, floor "
+        f"W = {result['window']}, {criterion}: teacher {result['teacher']:.4f}, {base} "
         f"{result['floor']:.4f} {what} (gap {gap:+.4f}; {result['num_docs']} documents, "
         f"{result['num_tokens']} tokens)",
         "layer  gain (nats)  share of gap",
@@ -230,6 +312,8 @@ def format_ranking(result: dict[str, Any], k: int) -> str:
     for i in result["ranking"][: max(k, 5)]:
         g = result["gains"][i]
         lines.append(f"{i:5d}  {g:11.4f}  {g / gap if gap > 0 else float('nan'):11.1%}")
-    chosen = sorted(result["ranking"][:k])
-    lines.append(f"softmax_layers for k = {k}: {chosen}")
+    kept = result.get("kept", [])
+    chosen = sorted([*kept, *result["ranking"][:k]])
+    more = f" (the student's {kept} and {k} more)" if kept else ""
+    lines.append(f"softmax_layers for k = {k}{more}: {chosen}")
     return "\n".join(lines)

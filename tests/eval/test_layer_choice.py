@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+import torch
+
 from megadistill.assets import byte_tokenizer
 from megadistill.cli import main
-from megadistill.eval.layer_choice import rank_softmax_layers
+from megadistill.eval.layer_choice import combine_rankings, rank_softmax_layers
 from megadistill.teachers.tiny import tiny_teacher
 
 DOC = "Call me Ishmael. Some years ago, never mind how long precisely, having little money. " * 3
@@ -59,9 +62,14 @@ def test_retrieval_criterion_and_the_k_curve_from_floor_to_teacher(tmp_path, cap
     assert retrieval["floor"] != retrieval["teacher"]  # a needle 80 tokens back, W = 8
     curve = result["curve"]
     assert [(r["criterion"], r["k"]) for r in curve["rows"]] == [
-        (c, k) for c in ("nll", "retrieval") for k in (0, 1, n)
+        (c, k) for c in ("nll", "retrieval", "both") for k in (0, 1, n)
     ]
-    floor = result["floor"]
+    both = combine_rankings(retrieval["ranking"], result["rankings"]["nll"]["ranking"])
+    assert result["ranking"] == both and [r["layers"] for r in curve["rows"][-2:]] == [
+        both[:1],
+        list(range(n)),
+    ]
+    floor = result["rankings"]["nll"]["floor"]
     for r in curve["rows"]:
         if r["k"] == 0:
             assert r["nll"] == floor and r["layers"] == []
@@ -69,3 +77,39 @@ def test_retrieval_criterion_and_the_k_curve_from_floor_to_teacher(tmp_path, cap
             assert r["nll"] == curve["teacher"]["nll"]
             assert r["needle"] == curve["teacher"]["needle"]
     assert "| retrieval | 1 |" in capsys.readouterr().out
+
+
+def test_kl_criterion_ranks_the_layers_a_trained_student_does_not_keep(tmp_path, capsys):
+    """--criterion kl --student: each layer the student does not keep, given full attention
+    inside the student, lowers its beyond-W KL to the teacher by its gain; kept layers get none.
+    With every other layer kept, the last one's gain is the student's whole KL."""
+    from megadistill.eval.layer_choice import rank_by_kl
+    from megadistill.teachers import convert
+
+    teacher = tiny_teacher("llama", seed=0)
+    with torch.no_grad():  # sharp attention: what lies beyond W = 8 tokens matters
+        for layer in teacher.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.o_proj.weight.mul_(20.0)
+    teacher.save_pretrained(tmp_path / "t")
+    byte_tokenizer(tmp_path / "t")
+    n = teacher.config.num_hidden_layers
+    student, _ = convert(teacher, window=8, num_sinks=2, softmax_layers=[0], gate_init="half")
+    student.save_pretrained(tmp_path / "s")
+    byte_tokenizer(tmp_path / "s")
+    result = rank_by_kl(tmp_path / "t", tmp_path / "s", [DOC, DOC[9:]])
+    assert result["kept"] == [0] and result["gains"][0] == 0.0
+    assert sorted(result["ranking"]) == list(range(1, n)) and result["floor"] > 0
+    assert [result["gains"][i] for i in result["ranking"]] == sorted(result["gains"][1:])[::-1]
+    last, _ = convert(teacher, window=8, num_sinks=2, softmax_layers=list(range(n - 1)))
+    last.save_pretrained(tmp_path / "l")
+    byte_tokenizer(tmp_path / "l")
+    alone = rank_by_kl(tmp_path / "t", tmp_path / "l", [DOC, DOC[9:]])
+    assert alone["ranking"] == [n - 1] and alone["floor"] > 5e-5
+    assert alone["gains"][n - 1] == pytest.approx(alone["floor"], rel=1e-2)  # KL -> 0
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": DOC}) + "\n")
+    args = ["choose-layers", "--teacher", str(tmp_path / "t"), "--text", str(tmp_path / "d.jsonl"),
+            "--window", "8", "--criterion", "kl", "--student", str(tmp_path / "s"), "--k", "1"]  # fmt: skip
+    assert main(args) == 0
+    assert "(the student's [0] and 1 more)" in capsys.readouterr().out
+    assert main([*args[:-4], "--k", "1"]) == 2  # kl without --student
