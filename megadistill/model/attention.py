@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
@@ -35,6 +36,10 @@ NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate", "o
 # shared_norm beyond 2W tokens runs in its blocked form (O(T W) memory, exact); False forces the
 # quadratic reference form at every length (`megadistill bench memory` compares the two).
 BLOCKED_SHARED_NORM = True
+# In training, the blocked form keeps only its inputs and recomputes its blocks in backward: the
+# blocks' gathered window keys, values and scores are ~150 MB per layer at 2K tokens (SmolLM2),
+# more than the rest of the layer. False keeps them (`megadistill bench memory`).
+RECOMPUTE_SHARED_NORM = True
 
 
 @dataclass
@@ -395,6 +400,14 @@ class HybridAttention(nn.Module):
             args = (info.reset, info.valid, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_parallel
         if lc is None:
+            if (
+                kernel is sn.shared_norm_blocked
+                and RECOMPUTE_SHARED_NORM
+                and torch.is_grad_enabled()
+            ):
+                # a pure function of its tensors (no parameters): safe under ZeRO-3
+                return checkpoint(kernel, q_r, k_r, v, fq, fk, i_pre, f_pre, *args,
+                                  use_reentrant=False)  # fmt: skip
             return kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
         if lc.k is None:  # prefill into an empty cache: the sequence, then the state it leaves
             out = kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)

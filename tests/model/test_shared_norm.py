@@ -66,3 +66,40 @@ def test_a_document_start_inside_the_row_changes_the_blocked_output():
     one = sn.shared_norm_blocked(*args, row_tokens(reset & False, valid), W, 2, 0.3)
     assert not torch.allclose(packed[0, :, 61:], one[0, :, 61:])
     torch.testing.assert_close(packed[0, :, :9], one[0, :, :9])
+
+
+def test_training_recomputes_the_blocks_same_gradients_less_saved(monkeypatch):
+    """A student's training forward keeps only the blocked form's inputs and recomputes its blocks
+    in backward (attention.RECOMPUTE_SHARED_NORM): the same loss and gradients, and less saved
+    for backward than when the blocks' tensors are kept."""
+    import megadistill.model.attention as attention
+    from megadistill.teachers import convert
+    from megadistill.teachers.tiny import tiny_teacher
+
+    student, _ = convert(tiny_teacher("llama"), window=8, num_sinks=2, mix="shared_norm", seed=0)
+    student.train()
+    ids = torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(40), torch.arange(24)])[None].expand(2, -1)  # two documents
+
+    def run(recompute: bool):
+        monkeypatch.setattr(attention, "RECOMPUTE_SHARED_NORM", recompute)
+        student.zero_grad()
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = student(input_ids=ids, position_ids=pos, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, sum(storages.values())
+
+    loss_kept, grads_kept, saved_kept = run(False)
+    loss_rec, grads_rec, saved_rec = run(True)
+    assert loss_rec == loss_kept
+    assert grads_rec.keys() == grads_kept.keys() and any("q_feature" in n for n in grads_rec)
+    for name, g in grads_kept.items():
+        torch.testing.assert_close(grads_rec[name], g, rtol=0, atol=0, msg=name)
+    assert saved_rec < 0.8 * saved_kept, (saved_rec, saved_kept)
