@@ -512,7 +512,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny random teacher: ~1 min, not ~15")
-    size.add_argument("--quality", action="store_true", help="the quality benchmark (~50 min)")
+    size.add_argument("--quality", action="store_true", help="the quality benchmark (~100 min)")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. hybrid.window=512")
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument(
