@@ -73,16 +73,12 @@ def _calibration(teacher_dir: str | Path, documents: Sequence[str], window: int,
     return teacher, tokenizer, windows
 
 
-def _teacher_logprobs(teacher: Any, windows: Sequence[Sequence[int]], start: int) -> list[Any]:
-    """The teacher's full-vocabulary log-probabilities at positions >= start, per window."""
+def _logprobs(model: Any, ids: Sequence[int], start: int) -> Any:
+    """Full-vocabulary log-probabilities of the next token at positions >= start."""
     import torch
 
-    with torch.no_grad():
-        return [
-            torch.log_softmax(teacher(input_ids=torch.tensor([list(ids)])).logits[0, start:-1]
-                              .float(), dim=-1)
-            for ids in windows
-        ]  # fmt: skip
+    logits = model(input_ids=torch.tensor([list(ids)])).logits[0, start:-1]
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _beyond_kl(model: Any, windows: Sequence[Sequence[int]], start: int, teacher_lp) -> float:
@@ -92,8 +88,7 @@ def _beyond_kl(model: Any, windows: Sequence[Sequence[int]], start: int, teacher
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, t_lp in zip(windows, teacher_lp):
-            logits = model(input_ids=torch.tensor([list(ids)])).logits[0, start:-1].float()
-            kl = (t_lp.exp() * (t_lp - torch.log_softmax(logits, dim=-1))).sum(-1)
+            kl = (t_lp.exp() * (t_lp - _logprobs(model, ids, start))).sum(-1)
             total += float(kl.sum())
             count += kl.numel()
     return total / count
@@ -113,12 +108,15 @@ def rank_by_kl(
         0 for layers the student already keeps], "ranking": [layers not yet kept, best first],
         "kept": [layers the student keeps], "window", "num_sinks", "num_docs", "num_tokens"}``.
     """
+    import torch
+
     from megadistill.eval.lmeval import load_model
 
     student, _ = load_model(student_dir)
     window, sinks = student.config.window, student.config.num_sinks
     teacher, _, windows = _calibration(teacher_dir, documents, window, max_length)
-    teacher_lp = _teacher_logprobs(teacher, windows, window)
+    with torch.no_grad():
+        teacher_lp = [_logprobs(teacher, ids, window) for ids in windows]
     del teacher
     layers = [layer.self_attn for layer in student.model.layers]
     kept = [i for i, attn in enumerate(layers) if attn.kept]

@@ -38,14 +38,19 @@ def models(tmp_path_factory):
     return root, docs
 
 
-def test_compare_positions_measures_recovered_share(models, capsys):
-    root, docs = models
-    args = [
+def _compare_args(root, docs, out: str, *extra: str) -> list[str]:
+    """compare-positions of the three students on the prose set, into ``root/out``."""
+    return [
         "compare-positions", "--teacher", str(root / "teacher"),
-        *(f"{n}={root / n}" for n in ("swa", "kept", "hybrid")),
-        "--heldout", f"prose:out:{docs}", "--max-length", "128", "--out", str(root / "cmp"),
+        *(f"{n}={root / n}" for n in ("swa", "kept", "hybrid")), *extra,
+        "--heldout", f"prose:out:{docs}", "--max-length", "128", "--out", str(root / out),
         "--cache-dir", str(root / "cache"),
     ]  # fmt: skip
+
+
+def test_compare_positions_measures_recovered_share(models, capsys):
+    root, docs = models
+    args = _compare_args(root, docs, "cmp")
     assert main(args) == 0
     md = capsys.readouterr().out
     assert "prose (out-domain, 3)" in md
@@ -77,12 +82,7 @@ def test_a_student_as_second_floor_gives_shares_of_its_gap(models, capsys):
     """--reference: a student (here the untrained floor itself, so the shares must agree with the
     floor's) serves as a second floor; the reference gets no share of its own gap."""
     root, docs = models
-    args = [
-        "compare-positions", "--teacher", str(root / "teacher"),
-        *(f"{n}={root / n}" for n in ("swa", "kept", "hybrid")), "--reference", "swa",
-        "--heldout", f"prose:out:{docs}", "--max-length", "128", "--out", str(root / "ref"),
-        "--cache-dir", str(root / "cache"),
-    ]  # fmt: skip
+    args = _compare_args(root, docs, "ref", "--reference", "swa")
     assert main(args) == 0
     md = capsys.readouterr().out
     beyond = json.loads((root / "ref" / "positions.json").read_text())["sets"]["prose"]["beyond"]
