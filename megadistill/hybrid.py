@@ -63,6 +63,12 @@ class HybridSettings:
     fgate_bias: list[float] = field(default_factory=lambda: [3.0, 6.0])
     """[low, high] of the forget-gate biases at initialisation, spread linearly over the heads;
     memory spans ~e^b tokens."""
+    igate_bias: float = 0.0
+    """Input-gate bias at conversion (every head). With mix ``shared_norm`` a key beyond the
+    window weighs ``exp(i + log-decay) * phi(q).phi(k)`` against the window's best key, so a
+    negative bias starts the far past near zero: -6 makes a fresh student the SWA floor within
+    ~1% of the window's mass at 2K tokens, and stage I opens it where it helps (README: "Beyond
+    the window")."""
     softmax_layers: list[int] = field(default_factory=list)
     """Layers kept as the teacher's full softmax attention (their cache grows with the context)."""
     mix: Mix = "gate"
@@ -89,6 +95,7 @@ class HybridSettings:
         self.chunk_size = int(self.chunk_size)
         self.feature_dim = int(self.feature_dim) if self.feature_dim else None
         self.fgate_bias = [float(b) for b in self.fgate_bias]
+        self.igate_bias = float(self.igate_bias)
         self.softmax_layers = sorted(int(i) for i in self.softmax_layers)
         for name, low in (("window", 1), ("num_sinks", 0), ("chunk_size", 1)):
             if getattr(self, name) < low:

@@ -40,6 +40,24 @@ BLOCKED_SHARED_NORM = True
 # blocks' gathered window keys, values and scores are ~150 MB per layer at 2K tokens (SmolLM2),
 # more than the rest of the layer. False keeps them (`megadistill bench memory`).
 RECOMPUTE_SHARED_NORM = True
+# Likewise the gated mix's branch kernels (the chunkwise mLSTM's per-chunk scores and states, the
+# blocked SWA's gathered windows), pure functions of their inputs. Off: for SmolLM2's W = 512
+# student at 2K tokens it saves only 0.3-0.6 GB of an 8 GB plain step, and under the ZeRO-3
+# engine the step took 46.9 CPU s instead of 35.3 (README: "Speed against a real teacher").
+RECOMPUTE_BRANCHES = False
+
+
+def _kernel(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; in training under the recompute switch, through a non-reentrant
+    checkpoint (only for pure functions of their tensors: no parameters, safe under ZeRO-3)."""
+    if RECOMPUTE_BRANCHES and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _mlstm_out(fq, fk, v, i_pre, f_pre, reset, **kw) -> torch.Tensor:
+    """The mLSTM branch's output of a sequence without a cache (no state to carry)."""
+    return mlstm_forward(fq, fk, v, i_pre, f_pre, reset, None, **kw)[0]
 
 
 @dataclass
@@ -286,7 +304,7 @@ class HybridAttention(nn.Module):
             std = 1.0 / math.sqrt(lin.in_features)
             w = torch.randn(lin.weight.shape, generator=generator, dtype=torch.float32) * std * 0.1
             lin.weight.copy_(w.to(lin.weight.dtype))
-        self.igate.bias.fill_(0.0)
+        self.igate.bias.fill_(self.config.igate_bias)
         # Forget-gate biases spread over heads: sigmoid(3..6) keeps memory over ~20..400 tokens.
         low, high = self.config.fgate_bias
         self.fgate.bias.copy_(torch.linspace(low, high, self.num_heads, dtype=torch.float32))
@@ -616,13 +634,10 @@ class HybridAttention(nn.Module):
             fk = fk.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         i_pre, f_pre = self._gates(x, info)
-        state = lc.mlstm if lc is not None else None
-        h, state = mlstm_forward(
-            fq, fk, v, i_pre, f_pre, info.reset, state,
-            backend=self.config.mlstm_backend, chunk_size=self.config.chunk_size,
-        )  # fmt: skip
-        if lc is not None:
-            lc.mlstm = state
+        kw = {"backend": self.config.mlstm_backend, "chunk_size": self.config.chunk_size}
+        if lc is None:
+            return _kernel(_mlstm_out, fq, fk, v, i_pre, f_pre, info.reset, **kw)
+        h, lc.mlstm = mlstm_forward(fq, fk, v, i_pre, f_pre, info.reset, lc.mlstm, **kw)
         return h
 
     def _full(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
@@ -648,10 +663,12 @@ class HybridAttention(nn.Module):
 
     def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
         if lc is None or lc.k is None:
-            return swa_attention(
-                q_r, k_r, v, info.reset, info.valid, self.window, self.num_sinks, self.scaling,
-                self.config.swa_backend, plain=info.one_doc and info.all_valid, memo=info.memo,
-            )  # fmt: skip
+            args = (q_r, k_r, v, info.reset, info.valid, self.window, self.num_sinks, self.scaling,
+                    self.config.swa_backend)  # fmt: skip
+            kw = {"plain": info.one_doc and info.all_valid, "memo": info.memo}
+            if lc is None:
+                return _kernel(swa_attention, *args, **kw)
+            return swa_attention(*args, **kw)
         if q_r.shape[2] == 1:
             return self._swa_step(q_r, k_r, v, info, lc)
         # Several new tokens after a cache: keys = the buffer's + the new ones, one mask for all.

@@ -68,21 +68,28 @@ def test_a_document_start_inside_the_row_changes_the_blocked_output():
     torch.testing.assert_close(packed[0, :, :9], one[0, :, :9])
 
 
-def test_training_recomputes_the_blocks_same_gradients_less_saved(monkeypatch):
-    """A student's training forward keeps only the blocked form's inputs and recomputes its blocks
-    in backward (attention.RECOMPUTE_SHARED_NORM): the same loss and gradients, and less saved
-    for backward than when the blocks' tensors are kept."""
+@pytest.mark.parametrize(
+    ("mix", "switch"), [("shared_norm", "RECOMPUTE_SHARED_NORM"), ("gate", "RECOMPUTE_BRANCHES")]
+)
+def test_training_recomputes_the_kernels_same_gradients_less_saved(monkeypatch, mix, switch):
+    """A student's training forward keeps only its attention kernels' inputs (shared_norm's
+    blocked form; the gated mix's chunkwise mLSTM and blocked SWA) and recomputes them in
+    backward (``attention.<switch>``): the same loss and gradients, and less saved for backward
+    than when the kernels' tensors are kept."""
     import megadistill.model.attention as attention
     from megadistill.teachers import convert
     from megadistill.teachers.tiny import tiny_teacher
 
-    student, _ = convert(tiny_teacher("llama"), window=8, num_sinks=2, mix="shared_norm", seed=0)
+    # gate_init half: the gated mix's mLSTM branch gets a gradient from the first step
+    student, _ = convert(
+        tiny_teacher("llama"), window=8, num_sinks=2, mix=mix, gate_init="half", seed=0
+    )
     student.train()
     ids = torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(0))
     pos = torch.cat([torch.arange(40), torch.arange(24)])[None].expand(2, -1)  # two documents
 
     def run(recompute: bool):
-        monkeypatch.setattr(attention, "RECOMPUTE_SHARED_NORM", recompute)
+        monkeypatch.setattr(attention, switch, recompute)
         student.zero_grad()
         storages: dict[int, int] = {}
 

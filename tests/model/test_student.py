@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from megadistill.hybrid import HYBRID_KEYS
 from megadistill.model import HybridForCausalLM
+from megadistill.model.attention import NEW_PARAMETER_MODULES
 from megadistill.stages.align import AttentionProbe
 from megadistill.teachers import convert
 from megadistill.teachers.conversion import architecture_difference
@@ -113,6 +114,26 @@ def test_a_fresh_learned_gate_student_is_exactly_the_swa_floor(family):
         torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
         torch.testing.assert_close(prefilled_then_stepped(fresh, ids, 13), want)
         assert (half(ids).logits - want).abs().max() > 1e-3
+
+
+def test_a_negative_input_gate_bias_starts_shared_norm_at_the_floor():
+    """mix shared_norm weighs a key beyond the window by exp(input gate): igate_bias -12 makes a
+    fresh student the SWA floor within 1e-3 where the default 0 is far from it, and stage I
+    still gets a gradient on every new parameter (small: Adam scales it up)."""
+    teacher = tiny_teacher("llama")
+    hybrid = {"window": 8, "num_sinks": 2, "chunk_size": 4, "mix": "shared_norm"}
+    floor, _ = convert(teacher, seed=0, gate_mode="swa", **hybrid)
+    open_, _ = convert(teacher, seed=0, **hybrid)
+    closed, _ = convert(teacher, seed=0, igate_bias=-12.0, **hybrid)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = floor(ids).logits
+        gaps = [(m(ids).logits - want).abs().max().item() for m in (open_, closed)]
+    assert gaps[1] < 1e-3 < gaps[0], gaps
+    assert all((b == -12.0).all() for n, b in closed.named_parameters() if "igate.bias" in n)
+    align_loss(closed, ids).backward()
+    new = [p for n, p in closed.named_parameters() if n.split(".")[-2] in NEW_PARAMETER_MODULES]
+    assert new and all(p.grad is not None and p.grad.abs().sum() > 0 for p in new)
 
 
 def test_the_floor_gate_learns_from_the_first_step():
