@@ -47,10 +47,11 @@ RECOMPUTE_SHARED_NORM = True
 RECOMPUTE_BRANCHES = False
 
 
-def _kernel(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; in training under the recompute switch, through a non-reentrant
-    checkpoint (only for pure functions of their tensors: no parameters, safe under ZeRO-3)."""
-    if RECOMPUTE_BRANCHES and torch.is_grad_enabled():
+def _kernel(recompute: bool, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; with ``recompute`` and in training, through a non-reentrant
+    checkpoint that keeps only the inputs (only for pure functions of their tensors: no
+    parameters, safe under ZeRO-3)."""
+    if recompute and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     return fn(*args, **kwargs)
 
@@ -418,15 +419,8 @@ class HybridAttention(nn.Module):
             args = (info.reset, info.valid, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_parallel
         if lc is None:
-            if (
-                kernel is sn.shared_norm_blocked
-                and RECOMPUTE_SHARED_NORM
-                and torch.is_grad_enabled()
-            ):
-                # a pure function of its tensors (no parameters): safe under ZeRO-3
-                return checkpoint(kernel, q_r, k_r, v, fq, fk, i_pre, f_pre, *args,
-                                  use_reentrant=False)  # fmt: skip
-            return kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
+            recompute = RECOMPUTE_SHARED_NORM and kernel is sn.shared_norm_blocked
+            return _kernel(recompute, kernel, q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
         if lc.k is None:  # prefill into an empty cache: the sequence, then the state it leaves
             out = kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
             lc.mlstm, gate_i, decay = sn.prefill_state(
@@ -636,7 +630,9 @@ class HybridAttention(nn.Module):
         i_pre, f_pre = self._gates(x, info)
         kw = {"backend": self.config.mlstm_backend, "chunk_size": self.config.chunk_size}
         if lc is None:
-            return _kernel(_mlstm_out, fq, fk, v, i_pre, f_pre, info.reset, **kw)
+            return _kernel(
+                RECOMPUTE_BRANCHES, _mlstm_out, fq, fk, v, i_pre, f_pre, info.reset, **kw
+            )
         h, lc.mlstm = mlstm_forward(fq, fk, v, i_pre, f_pre, info.reset, lc.mlstm, **kw)
         return h
 
@@ -667,7 +663,7 @@ class HybridAttention(nn.Module):
                     self.config.swa_backend)  # fmt: skip
             kw = {"plain": info.one_doc and info.all_valid, "memo": info.memo}
             if lc is None:
-                return _kernel(swa_attention, *args, **kw)
+                return _kernel(RECOMPUTE_BRANCHES, swa_attention, *args, **kw)
             return swa_attention(*args, **kw)
         if q_r.shape[2] == 1:
             return self._swa_step(q_r, k_r, v, info, lc)
