@@ -87,6 +87,31 @@ def test_generate_bench_times_both_models_through_generate(capsys):
         GenerateBenchConfig(clock="sundial")
 
 
+def test_generate_bench_on_a_config_with_random_weights(tmp_path, capsys):
+    """teacher=CONFIG.json builds random weights of that config (no weights file, no hub); the
+    shipped names are the real small teachers' configs (parameter counts of the real models)."""
+    import torch
+
+    from megadistill.bench.synthetic import SyntheticModelConfig, bench_configs
+    from megadistill.teachers.tiny import tiny_teacher_config
+
+    config = tmp_path / "gemma3.json"
+    data = tiny_teacher_config("gemma3_text", max_position_embeddings=128).to_dict()
+    config.write_text(json.dumps({**data, "model_type": "gemma3_text"}))
+    args = [f"teacher={config}", "prompts=[16]", "new_tokens=2", "window=8", "repeats=1",
+            "count_tokens=0"]  # fmt: skip
+    assert main(["bench", "generate", *args]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["prompt"] for r in result["rows"]] == [16] and result["rows"][0]["ratio"] > 0
+    assert not list(tmp_path.glob("*.safetensors"))
+    want = {"gemma3_270m": 268.1e6, "qwen25_0p5b": 494.0e6}
+    assert set(bench_configs()) == set(want)
+    for name, count in want.items():
+        with torch.device("meta"):
+            teacher = SyntheticModelConfig(teacher=name).load_teacher(0)
+        assert sum(p.numel() for p in teacher.parameters()) == pytest.approx(count, rel=1e-3)
+
+
 def test_train_bench_stage1_and_stage2_on_a_teacher_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 from megadistill.bench.synthetic import SyntheticModelConfig
 from megadistill.bench.timing import CLOCKS, Clock, measure, median_by_key
@@ -114,15 +114,7 @@ def _run(model, ids: torch.Tensor, decode_tokens: int, clock: Clock) -> dict[str
 
 def build_models(cfg: InferenceBenchConfig, max_positions: int):
     """(teacher, student): the real or random teacher in ``cfg.dtype`` and its conversion."""
-    path = cfg.teacher_path()
-    if path is not None:
-        teacher = AutoModelForCausalLM.from_pretrained(
-            path, dtype=cfg.torch_dtype, attn_implementation="sdpa"
-        ).eval()
-    else:
-        tcfg = cfg.teacher_config(max_positions)
-        teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa")
-        teacher = teacher.to(cfg.torch_dtype).eval()
+    teacher = cfg.load_teacher(max_positions)
     student, _ = convert(
         teacher, seed=0, window=cfg.window, num_sinks=cfg.num_sinks,
         softmax_layers=list(cfg.softmax_layers),

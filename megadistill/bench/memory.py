@@ -72,15 +72,7 @@ def measure_step(cfg_dict: dict[str, Any], seq_len: int, form: str, out: str) ->
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     attention.BLOCKED_SHARED_NORM = form == "blocked"
-    path = cfg.teacher_path()
-    if path is None:
-        from transformers import AutoModelForCausalLM
-
-        teacher = AutoModelForCausalLM.from_config(cfg.teacher_config(max(cfg.seq_lens)))
-    else:
-        from transformers import AutoModelForCausalLM
-
-        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    teacher = cfg.load_teacher(max(cfg.seq_lens))
     student, _ = convert(
         teacher, seed=0, window=cfg.window, num_sinks=cfg.num_sinks, mix="shared_norm"
     )

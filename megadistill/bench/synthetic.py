@@ -1,4 +1,6 @@
-"""The teacher both benchmarks use: a random one of a given size, or a real HF folder."""
+"""The teacher the benchmarks use: a random one of a given size, a real HF folder, or random
+weights with a real model's config (``teacher=gemma3_270m``: the configs in ``bench/configs``,
+or any config.json; speed does not depend on the weights' values, and no hub is needed)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ import torch
 from megadistill.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BENCH_CONFIGS = Path(__file__).parent / "configs"
+
+
+def bench_configs() -> dict[str, Path]:
+    """Real small teachers' configs shipped for the benchmarks, by name (no weights)."""
+    return {p.stem: p for p in sorted(BENCH_CONFIGS.glob("*.json"))}
 
 
 @dataclass(kw_only=True)
@@ -32,8 +40,10 @@ class SyntheticModelConfig:
     vocab_size: int = 4096
     """Vocabulary size."""
     teacher: str = ""
-    """A real teacher instead of the random one: a Hugging Face folder of a supported family, or
-    ``smollm2`` (the demo's cached SmolLM2-135M-Instruct). The size fields are then ignored."""
+    """A real teacher instead of the random one: a Hugging Face folder of a supported family,
+    ``smollm2`` (the demo's cached SmolLM2-135M-Instruct), or a config with random weights (a
+    config.json, or the name of one in ``bench/configs``: ``gemma3_270m``, ``qwen25_0p5b``).
+    The size fields are then ignored."""
     dtype: str = "float32"
     """Weights and activations: float32, bfloat16 or float16."""
     threads: int = 0
@@ -62,22 +72,52 @@ class SyntheticModelConfig:
             from megadistill.assets import smollm2_teacher
 
             return smollm2_teacher()
+        shipped = bench_configs()
+        if self.teacher in shipped:
+            return shipped[self.teacher]
         path = Path(self.teacher).expanduser()
+        if path.is_file() and path.suffix == ".json":
+            return path
         if not (path / "config.json").is_file():
             raise ConfigError(
-                f"teacher={self.teacher}: no config.json there; give a Hugging Face model folder "
-                "or 'smollm2'"
+                f"teacher={self.teacher}: no config.json there; give a Hugging Face model folder, "
+                f"a config.json, 'smollm2' or one of {', '.join(shipped)}"
             )
         return path
+
+    def random_config(self) -> Path | None:
+        """The config.json of a teacher built with random weights from a real config, else None."""
+        path = self.teacher_path()
+        return path if path is not None and path.suffix == ".json" else None
+
+    def load_teacher(self, max_positions: int):
+        """The teacher model (eval mode, ``dtype``, SDPA attention): random of the configured
+        size, random with a real config (seed 0), or the real folder's weights."""
+        from transformers import AutoModelForCausalLM
+
+        path, config = self.teacher_path(), self.random_config()
+        if path is not None and config is None:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=self.torch_dtype, attn_implementation="sdpa"
+            ).eval()
+        if config is not None:
+            from megadistill.teachers.conversion import load_teacher_config
+
+            tcfg = load_teacher_config(config)
+            torch.manual_seed(0)
+        else:
+            tcfg = self.teacher_config(max_positions)
+        teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa")
+        return teacher.to(self.torch_dtype).eval()
 
     def max_positions(self) -> int | None:
         """The real teacher's ``max_position_embeddings`` (None for the random teacher)."""
         path = self.teacher_path()
         if path is None:
             return None
-        from transformers import AutoConfig
+        from megadistill.teachers.conversion import load_teacher_config
 
-        return getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+        return getattr(load_teacher_config(path), "max_position_embeddings", None)
 
     def teacher_config(self, max_positions: int, **extra: Any):
         """The transformers config of this size (``extra`` overrides any other field)."""

@@ -114,7 +114,8 @@ class TrainBenchConfig(SyntheticModelConfig):
 # ----------------------------------------------------------------------------- models
 def teacher_folder(cfg: TrainBenchConfig, root: Path) -> Path:
     """The teacher's folder: the real one, or the random one written to ``root/teacher``."""
-    return cfg.teacher_path() or root / "teacher"
+    path = cfg.teacher_path()
+    return path if path is not None and cfg.random_config() is None else root / "teacher"
 
 
 def write_models(cfg: TrainBenchConfig, root: Path) -> None:
@@ -130,6 +131,9 @@ def write_models(cfg: TrainBenchConfig, root: Path) -> None:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(tcfg).save_pretrained(root / "teacher")
         follow_umask(root / "teacher")  # safetensors writes its shards 0o600
+    elif cfg.random_config() is not None:
+        cfg.load_teacher(cfg.seq_len).save_pretrained(root / "teacher")
+        follow_umask(root / "teacher")
     hybrid = [
         f"window={cfg.window}",
         f"num_sinks={cfg.num_sinks}",
