@@ -66,9 +66,10 @@ class HybridSettings:
     igate_bias: float = 0.0
     """Input-gate bias at conversion (every head). With mix ``shared_norm`` a key beyond the
     window weighs ``exp(i + log-decay) * phi(q).phi(k)`` against the window's best key, so a
-    negative bias starts the far past near zero: -6 makes a fresh student the SWA floor within
-    ~1% of the window's mass at 2K tokens, and stage I opens it where it helps (README: "Beyond
-    the window")."""
+    negative bias starts the far past near zero: at -6 a fresh SmolLM2 student at W = 64 is the
+    SWA floor within 1% of the floor's gap up to 2K tokens. Stage I opens it slowly (Adam moves
+    the bias by at most the learning rate per step): on the quality recipe it ends where 0 ends,
+    so 0 is the default (README: "Where the recurrent branch starts")."""
     softmax_layers: list[int] = field(default_factory=list)
     """Layers kept as the teacher's full softmax attention (their cache grows with the context)."""
     mix: Mix = "gate"

@@ -85,28 +85,24 @@ class SyntheticModelConfig:
             )
         return path
 
-    def random_config(self) -> Path | None:
-        """The config.json of a teacher built with random weights from a real config, else None."""
-        path = self.teacher_path()
-        return path if path is not None and path.suffix == ".json" else None
-
-    def load_teacher(self, max_positions: int):
-        """The teacher model (eval mode, ``dtype``, SDPA attention): random of the configured
-        size, random with a real config (seed 0), or the real folder's weights."""
+    def load_teacher(self, max_positions: int, **extra: Any):
+        """The teacher model (eval mode, ``dtype``, SDPA attention): the real folder's weights, or
+        random weights (seed 0) of a config.json or of the configured size (``extra`` overrides
+        fields of the latter, as in :meth:`teacher_config`)."""
         from transformers import AutoModelForCausalLM
 
-        path, config = self.teacher_path(), self.random_config()
-        if path is not None and config is None:
+        path = self.teacher_path()
+        if path is not None and path.is_dir():
             return AutoModelForCausalLM.from_pretrained(
                 path, dtype=self.torch_dtype, attn_implementation="sdpa"
             ).eval()
-        if config is not None:
+        if path is not None:
             from megadistill.teachers.conversion import load_teacher_config
 
-            tcfg = load_teacher_config(config)
-            torch.manual_seed(0)
+            tcfg = load_teacher_config(path)
         else:
-            tcfg = self.teacher_config(max_positions)
+            tcfg = self.teacher_config(max_positions, **extra)
+        torch.manual_seed(0)
         teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa")
         return teacher.to(self.torch_dtype).eval()
 

@@ -115,25 +115,19 @@ class TrainBenchConfig(SyntheticModelConfig):
 def teacher_folder(cfg: TrainBenchConfig, root: Path) -> Path:
     """The teacher's folder: the real one, or the random one written to ``root/teacher``."""
     path = cfg.teacher_path()
-    return path if path is not None and cfg.random_config() is None else root / "teacher"
+    return path if path is not None and path.is_dir() else root / "teacher"
 
 
 def write_models(cfg: TrainBenchConfig, root: Path) -> None:
-    """A random teacher of the configured size in ``root/teacher`` (unless the teacher is real),
-    its student in ``root/student`` (every shared weight identical)."""
-    from transformers import AutoModelForCausalLM
-
+    """A random teacher (of the configured size or of a config.json) in ``root/teacher`` unless
+    the teacher is a real folder, its student in ``root/student`` (every shared weight
+    identical)."""
     from megadistill.integrity import follow_umask
     from megadistill.teachers.conversion import convert_pretrained
 
-    if cfg.teacher_path() is None:
-        tcfg = cfg.teacher_config(cfg.seq_len, attention_bias=False)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(tcfg).save_pretrained(root / "teacher")
+    if teacher_folder(cfg, root) == root / "teacher":  # random weights
+        cfg.load_teacher(cfg.seq_len, attention_bias=False).save_pretrained(root / "teacher")
         follow_umask(root / "teacher")  # safetensors writes its shards 0o600
-    elif cfg.random_config() is not None:
-        cfg.load_teacher(cfg.seq_len).save_pretrained(root / "teacher")
-        follow_umask(root / "teacher")
     hybrid = [
         f"window={cfg.window}",
         f"num_sinks={cfg.num_sinks}",

@@ -56,11 +56,6 @@ def _kernel(recompute: bool, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _mlstm_out(fq, fk, v, i_pre, f_pre, reset, **kw) -> torch.Tensor:
-    """The mLSTM branch's output of a sequence without a cache (no state to carry)."""
-    return mlstm_forward(fq, fk, v, i_pre, f_pre, reset, None, **kw)[0]
-
-
 @dataclass
 class SeqInfo:
     """Per-forward facts every layer shares (built once by the model)."""
@@ -628,12 +623,14 @@ class HybridAttention(nn.Module):
             fk = fk.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         i_pre, f_pre = self._gates(x, info)
-        kw = {"backend": self.config.mlstm_backend, "chunk_size": self.config.chunk_size}
-        if lc is None:
-            return _kernel(
-                RECOMPUTE_BRANCHES, _mlstm_out, fq, fk, v, i_pre, f_pre, info.reset, **kw
-            )
-        h, lc.mlstm = mlstm_forward(fq, fk, v, i_pre, f_pre, info.reset, lc.mlstm, **kw)
+        state = lc.mlstm if lc is not None else None
+        h, state = _kernel(
+            RECOMPUTE_BRANCHES and lc is None, mlstm_forward, fq, fk, v, i_pre, f_pre,
+            info.reset, state, backend=self.config.mlstm_backend,
+            chunk_size=self.config.chunk_size,
+        )  # fmt: skip
+        if lc is not None:
+            lc.mlstm = state
         return h
 
     def _full(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
@@ -659,12 +656,11 @@ class HybridAttention(nn.Module):
 
     def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
         if lc is None or lc.k is None:
-            args = (q_r, k_r, v, info.reset, info.valid, self.window, self.num_sinks, self.scaling,
-                    self.config.swa_backend)  # fmt: skip
-            kw = {"plain": info.one_doc and info.all_valid, "memo": info.memo}
-            if lc is None:
-                return _kernel(RECOMPUTE_BRANCHES, swa_attention, *args, **kw)
-            return swa_attention(*args, **kw)
+            return _kernel(
+                RECOMPUTE_BRANCHES and lc is None, swa_attention, q_r, k_r, v, info.reset,
+                info.valid, self.window, self.num_sinks, self.scaling, self.config.swa_backend,
+                plain=info.one_doc and info.all_valid, memo=info.memo,
+            )  # fmt: skip
         if q_r.shape[2] == 1:
             return self._swa_step(q_r, k_r, v, info, lc)
         # Several new tokens after a cache: keys = the buffer's + the new ones, one mask for all.
