@@ -83,6 +83,16 @@ def test_generate_bench_times_both_models_through_generate(capsys):
             assert 0 < r[f"{kind}_prefill_s"] < r[f"{kind}_s"] and r[f"{kind}_decode_s"] > 0
         assert r["decode_ratio"] == pytest.approx(r["teacher_decode_s"] / r["student_decode_s"])
     assert result["ops_per_token"]["teacher"] > 0 and result["ops_per_token"]["student"] > 0
+    # floor=true times the SWA-only student beside them: the bound of the ratio.
+    assert main(["bench", "generate", *args[:-1], "prompts=[16]", "floor=true"]) == 0
+    out = capsys.readouterr().out
+    assert "SWA-only student" in out
+    row = json.loads(out.strip().splitlines()[-1])["rows"][0]
+    assert row["floor_ratio"] == pytest.approx(row["teacher_s"] / row["floor_s"])
+    assert row["floor_decode_ratio"] == pytest.approx(
+        row["teacher_decode_s"] / row["floor_decode_s"]
+    )
+    assert "ratio" in row and "floor_prefill_ratio" in row
     with pytest.raises(ConfigError, match="clock"):
         GenerateBenchConfig(clock="sundial")
 

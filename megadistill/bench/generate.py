@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megadistill.bench.inference import build_models
+from megadistill.bench.inference import build_models, build_student
 from megadistill.bench.synthetic import SyntheticModelConfig
 from megadistill.bench.timing import CLOCKS, Clock, measure
 from megadistill.config import ConfigError
@@ -54,6 +54,10 @@ class GenerateBenchConfig(SyntheticModelConfig):
     a busy machine; with ``threads > 1`` it sums the threads) or ``wall``. Both are in the JSON."""
     count_tokens: int = 8
     """Generated tokens whose aten ops are counted (0: do not count)."""
+    floor: bool = False
+    """Also time the SWA-only student (``gate_mode: swa``: the same window, sinks and softmax
+    layers, no mLSTM), interleaved with the other two: the fastest any student of this window can
+    run here, so ``floor_ratio`` bounds ``ratio`` (what the recurrent branch costs is between)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,6 +142,8 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
         )  # fmt: skip
     teacher, student = build_models(cfg, longest + 8)
     models = {"teacher": teacher, "student": student}
+    if cfg.floor:
+        models["floor"] = build_student(teacher, cfg, gate_mode="swa")
     gen = torch.Generator().manual_seed(0)
     vocab = teacher.config.vocab_size
     prompts = {n: torch.randint(3, vocab, (cfg.batch_size, n), generator=gen) for n in cfg.prompts}
@@ -163,11 +169,13 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
                 row[f"{kind}_{part}"] = _median(samples.values, part)
             for clock in CLOCKS:
                 row[f"{kind}_{clock}_s"] = samples.median(clock)
-        row["ratio"] = row["teacher_s"] / row["student_s"]
-        for clock in CLOCKS:
-            row[f"ratio_{clock}"] = row[f"teacher_{clock}_s"] / row[f"student_{clock}_s"]
-        row["prefill_ratio"] = row["teacher_prefill_s"] / row["student_prefill_s"]
-        row["decode_ratio"] = row["teacher_decode_s"] / row["student_decode_s"]
+        for kind in models.keys() - {"teacher"}:
+            pre = "" if kind == "student" else f"{kind}_"
+            row[f"{pre}ratio"] = row["teacher_s"] / row[f"{kind}_s"]
+            for clock in CLOCKS:
+                row[f"{pre}ratio_{clock}"] = row[f"teacher_{clock}_s"] / row[f"{kind}_{clock}_s"]
+            for part in ("prefill", "decode"):
+                row[f"{pre}{part}_ratio"] = row[f"teacher_{part}_s"] / row[f"{kind}_{part}_s"]
         log.info("prompt %d: %s", n, {k: round(v, 3) for k, v in row.items()})
         rows.append(row)
     return {"clock": cfg.clock, "threads": torch.get_num_threads(), "rows": rows,
@@ -176,22 +184,30 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
 
 def format_result(result: dict) -> str:
     """A plain-text table: seconds per model, ratio teacher / student (> 1: student faster)."""
+    floor = "floor_s" in result["rows"][0]
     lines = [
         f"generate(), greedy; {result['clock']} seconds, {result['threads']} thread(s); "
-        "ratio = teacher s / student s (> 1: the student is faster)",
+        "ratio = teacher s / student s (> 1: the student is faster)"
+        + ("; floor = teacher s / SWA-only student s, the bound of ratio" if floor else ""),
         f"{'prompt':>7} {'new':>5} {'teacher s':>10} {'student s':>10} {'ratio':>6} "
-        f"{'prefill':>8} {'decode':>7} {'wall':>6} {'cpu':>6}",
+        f"{'prefill':>8} {'decode':>7} {'wall':>6} {'cpu':>6}"
+        + (f" {'floor':>6} {'prefill':>8} {'decode':>7}" if floor else ""),
     ]
     for r in result["rows"]:
         lines.append(
             f"{int(r['prompt']):>7} {int(r['new_tokens']):>5} {r['teacher_s']:>10.3f} "
             f"{r['student_s']:>10.3f} {r['ratio']:>6.2f} {r['prefill_ratio']:>8.2f} "
             f"{r['decode_ratio']:>7.2f} {r['ratio_wall']:>6.2f} {r['ratio_cpu']:>6.2f}"
+            + (
+                f" {r['floor_ratio']:>6.2f} {r['floor_prefill_ratio']:>8.2f} "
+                f"{r['floor_decode_ratio']:>7.2f}"
+                if floor
+                else ""
+            )
         )
     if result["ops_per_token"]:
         ops = result["ops_per_token"]
         lines.append(
-            f"aten ops per generated token: teacher {ops['teacher']:.0f}, "
-            f"student {ops['student']:.0f}"
+            "aten ops per generated token: " + ", ".join(f"{k} {v:.0f}" for k, v in ops.items())
         )
     return "\n".join(lines)

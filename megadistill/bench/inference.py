@@ -115,11 +115,17 @@ def _run(model, ids: torch.Tensor, decode_tokens: int, clock: Clock) -> dict[str
 def build_models(cfg: InferenceBenchConfig, max_positions: int):
     """(teacher, student): the real or random teacher in ``cfg.dtype`` and its conversion."""
     teacher = cfg.load_teacher(max_positions)
+    return teacher, build_student(teacher, cfg)
+
+
+def build_student(teacher, cfg: InferenceBenchConfig, **hybrid):
+    """The conversion of ``teacher`` with ``cfg``'s window, sinks and softmax layers (seed 0)
+    and any other ``hybrid`` settings."""
     student, _ = convert(
         teacher, seed=0, window=cfg.window, num_sinks=cfg.num_sinks,
-        softmax_layers=list(cfg.softmax_layers),
+        softmax_layers=list(cfg.softmax_layers), **hybrid,
     )  # fmt: skip
-    return teacher, student
+    return student
 
 
 def run_inference_bench(cfg: InferenceBenchConfig) -> list[dict[str, float]]:
