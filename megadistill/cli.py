@@ -157,6 +157,12 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
         "the drop of the trained --student's beyond-W KL to the teacher",
     )
     p.add_argument("--student", default=None, help="trained student folder (--criterion kl)")
+    p.add_argument(
+        "--greedy",
+        action="store_true",
+        help="--criterion kl: pick the k layers greedily (each pick measured beside the ones "
+        "before it; k passes instead of one)",
+    )
     p.add_argument("--needle-length", type=int, default=1024, help="probe length (retrieval)")
     p.add_argument(
         "--curve",
@@ -194,7 +200,10 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
                 "--criterion kl and --student go together (a trained student folder), without "
                 "--curve"
             )
-        result = rank_by_kl(args.teacher, args.student, docs, max_length=args.max_length)
+        result = rank_by_kl(
+            args.teacher, args.student, docs, max_length=args.max_length,
+            greedy=args.k if args.greedy else 0,
+        )  # fmt: skip
         print(format_ranking(result, args.k))
         if args.out:
             atomic_write_json(Path(args.out), result)

@@ -113,3 +113,18 @@ def test_kl_criterion_ranks_the_layers_a_trained_student_does_not_keep(tmp_path,
     assert main(args) == 0
     assert "(the student's [0] and 1 more)" in capsys.readouterr().out
     assert main([*args[:-4], "--k", "1"]) == 2  # kl without --student
+    # Greedy on a student that keeps no layer: the first pick is the one-pass best, the second
+    # is measured beside it; each pick's KL is the student's with the picks full (measured again
+    # here: with every layer full it is the teacher, KL 0); the picks lead the ranking.
+    none, _ = convert(teacher, window=8, num_sinks=2, gate_init="half")
+    none.save_pretrained(tmp_path / "g")
+    byte_tokenizer(tmp_path / "g")
+    alone = rank_by_kl(tmp_path / "t", tmp_path / "g", [DOC, DOC[9:]])
+    greedy = rank_by_kl(tmp_path / "t", tmp_path / "g", [DOC, DOC[9:]], greedy=2)
+    first, second = greedy["greedy"]
+    assert first["layer"] == alone["ranking"][0] and greedy["gains"] == alone["gains"]
+    assert first["kl"] == pytest.approx(alone["floor"] - alone["gains"][first["layer"]])
+    assert greedy["ranking"] == [first["layer"], second["layer"]] and first["kl"] > 1e-4
+    assert second["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert main([*args[:-3], str(tmp_path / "g"), "--k", "2", "--greedy"]) == 0
+    assert "greedy picks" in capsys.readouterr().out
