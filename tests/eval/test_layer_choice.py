@@ -128,3 +128,42 @@ def test_kl_criterion_ranks_the_layers_a_trained_student_does_not_keep(tmp_path,
     assert second["kl"] == pytest.approx(0.0, abs=1e-6)
     assert main([*args[:-3], str(tmp_path / "g"), "--k", "2", "--greedy"]) == 0
     assert "greedy picks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_forward_resumed_at_a_layer_is_the_whole_forward_to_the_bit(family):
+    """LayerInputs: with layer i flipped to full attention, a forward that starts at layer i
+    from the recorded inputs gives the logits of the whole forward exactly, runs only the
+    layers from i up, and refuses ids it never recorded."""
+    from megadistill.errors import MegadistillError
+    from megadistill.eval.layer_choice import LayerInputs
+    from megadistill.teachers import convert
+
+    teacher = tiny_teacher(family, seed=0)
+    floor, _ = convert(teacher, window=8, num_sinks=2, gate_mode="swa")
+    layers = floor.model.layers
+    ran = []
+    for j, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda _m, _a, j=j: ran.append(j))
+    docs = [
+        torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(s)) for s in (0, 1)
+    ]
+    prefix = LayerInputs(floor)
+    with torch.no_grad(), prefix.record():
+        base = [floor(input_ids=x).logits for x in docs]
+    changed = []
+    for i in range(len(layers)):
+        layers[i].self_attn.full = True
+        with torch.no_grad():
+            whole = [floor(input_ids=x).logits for x in docs]
+            ran.clear()
+            with prefix.from_layer(i):
+                resumed = [floor(input_ids=x).logits for x in docs]
+        assert ran == list(range(i, len(layers))) * 2
+        assert all(torch.equal(w, r) for w, r in zip(whole, resumed, strict=True))
+        changed.append(not torch.equal(whole[0], base[0]))
+        layers[i].self_attn.full = False
+    assert any(changed)  # (a local teacher layer's full attention may be its window already)
+    assert len(list(floor.model.layers)) == len(layers)  # the layers are given back
+    with pytest.raises(MegadistillError, match="no recorded input"), prefix.from_layer(1):
+        floor(input_ids=docs[0][:, :30])
