@@ -62,13 +62,15 @@ class LayerInputs:
         body = self.model.model
         wanted = range(len(body.layers)) if layers is None else layers
         ids: list[bytes] = []
+
+        def store(i: int):
+            def hook(_m, args):
+                self.inputs[(ids[-1], i)] = args[0].detach().clone()
+
+            return hook
+
         hooks = [body.embed_tokens.register_forward_pre_hook(lambda _m, a: ids.append(_key(a[0])))]
-        for i in wanted:
-            hooks.append(
-                body.layers[i].register_forward_pre_hook(
-                    lambda _m, a, i=i: self.inputs.__setitem__((ids[-1], i), a[0].detach().clone())
-                )
-            )
+        hooks += [body.layers[i].register_forward_pre_hook(store(i)) for i in wanted]
         try:
             yield self
         finally:
