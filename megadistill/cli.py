@@ -156,7 +156,12 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
         "(the two rankings taken in turn, retrieval first), all on the untrained floor; or kl: "
         "the drop of the trained --student's beyond-W KL to the teacher",
     )
-    p.add_argument("--student", default=None, help="trained student folder (--criterion kl)")
+    p.add_argument(
+        "--student",
+        default=None,
+        help="trained student folder: the one --criterion kl ranks in, and where --curve is "
+        "measured (the top k layers given full attention inside it; default: the floor)",
+    )
     p.add_argument(
         "--greedy",
         action="store_true",
@@ -171,6 +176,13 @@ def _choose_layers_args(p: argparse.ArgumentParser) -> None:
         "and needle scores per k (--niah lengths)",
     )
     p.add_argument("--niah", default="1024,2048", help="needle lengths of --curve")
+    p.add_argument(
+        "--ranking",
+        action="append",
+        metavar="NAME=LAYERS",
+        help="also put this ranking on --curve, e.g. both=18,23,20,21 (repeatable): a ranking "
+        "measured before, compared on the same floor or --student",
+    )
 
 
 @command(
@@ -194,43 +206,56 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
     from megadistill.integrity import atomic_write_json
 
     docs = read_documents(args.text)[: args.num_docs]
-    if args.criterion == "kl" or args.student:
-        if args.criterion != "kl" or not args.student or args.curve:
+    given = {}
+    for item in args.ranking or []:
+        name, _, layers = item.partition("=")
+        try:
+            given[name] = [int(i) for i in layers.split(",")]
+        except ValueError:
             raise MegadistillError(
-                "--criterion kl and --student go together (a trained student folder), without "
-                "--curve"
-            )
+                f"--ranking {item!r}: expected NAME=LAYER,LAYER,... (e.g. both=18,23,20,21)"
+            ) from None
+        if not name:
+            raise MegadistillError(f"--ranking {item!r}: the ranking needs a name (NAME=...)")
+    if given and not args.curve:
+        raise MegadistillError("--ranking adds a ranking to --curve: pass --curve as well")
+    if args.criterion == "kl" and not args.student:
+        raise MegadistillError("--criterion kl needs --student (a trained student folder)")
+    if args.student and args.criterion != "kl" and not args.curve:
+        raise MegadistillError(
+            "--student is the kl criterion's student or where --curve is measured: pass "
+            "--criterion kl or --curve"
+        )
+    if args.criterion == "kl":
         result = rank_by_kl(
             args.teacher, args.student, docs, max_length=args.max_length,
             greedy=args.k if args.greedy else 0,
         )  # fmt: skip
         print(format_ranking(result, args.k))
-        if args.out:
-            atomic_write_json(Path(args.out), result)
-        return 0
-    criteria = ("nll", "retrieval") if args.criterion == "both" else (args.criterion,)
-    rankings = {}
-    for criterion in criteria:
-        rankings[criterion] = rank_softmax_layers(
-            args.teacher, docs, window=args.window, num_sinks=args.num_sinks,
-            max_length=args.max_length, criterion=criterion, needle_length=args.needle_length,
-        )  # fmt: skip
-        print(format_ranking(rankings[criterion], args.k))
-    orders = {c: r["ranking"] for c, r in rankings.items()}
-    result = dict(rankings[criteria[0]])
-    if len(criteria) > 1:
-        orders["both"] = combine_rankings(orders["retrieval"], orders["nll"])
-        print(
-            f"softmax_layers for k = {args.k} (both, in turn): {sorted(orders['both'][: args.k])}"
-        )
-        result["rankings"] = rankings
-        result["ranking"] = orders["both"]
+        orders = {"kl": result["ranking"]}
+    else:
+        criteria = ("nll", "retrieval") if args.criterion == "both" else (args.criterion,)
+        rankings = {}
+        for criterion in criteria:
+            rankings[criterion] = rank_softmax_layers(
+                args.teacher, docs, window=args.window, num_sinks=args.num_sinks,
+                max_length=args.max_length, criterion=criterion, needle_length=args.needle_length,
+            )  # fmt: skip
+            print(format_ranking(rankings[criterion], args.k))
+        orders = {c: r["ranking"] for c, r in rankings.items()}
+        result = dict(rankings[criteria[0]])
+        if len(criteria) > 1:
+            orders["both"] = combine_rankings(orders["retrieval"], orders["nll"])
+            both = sorted(orders["both"][: args.k])
+            print(f"softmax_layers for k = {args.k} (both, in turn): {both}")
+            result["rankings"] = rankings
+            result["ranking"] = orders["both"]
     if args.curve:
         curve = layer_curve(
-            args.teacher, docs, orders,
+            args.teacher, docs, {**orders, **given},
             window=args.window, num_sinks=args.num_sinks, max_length=args.max_length,
             ks=[int(k) for k in args.curve.split(",")],
-            needle_lengths=[int(n) for n in args.niah.split(",")],
+            needle_lengths=[int(n) for n in args.niah.split(",")], student_dir=args.student,
         )  # fmt: skip
         result["curve"] = curve
         print(format_curve(curve))

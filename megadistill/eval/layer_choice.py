@@ -347,17 +347,35 @@ def layer_curve(
     ks: Sequence[int] = (0, 1, 2, 4, 8),
     needle_lengths: Sequence[int] = (1024, 2048),
     needle_trials: int | None = None,
+    student_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The floor with the top k layers of each ranking kept as full attention, for each k:
     beyond-W NLL on the documents, and needle exact match, digit accuracy and answer logp per
     length. Row ``teacher`` is the teacher itself; k = 0 is the floor.
 
+    With ``student_dir`` (a trained student) the curve is measured inside that student instead
+    of the floor: k = 0 is the student as trained, and a row gives the top k layers of a ranking
+    full attention in place of their hybrid (``window`` and ``num_sinks`` are the student's).
+    Rankings measured on one trained student then compare on the same footing: what keeping
+    each criterion's layers would give after training.
+
     Returns:
-        ``{"teacher": metrics, "rows": [{"criterion", "k", "layers", **metrics}], ...}``.
+        ``{"teacher": metrics, "rows": [{"criterion", "k", "layers", **metrics}], "base":
+        "floor" or the student's folder, ...}``.
     """
+    from megadistill.eval.lmeval import load_model
     from megadistill.eval.niah import probe_model
     from megadistill.teachers.conversion import convert
 
+    student = None
+    if student_dir is not None:
+        student, _ = load_model(student_dir)
+        if window != student.config.window:
+            raise MegadistillError(
+                f"window {window} is not the student's ({student.config.window} in "
+                f"{student_dir}/config.json): pass --window {student.config.window}"
+            )
+        num_sinks = student.config.num_sinks
     teacher, tokenizer, windows = _calibration(teacher_dir, documents, window, max_length)
 
     def metrics(model: Any) -> dict[str, Any]:
@@ -369,9 +387,17 @@ def layer_curve(
         }  # fmt: skip
 
     out: dict[str, Any] = {"window": window, "num_docs": len(windows), "ks": list(ks)}
+    out["base"] = "floor" if student_dir is None else str(student_dir)
     out["teacher"] = metrics(teacher)
-    floor, _ = convert(teacher, window=window, num_sinks=num_sinks, gate_mode="swa")
+    if student is None:
+        floor, _ = convert(teacher, window=window, num_sinks=num_sinks, gate_mode="swa")
+    else:
+        floor = student  # the rows flip layers inside the trained student
     del teacher
+    n = len(floor.model.layers)
+    for name, ranking in rankings.items():
+        if bad := [i for i in ranking if not 0 <= i < n]:
+            raise MegadistillError(f"ranking {name!r}: layers {bad} are not in 0..{n - 1}")
     # The floor is measured once, recording the input of each row's lowest kept layer: a row
     # then runs the layers from there up (the ones below are the floor's).
     prefix = LayerInputs(floor)
@@ -385,12 +411,14 @@ def layer_curve(
             if not kept:
                 rows.append({"criterion": name, "k": k, "layers": kept, **at_floor})
                 continue
-            for i in kept:
-                floor.model.layers[i].self_attn.full = True
+            attns = [floor.model.layers[i].self_attn for i in kept]
+            was = [a.full for a in attns]  # a student's own softmax layers stay full
+            for a in attns:
+                a.full = True
             with prefix.from_layer(kept[0]):
                 rows.append({"criterion": name, "k": k, "layers": kept, **metrics(floor)})
-            for i in kept:
-                floor.model.layers[i].self_attn.full = False
+            for a, full in zip(attns, was):
+                a.full = full
             log.info("%s k=%d %s: %s", name, k, kept, rows[-1])
     out["rows"] = rows
     return out

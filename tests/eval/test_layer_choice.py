@@ -130,6 +130,63 @@ def test_kl_criterion_ranks_the_layers_a_trained_student_does_not_keep(tmp_path,
     assert "greedy picks" in capsys.readouterr().out
 
 
+def test_the_k_curve_inside_a_trained_student(tmp_path, capsys):
+    """--student with --curve: the rows give a ranking's top k layers full attention inside the
+    student (k = 0 is the student itself), its own softmax layers stay full from row to row, and
+    every layer full is the teacher; --ranking puts rankings measured before on the same curve."""
+    from megadistill.errors import MegadistillError
+    from megadistill.eval.layer_choice import _beyond_nll, _calibration, layer_curve
+    from megadistill.eval.lmeval import load_model
+    from megadistill.teachers import convert
+
+    teacher = tiny_teacher("llama", seed=0)
+    with torch.no_grad():  # sharp attention: what lies beyond W = 8 tokens matters
+        for layer in teacher.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.o_proj.weight.mul_(20.0)
+    teacher.save_pretrained(tmp_path / "t")
+    byte_tokenizer(tmp_path / "t")
+    n = teacher.config.num_hidden_layers
+    top = n - 1  # the student keeps its top layer: every row's forward runs through it
+    student, _ = convert(teacher, window=8, num_sinks=2, softmax_layers=[top], gate_init="half")
+    student.save_pretrained(tmp_path / "s")
+    byte_tokenizer(tmp_path / "s")
+    docs = [DOC, DOC[9:]]
+    rest = list(range(top))
+    curve = layer_curve(
+        tmp_path / "t", docs, {"own": [top, 0], "rest": rest}, window=8, ks=(0, 1, top),
+        needle_lengths=(96,), student_dir=tmp_path / "s",
+    )  # fmt: skip
+    rows = {(r["criterion"], r["k"]): r for r in curve["rows"]}
+    assert curve["base"] == str(tmp_path / "s")
+    model, _ = load_model(tmp_path / "s")
+    _, _, windows = _calibration(tmp_path / "t", docs, 8, 1024)
+    assert rows["own", 0]["nll"] == _beyond_nll(model, windows, 8) != curve["teacher"]["nll"]
+    assert rows["own", 1]["layers"] == [top] and rows["own", 1]["nll"] == rows["own", 0]["nll"]
+    # after the "own" rows flipped the kept layer and put it back, it is still full: with the
+    # student's other layers full, the student is the teacher
+    assert rows["rest", top]["layers"] == rest
+    assert rows["rest", top]["nll"] == curve["teacher"]["nll"]
+    assert rows["rest", top]["needle"] == curve["teacher"]["needle"]
+    with pytest.raises(MegadistillError, match="pass --window 8"):
+        layer_curve(tmp_path / "t", docs, {}, window=16, student_dir=tmp_path / "s")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": DOC}) + "\n")
+    out = tmp_path / "curve.json"
+    args = ["choose-layers", "--teacher", str(tmp_path / "t"), "--text", str(tmp_path / "d.jsonl"),
+            "--window", "8", "--criterion", "kl", "--student", str(tmp_path / "s"), "--k", "1",
+            "--curve", "0,1", "--niah", "96", "--ranking", "mine=1,0", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    got = [(r["criterion"], r["k"], r["layers"]) for r in result["curve"]["rows"]]
+    assert got == [("kl", 0, []), ("kl", 1, result["ranking"][:1]), ("mine", 0, []),
+                   ("mine", 1, [1])]  # fmt: skip
+    assert result["kept"] == [top] and "| mine | 1 | [1] |" in capsys.readouterr().out
+    assert main(args[:-8] + ["--ranking", "mine=1,0"]) == 2  # --ranking without --curve
+    assert main(args[:-4] + ["--ranking", "mine=one"]) == 2
+    assert main(args[:-4] + ["--ranking", f"mine={n}"]) == 2  # no such layer
+    assert f"layers [{n}] are not in 0..{n - 1}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_a_forward_resumed_at_a_layer_is_the_whole_forward_to_the_bit(family):
     """LayerInputs: with layer i flipped to full attention, a forward that starts at layer i
