@@ -351,7 +351,8 @@ def layer_curve(
 ) -> dict[str, Any]:
     """The floor with the top k layers of each ranking kept as full attention, for each k:
     beyond-W NLL on the documents, and needle exact match, digit accuracy and answer logp per
-    length. Row ``teacher`` is the teacher itself; k = 0 is the floor.
+    length. Row ``teacher`` is the teacher itself; k = 0 is the floor. A ranking shorter than
+    k has no row for it; a set of layers two rankings share is measured once.
 
     With ``student_dir`` (a trained student) the curve is measured inside that student instead
     of the floor: k = 0 is the student as trained, and a row gives the top k layers of a ranking
@@ -405,20 +406,22 @@ def layer_curve(
     with prefix.record(sorted(starts)):
         at_floor = metrics(floor)
     rows = []
+    seen: dict[tuple[int, ...], dict[str, Any]] = {(): at_floor}
     for name, ranking in rankings.items():
         for k in ks:
-            kept = sorted(ranking[:k])
-            if not kept:
-                rows.append({"criterion": name, "k": k, "layers": kept, **at_floor})
+            if k > len(ranking):  # a ranking given in part (--ranking) has no such row
                 continue
-            attns = [floor.model.layers[i].self_attn for i in kept]
-            was = [a.full for a in attns]  # a student's own softmax layers stay full
-            for a in attns:
-                a.full = True
-            with prefix.from_layer(kept[0]):
-                rows.append({"criterion": name, "k": k, "layers": kept, **metrics(floor)})
-            for a, full in zip(attns, was):
-                a.full = full
+            kept = sorted(ranking[:k])
+            if tuple(kept) not in seen:  # two rankings sharing their top k measure it once
+                attns = [floor.model.layers[i].self_attn for i in kept]
+                was = [a.full for a in attns]  # a student's own softmax layers stay full
+                for a in attns:
+                    a.full = True
+                with prefix.from_layer(kept[0]):
+                    seen[tuple(kept)] = metrics(floor)
+                for a, full in zip(attns, was):
+                    a.full = full
+            rows.append({"criterion": name, "k": k, "layers": kept, **seen[tuple(kept)]})
             log.info("%s k=%d %s: %s", name, k, kept, rows[-1])
     out["rows"] = rows
     return out

@@ -180,6 +180,11 @@ def test_the_k_curve_inside_a_trained_student(tmp_path, capsys):
     got = [(r["criterion"], r["k"], r["layers"]) for r in result["curve"]["rows"]]
     assert got == [("kl", 0, []), ("kl", 1, result["ranking"][:1]), ("mine", 0, []),
                    ("mine", 1, [1])]  # fmt: skip
+    short = [*args[:-4], "--ranking", "short=0", "--curve", "0,1,2", "--out", str(out)]
+    assert main(short) == 0  # k = 2: no row (n - 1 = 1 layer to rank, "short" gives 1)
+    rows = json.loads(out.read_text())["curve"]["rows"]
+    assert [(r["criterion"], r["k"]) for r in rows] == [("kl", 0), ("kl", 1), ("short", 0),
+                                                         ("short", 1)]  # fmt: skip
     assert result["kept"] == [top] and "| mine | 1 | [1] |" in capsys.readouterr().out
     assert main(args[:-8] + ["--ranking", "mine=1,0"]) == 2  # --ranking without --curve
     assert main(args[:-4] + ["--ranking", "mine=one"]) == 2
