@@ -79,6 +79,19 @@ def test_retrieval_criterion_and_the_k_curve_from_floor_to_teacher(tmp_path, cap
     assert "| retrieval | 1 |" in capsys.readouterr().out
 
 
+def _sharp_teacher(path):
+    """A tiny Llama teacher with sharp attention (what lies beyond W = 8 tokens matters), saved
+    with a byte tokenizer at ``path``."""
+    teacher = tiny_teacher("llama", seed=0)
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.o_proj.weight.mul_(20.0)
+    teacher.save_pretrained(path)
+    byte_tokenizer(path)
+    return teacher
+
+
 def test_kl_criterion_ranks_the_layers_a_trained_student_does_not_keep(tmp_path, capsys):
     """--criterion kl --student: each layer the student does not keep, given full attention
     inside the student, lowers its beyond-W KL to the teacher by its gain; kept layers get none.
@@ -86,13 +99,7 @@ def test_kl_criterion_ranks_the_layers_a_trained_student_does_not_keep(tmp_path,
     from megadistill.eval.layer_choice import rank_by_kl
     from megadistill.teachers import convert
 
-    teacher = tiny_teacher("llama", seed=0)
-    with torch.no_grad():  # sharp attention: what lies beyond W = 8 tokens matters
-        for layer in teacher.model.layers:
-            layer.self_attn.q_proj.weight.mul_(12.0)
-            layer.self_attn.o_proj.weight.mul_(20.0)
-    teacher.save_pretrained(tmp_path / "t")
-    byte_tokenizer(tmp_path / "t")
+    teacher = _sharp_teacher(tmp_path / "t")
     n = teacher.config.num_hidden_layers
     student, _ = convert(teacher, window=8, num_sinks=2, softmax_layers=[0], gate_init="half")
     student.save_pretrained(tmp_path / "s")
@@ -139,13 +146,7 @@ def test_the_k_curve_inside_a_trained_student(tmp_path, capsys):
     from megadistill.eval.lmeval import load_model
     from megadistill.teachers import convert
 
-    teacher = tiny_teacher("llama", seed=0)
-    with torch.no_grad():  # sharp attention: what lies beyond W = 8 tokens matters
-        for layer in teacher.model.layers:
-            layer.self_attn.q_proj.weight.mul_(12.0)
-            layer.self_attn.o_proj.weight.mul_(20.0)
-    teacher.save_pretrained(tmp_path / "t")
-    byte_tokenizer(tmp_path / "t")
+    teacher = _sharp_teacher(tmp_path / "t")
     n = teacher.config.num_hidden_layers
     top = n - 1  # the student keeps its top layer: every row's forward runs through it
     student, _ = convert(teacher, window=8, num_sinks=2, softmax_layers=[top], gate_init="half")
