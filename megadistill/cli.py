@@ -195,6 +195,7 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
 
     from megadistill.errors import MegadistillError
     from megadistill.eval.layer_choice import (
+        check_rankings,
         combine_rankings,
         format_curve,
         format_ranking,
@@ -219,6 +220,11 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
             raise MegadistillError(f"--ranking {item!r}: the ranking needs a name (NAME=...)")
     if given and not args.curve:
         raise MegadistillError("--ranking adds a ranking to --curve: pass --curve as well")
+    if given:  # refused now, not after the rankings' passes
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.teacher).get_text_config()
+        check_rankings(given, config.num_hidden_layers)
     if args.criterion == "kl" and not args.student:
         raise MegadistillError("--criterion kl needs --student (a trained student folder)")
     if args.student and args.criterion != "kl" and not args.curve:

@@ -336,6 +336,16 @@ def rank_softmax_layers(
     return result
 
 
+def check_rankings(rankings: dict[str, Sequence[int]], num_layers: int) -> None:
+    """Refuse a ranking naming a layer the model does not have."""
+    for name, ranking in rankings.items():
+        if bad := [i for i in ranking if not 0 <= i < num_layers]:
+            raise MegadistillError(
+                f"ranking {name!r}: layers {bad} are not in 0..{num_layers - 1} (the teacher "
+                f"has {num_layers} layers)"
+            )
+
+
 def layer_curve(
     teacher_dir: str | Path,
     documents: Sequence[str],
@@ -387,6 +397,7 @@ def layer_curve(
                        for n, r in needle.items()},
         }  # fmt: skip
 
+    check_rankings(rankings, teacher.config.get_text_config().num_hidden_layers)  # before measuring
     out: dict[str, Any] = {"window": window, "num_docs": len(windows), "ks": list(ks)}
     out["base"] = "floor" if student_dir is None else str(student_dir)
     out["teacher"] = metrics(teacher)
@@ -395,10 +406,6 @@ def layer_curve(
     else:
         floor = student  # the rows flip layers inside the trained student
     del teacher
-    n = len(floor.model.layers)
-    for name, ranking in rankings.items():
-        if bad := [i for i in ranking if not 0 <= i < n]:
-            raise MegadistillError(f"ranking {name!r}: layers {bad} are not in 0..{n - 1}")
     # The floor is measured once, recording the input of each row's lowest kept layer: a row
     # then runs the layers from there up (the ones below are the floor's).
     prefix = LayerInputs(floor)
