@@ -218,6 +218,13 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
             ) from None
         if not name:
             raise MegadistillError(f"--ranking {item!r}: the ranking needs a name (NAME=...)")
+        measured = {"kl"} if args.criterion == "kl" else {args.criterion, "nll", "retrieval"}
+        if name in measured:  # it would replace the ranking this run measures
+            raise MegadistillError(
+                f"--ranking {item!r}: {name!r} is a ranking this run measures "
+                f"(--criterion {args.criterion}): give the one measured before another name, "
+                f"e.g. {name}_floor={layers}"
+            )
     if given and not args.curve:
         raise MegadistillError("--ranking adds a ranking to --curve: pass --curve as well")
     if given:  # refused now, not after the rankings' passes

@@ -112,6 +112,22 @@ def _key(ids: Any) -> bytes:
     return bytes(str(tuple(ids.shape)), "ascii") + ids.cpu().numpy().tobytes()
 
 
+@contextmanager
+def full_attention(model: Any, layers: Sequence[int]):
+    """Inside: ``layers`` of the floor or student ``model`` run the teacher's full attention in
+    place of their hybrid (the flag eval/layer_choice flips); after, each is as it was (a
+    student's own softmax layers stay full), on an error too."""
+    attns = [model.model.layers[i].self_attn for i in layers]
+    was = [a.full for a in attns]
+    for a in attns:
+        a.full = True
+    try:
+        yield
+    finally:
+        for a, full in zip(attns, was, strict=True):
+            a.full = full
+
+
 def _beyond_nll(model: Any, windows: Sequence[Sequence[int]], start: int) -> float:
     from megadistill.eval.positions import token_nll
 
@@ -208,10 +224,10 @@ def rank_by_kl(
         for i, attn in enumerate(layers):
             if attn.kept or i in picks:
                 continue
-            attn.full = True  # the hybrid path is skipped: this layer is the teacher's attention
-            with prefix.from_layer(i):  # the layers below i as recorded (unchanged)
+            # the hybrid path is skipped: this layer is the teacher's attention; the layers
+            # below i run as recorded (unchanged)
+            with full_attention(student, [i]), prefix.from_layer(i):
                 gains[i] = base - _beyond_kl(student, windows, window, teacher_lp)
-            attn.full = False
             log.info(
                 "layer %d (beside %s): full attention lowers the KL by %.4f", i, picks, gains[i]
             )
@@ -325,11 +341,11 @@ def rank_softmax_layers(
     with prefix.record():
         result["floor"] = score(floor)
     gains = []
-    for i, layer in enumerate(floor.model.layers):
-        layer.self_attn.full = True  # the floor has no new parameters in use: safe to flip
-        with prefix.from_layer(i):  # the layers below i are the floor's: not run again
+    for i in range(len(floor.model.layers)):
+        # the floor has no new parameters in use: safe to flip; the layers below i are the
+        # floor's: not run again
+        with full_attention(floor, [i]), prefix.from_layer(i):
             gains.append(sign * (score(floor) - result["floor"]))
-        layer.self_attn.full = False
         log.info("layer %d: full attention gains %.4f (%s)", i, gains[-1], criterion)
     result["gains"] = gains
     result["ranking"] = sorted(range(len(gains)), key=lambda i: -gains[i])
@@ -402,32 +418,26 @@ def layer_curve(
     out["base"] = "floor" if student_dir is None else str(student_dir)
     out["teacher"] = metrics(teacher)
     if student is None:
-        floor, _ = convert(teacher, window=window, num_sinks=num_sinks, gate_mode="swa")
+        base, _ = convert(teacher, window=window, num_sinks=num_sinks, gate_mode="swa")
     else:
-        floor = student  # the rows flip layers inside the trained student
+        base = student  # the rows flip layers inside the trained student
     del teacher
-    # The floor is measured once, recording the input of each row's lowest kept layer: a row
-    # then runs the layers from there up (the ones below are the floor's).
-    prefix = LayerInputs(floor)
+    # The base (floor or student) is measured once, recording the input of each row's lowest
+    # kept layer: a row then runs the layers from there up (the ones below are the base's).
+    prefix = LayerInputs(base)
     starts = {min(r[:k]) for r in rankings.values() for k in ks if k and r[:k]}
     with prefix.record(sorted(starts)):
-        at_floor = metrics(floor)
+        at_base = metrics(base)
     rows = []
-    seen: dict[tuple[int, ...], dict[str, Any]] = {(): at_floor}
+    seen: dict[tuple[int, ...], dict[str, Any]] = {(): at_base}
     for name, ranking in rankings.items():
         for k in ks:
             if k > len(ranking):  # a ranking given in part (--ranking) has no such row
                 continue
             kept = sorted(ranking[:k])
             if tuple(kept) not in seen:  # two rankings sharing their top k measure it once
-                attns = [floor.model.layers[i].self_attn for i in kept]
-                was = [a.full for a in attns]  # a student's own softmax layers stay full
-                for a in attns:
-                    a.full = True
-                with prefix.from_layer(kept[0]):
-                    seen[tuple(kept)] = metrics(floor)
-                for a, full in zip(attns, was):
-                    a.full = full
+                with full_attention(base, kept), prefix.from_layer(kept[0]):
+                    seen[tuple(kept)] = metrics(base)
             rows.append({"criterion": name, "k": k, "layers": kept, **seen[tuple(kept)]})
             log.info("%s k=%d %s: %s", name, k, kept, rows[-1])
     out["rows"] = rows

@@ -189,6 +189,7 @@ def test_the_k_curve_inside_a_trained_student(tmp_path, capsys):
     assert result["kept"] == [top] and "| mine | 1 | [1] |" in capsys.readouterr().out
     assert main(args[:-8] + ["--ranking", "mine=1,0"]) == 2  # --ranking without --curve
     assert main(args[:-4] + ["--ranking", "mine=one"]) == 2
+    assert main(args[:-4] + ["--ranking", "kl=1"]) == 2  # would replace the measured ranking
     assert main(args[:-4] + ["--ranking", f"mine={n}"]) == 2  # no such layer
     assert f"layers [{n}] are not in 0..{n - 1}" in capsys.readouterr().err
 
