@@ -414,6 +414,11 @@ def _compare_positions_args(p: argparse.ArgumentParser) -> None:
         help="a student that is a floor too (e.g. a SWA-only student trained through the same "
         "stage II): every other student's share of its gap is reported",
     )  # fmt: skip
+    p.add_argument(
+        "--niah", default="", metavar="LENGTHS",
+        help="needle lengths, e.g. 1024,2048: teacher, floor and every student get the same "
+        "probes (exact match, digits, answer logp) in the same report",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="folder for positions.json and positions.md")
 
 
@@ -426,6 +431,7 @@ def _cmd_compare_positions(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megadistill.assets import cache_root
+    from megadistill.config import parse_csv
     from megadistill.errors import MegadistillError
     from megadistill.eval.heldout import parse_heldout
     from megadistill.eval.levers import compare_students, write_comparison
@@ -439,7 +445,7 @@ def _cmd_compare_positions(args: argparse.Namespace) -> int:
     result = compare_students(
         args.teacher, students, parse_heldout(args.heldout), max_length=args.max_length,
         cache_dir=Path(args.cache_dir) if args.cache_dir else cache_root() / "eval-teacher",
-        reference=args.reference,
+        reference=args.reference, niah=parse_csv(args.niah, int, "--niah"),
     )  # fmt: skip
     print(write_comparison(result, args.out).read_text())
     return 0

@@ -5,11 +5,15 @@ softmax layers, ...): each student folder (e.g. a stage's ``final/``) is scored 
 documents as the teacher and the floor (the teacher cut to the students' window), and the report
 puts the headline numbers side by side: the relative NLL gap to the teacher at positions >= 4W and
 the share of the floor's gap each student wins back, per held-out set, with standard errors.
-Teacher and floor losses are cached by content (model fingerprint, documents, settings).
+With needle lengths, every model (teacher, floor, students) also gets the same needle probes
+(:mod:`megadistill.eval.niah`: exact match with its Wilson interval, digit accuracy, answer
+log-probability), so retrieval sits beside the loss in one report. Teacher and floor losses and
+needle scores are cached by content (model fingerprint, documents or probes, settings).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -27,6 +31,8 @@ from megadistill.eval.positions import (
 from megadistill.integrity import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
+NIAH_CACHE_FORMAT = 1
+"""Version of the cached needle scores (bump when probe_model's probes or scores change)."""
 
 
 def compare_students(
@@ -37,8 +43,12 @@ def compare_students(
     max_length: int = 2048,
     cache_dir: Path | None = None,
     reference: str | None = None,
+    niah: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Score teacher, floor and every student; returns the comparison (see module docstring).
+
+    ``niah``: needle lengths in tokens (none: no probes); each model's scores go into
+    ``result["niah"]`` (:func:`megadistill.eval.niah.probe_model`'s, keyed by model, then length).
 
     ``reference`` names a student that serves as a second floor: every other student's share of
     its gap is reported too (e.g. a SWA-only student trained through the same stage II: its
@@ -61,26 +71,35 @@ def compare_students(
             f"students must be hybrids with one window and sink count, got {sorted(hybrid)}"
         )
     window, sinks = next(iter(hybrid))
-    windows = _tokenize(load_tokenizer(teacher), sets, max_length)
+    for name in students:
+        if name in ("teacher", "floor"):
+            raise MegadistillError(f"student name {name!r} is reserved; pick another")
+    tokenizer = load_tokenizer(teacher)
+    windows = _tokenize(tokenizer, sets, max_length)
     settings = {"window": window, "num_sinks": sinks, "max_length": max_length}
     fp = model_fingerprint(teacher)
+    lengths = sorted({int(n) for n in niah})
+    if lengths:
+        _check_needle_lengths(teacher, lengths)
     # The same cache entries as `megadistill eval --heldout` (teacher and floor only).
-    nll = {
-        "teacher": _score_role(
-            "teacher", f"teacher:{fp}", lambda: load_model(teacher)[0], windows, cache_dir
-        )[0],
-        "floor": _score_role(
-            "floor", f"floor:{fp}:{window}:{sinks}", lambda: _floor(teacher, window, sinks),
-            windows, cache_dir,
-        )[0],
-    }  # fmt: skip
-    for name, path in students.items():
-        if name in nll:
-            raise MegadistillError(f"student name {name!r} is reserved; pick another")
-        nll[name] = _score_role(name, None, lambda p=path: load_model(p)[0], windows, None)[0]
+    keys = {"teacher": f"teacher:{fp}", "floor": f"floor:{fp}:{window}:{sinks}"}
+    loaders = {"teacher": lambda: load_model(teacher)[0],
+               "floor": lambda: _floor(teacher, window, sinks)}  # fmt: skip
+    nll: dict[str, Any] = {}
+    needles: dict[str, Any] = {}
+    for name in ("teacher", "floor", *students):
+        path = students.get(name)
+        load = _load_once(loaders[name] if path is None else lambda p=path: load_model(p)[0])
+        cache = cache_dir if name in keys else None
+        nll[name] = _score_role(name, keys.get(name), load, windows, cache)[0]
+        if lengths:
+            needles[name] = _needles(name, keys.get(name), load, tokenizer, lengths, cache)
+        load.release()
     edges = bucket_edges(window, max_length)
     out: dict[str, Any] = {**settings, "students": dict(students), "reference": reference,
                            "sets": {}}  # fmt: skip
+    if lengths:
+        out["niah"] = {"lengths": lengths, "models": needles}
     for s in sets:
         per = {m: nll[m][s.name] for m in nll}
         rows = bucket_stats(per, edges)
@@ -90,6 +109,57 @@ def compare_students(
             "buckets": rows,
             "beyond": _beyond(per, 4 * window, list(students), reference),
         }
+    return out
+
+
+def _load_once(factory: Any) -> Any:
+    """A loader that builds its model with ``factory`` at the first call and hands the same
+    model to later calls (a model's losses, then its needles) until ``release()``."""
+    box: list[Any] = []
+
+    def load() -> Any:
+        if not box:
+            box.append(factory())
+        return box[0]
+
+    load.release = box.clear  # type: ignore[attr-defined]
+    return load
+
+
+def _check_needle_lengths(teacher: str, lengths: Sequence[int]) -> None:
+    """Refuse needle lengths beyond the teacher's context (as ``eval --niah`` does)."""
+    config = json.loads((Path(teacher) / "config.json").read_text())
+    config = config.get("text_config", config)
+    context = config.get("max_position_embeddings")
+    too_long = [n for n in lengths if context is not None and n > context]
+    if too_long:
+        raise MegadistillError(
+            f"needle lengths {too_long} exceed the teacher's context ({context} tokens): "
+            "pass shorter --niah lengths"
+        )
+
+
+def _needles(
+    role: str, model_key: str | None, loader: Any, tokenizer: Any, lengths: list[int],
+    cache_dir: Path | None,
+) -> dict[str, Any]:  # fmt: skip
+    """One model's needle scores per length (keys: str lengths), from the cache where a
+    ``model_key`` is given (teacher, floor)."""
+    from megadistill.eval.niah import DEFAULT_FILLER, DEPTHS, default_trials, probe_model
+
+    trials = default_trials(len(DEPTHS))
+    file = None
+    if cache_dir is not None and model_key is not None:
+        probes = json.dumps([model_key, lengths, list(DEPTHS), trials, 0, DEFAULT_FILLER])
+        key = hashlib.sha256(f"{NIAH_CACHE_FORMAT}\0{probes}".encode()).hexdigest()[:32]
+        file = cache_dir / f"needles-{key}.json"
+        if file.is_file():
+            return json.loads(file.read_text())["needles"]
+    log.info("needles: %s at %s tokens", role, ", ".join(map(str, lengths)))
+    result = probe_model(loader(), tokenizer, lengths, num_trials=trials)
+    out = {str(n): r for n, r in result.items()}
+    if file is not None:
+        atomic_write_json(file, {"role": role, "needles": out})
     return out
 
 
@@ -189,7 +259,34 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"| [{r['lo']}, {r['hi']}) | {r['teacher']:.3f} | " + " | ".join(cells) + " |"
             )
         lines.append("")
+    if result.get("niah"):
+        lines += _needle_lines(result["niah"], ["teacher", "floor", *names])
     return "\n".join(lines)
+
+
+def _needle_lines(niah: dict[str, Any], order: list[str]) -> list[str]:
+    """The needle table: per model and length, exact match with its Wilson 95% interval, the
+    share of answer tokens that are the argmax (digits) and the answer's mean log-probability."""
+    from megadistill.eval.niah import wilson_interval
+
+    lengths = [str(n) for n in niah["lengths"]]
+    first = niah["models"]["teacher"][lengths[0]]
+    lines = [
+        f"Needle ({first['n']} identical probes per length; exact match [Wilson 95%], digits, "
+        "answer logp):",
+        "",
+        "| model | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    for name in order:
+        cells = []
+        for n in lengths:
+            r = niah["models"][name][n]
+            lo, hi = wilson_interval(r["hits"], r["n"])
+            cells.append(f"{r['hits']}/{r['n']} [{lo:.2f}, {hi:.2f}], {r['digit_acc']:.2f}, "
+                         f"{r['logp']:.2f}")  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_comparison(result: dict[str, Any], out_dir: str | Path) -> Path:

@@ -95,3 +95,38 @@ def test_a_student_as_second_floor_gives_shares_of_its_gap(models, capsys):
            for i, a in enumerate(args)]  # fmt: skip
     assert main(bad) == 2
     assert "reference 'nope' is not one of the students" in capsys.readouterr().err
+
+
+def test_needles_sit_beside_the_losses(models, capsys):
+    """--niah: teacher, floor and every student get the same probes; a student with every layer
+    kept retrieves exactly as the teacher, the SWA-only one as the floor; teacher and floor are
+    read back from the cache on a second run; a length past the teacher's context is refused."""
+    root, docs = models
+    args = _compare_args(root, docs, "niah", "--niah", "128,96")
+    assert main(args) == 0
+    md = capsys.readouterr().out
+    niah = json.loads((root / "niah" / "positions.json").read_text())["niah"]
+    assert niah["lengths"] == [96, 128]
+    models_ = niah["models"]
+    assert set(models_) == {"teacher", "floor", "swa", "kept", "hybrid"}
+    for n in ("96", "128"):
+        assert models_["teacher"][n]["n"] == 21
+        for a, b in (("kept", "teacher"), ("swa", "floor")):
+            assert models_[a][n]["hits"] == models_[b][n]["hits"]
+            assert models_[a][n]["digit_acc"] == pytest.approx(models_[b][n]["digit_acc"])
+            assert models_[a][n]["logp"] == pytest.approx(models_[b][n]["logp"], abs=1e-4)
+        assert models_["hybrid"][n]["logp"] != pytest.approx(models_["floor"][n]["logp"])
+    assert "Needle (21 identical probes per length" in md and "| 96 tokens | 128 tokens |" in md
+    rows = [line.split(" |")[0] for line in md.splitlines() if line.startswith("| ") and
+            "/21 [" in line]  # fmt: skip
+    assert rows == ["| teacher", "| floor", "| swa", "| kept", "| hybrid"]
+    cached = sorted((root / "cache").glob("needles-*.json"))
+    assert len(cached) == 2  # teacher and floor
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert json.loads((root / "niah" / "positions.json").read_text())["niah"] == niah
+    too_long = [("96,5000" if a == "128,96" else a) for a in args]
+    assert main(too_long) == 2
+    assert "exceed the teacher's context (4096 tokens)" in capsys.readouterr().err
