@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megadistill.config import ConfigError
+from megadistill.config import ConfigError, parse_csv
 from megadistill.eval.report import RESULTS, load_results, write_report
 from megadistill.integrity import atomic_write_json, follow_umask
 from megadistill.pipeline import load_recipe
@@ -197,9 +197,10 @@ def _trained_floor(recipe_file: Path, overrides: list[str], run_dir: Path) -> Pa
 
 
 def _compare_floors(teacher: Path, pipeline: Path, floor: Path, sets: list[str], out: Path,
-                    cache_dir: str | None) -> Path:  # fmt: skip
+                    cache_dir: str | None, niah: str) -> Path:  # fmt: skip
     """Fresh, stage I and final student beside the trained floor, by position on the held-out
-    sets: shares of the untrained floor's gap and of the trained floor's (``positions/``)."""
+    sets: shares of the untrained floor's gap and of the trained floor's, and every model's
+    needle scores at the ``niah`` lengths (``positions/``)."""
     from megadistill.assets import cache_root
     from megadistill.eval.heldout import parse_heldout
     from megadistill.eval.levers import compare_students, write_comparison
@@ -211,7 +212,8 @@ def _compare_floors(teacher: Path, pipeline: Path, floor: Path, sets: list[str],
     cache = Path(cache_dir) if cache_dir else cache_root()
     result = compare_students(str(teacher), {n: str(p) for n, p in students.items()},
                               parse_heldout(sets), max_length=2048,
-                              cache_dir=cache / "eval-teacher", reference=TRAINED_FLOOR)  # fmt: skip
+                              cache_dir=cache / "eval-teacher", reference=TRAINED_FLOOR,
+                              niah=parse_csv(niah, int, "eval.niah"))  # fmt: skip
     return write_comparison(result, out)
 
 
@@ -285,7 +287,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     if cfg.quality:
         floor = _trained_floor(recipe_file, overrides, run_dir / "floor")
         compared = _compare_floors(teacher, run_dir / "pipeline", floor, sets,
-                                   run_dir / "positions", cfg.cache_dir)  # fmt: skip
+                                   run_dir / "positions", cfg.cache_dir,
+                                   str(recipe.eval.get("niah") or ""))  # fmt: skip
         results["training_budget"]["notes"].append(
             f"fresh, stage I and final student beside the SWA-only student trained through "
             f"the same stage II ({TRAINED_FLOOR}): {compared}"

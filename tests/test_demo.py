@@ -89,3 +89,32 @@ def test_demo_layer_choice_both_takes_the_two_rankings_in_turn(tmp_path):
     assert again == [flipped["ranking"][0]]
     with pytest.raises(ConfigError, match="'knn' is not one of nll, retrieval, both"):
         _choose_layers(tmp_path, teacher, sources, 1, recipe, cfg, "knn")
+
+
+def test_quality_demo_puts_every_student_beside_the_trained_floor(tmp_path):
+    """The quality demo's `positions/`: the fresh, stage I and final students and the trained
+    SWA-only floor by position, with the recipe's needle lengths for every model (here the
+    floor stands in for each student: its losses and needles are the untrained floor's)."""
+    from megadistill.assets import byte_tokenizer
+    from megadistill.demo import TRAINED_FLOOR, _compare_floors, _quick_assets
+    from megadistill.teachers import convert
+    from megadistill.teachers.tiny import tiny_teacher
+
+    teacher, _, heldout = _quick_assets(tmp_path / "assets")
+    floor, _ = convert(tiny_teacher("llama", seed=0), window=8, num_sinks=2, gate_mode="swa")
+    pipeline = tmp_path / "pipeline"
+    dirs = [pipeline / "student", pipeline / "experts" / "a" / "align" / "final",
+            pipeline / "final" / "final", tmp_path / "floor"]  # fmt: skip
+    for d in dirs:
+        floor.save_pretrained(d)
+        byte_tokenizer(d)
+    md = _compare_floors(teacher, pipeline, dirs[-1], [f"lgpl:out:{heldout}"],
+                         tmp_path / "positions", str(tmp_path / "cache"), "96,128")  # fmt: skip
+    result = json.loads((tmp_path / "positions" / "positions.json").read_text())
+    assert list(result["students"]) == ["fresh", "stage_I_a", "student", TRAINED_FLOOR]
+    assert result["reference"] == TRAINED_FLOOR and result["niah"]["lengths"] == [96, 128]
+    beyond = result["sets"]["lgpl"]["beyond"]
+    for name in ("fresh", "stage_I_a", "student"):
+        assert beyond[name]["rel_gap"] == pytest.approx(beyond["floor"]["rel_gap"], abs=1e-9)
+        assert result["niah"]["models"][name] == result["niah"]["models"]["floor"]
+    assert "| swa_trained | " in md.read_text()
