@@ -436,6 +436,7 @@ def _cmd_compare_positions(args: argparse.Namespace) -> int:
     from megadistill.eval.heldout import parse_heldout
     from megadistill.eval.levers import compare_students, write_comparison
 
+    niah = parse_csv(args.niah, int, "--niah")
     students = {}
     for item in args.students:
         name, sep, path = item.partition("=")
@@ -445,7 +446,7 @@ def _cmd_compare_positions(args: argparse.Namespace) -> int:
     result = compare_students(
         args.teacher, students, parse_heldout(args.heldout), max_length=args.max_length,
         cache_dir=Path(args.cache_dir) if args.cache_dir else cache_root() / "eval-teacher",
-        reference=args.reference, niah=parse_csv(args.niah, int, "--niah"),
+        reference=args.reference, niah=niah,
     )  # fmt: skip
     print(write_comparison(result, args.out).read_text())
     return 0
@@ -575,6 +576,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="keep K layers as softmax attention, chosen by measurement (`choose-layers`)",
     )
+    p.add_argument(
+        "--layer-criterion", choices=["nll", "retrieval", "both"], default=None,
+        help="how --keep-softmax ranks layers (default: both with --quality, else nll)",
+    )  # fmt: skip
 
 
 @command("demo", "the whole pipeline on CPU with a real teacher and real data", _demo_args)
@@ -587,6 +592,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         overrides=tuple(args.overrides),
         keep_softmax=args.keep_softmax,
+        layer_criterion=args.layer_criterion,
     )
     report = run_demo(cfg)
     print(f"report: {report}")

@@ -13,6 +13,8 @@ from megadistill.config import ConfigError, parse_csv
 from megadistill.engine.distributed import LAUNCHER_VARIABLES, MPI_VARIABLES
 
 EVAL = ["eval", "--teacher", "t", "--student", "s", "--tasks", "offline:piqa", "--out", "{tmp}/e"]
+COMPARE = ["compare-positions", "--teacher", "t", "a=s", "--heldout", "x:in:{tmp}/x.jsonl",
+           "--out", "{tmp}/c"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -24,8 +26,10 @@ EVAL = ["eval", "--teacher", "t", "--student", "s", "--tasks", "offline:piqa", "
         ([*EVAL, "--ppl-text", "{tmp}/bad.jsonl"], "bad.jsonl: line 1 is not JSON"),
         ([*EVAL, "--heldout", "kjv:{tmp}/a.jsonl"], "--heldout 'kjv:"),
         ([*EVAL, "--tasks", "offline:piqa@x"], "'piqa@x' needs a number of few-shot examples"),
+        ([*COMPARE, "--niah", "1024,2k"], "--niah: '2k' is not an integer"),
     ],
-    ids=["merge-weights", "merge-config", "eval-niah", "eval-ppl-text", "eval-heldout", "eval-@k"],
+    ids=["merge-weights", "merge-config", "eval-niah", "eval-ppl-text", "eval-heldout", "eval-@k",
+         "compare-niah"],  # fmt: skip
 )
 def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
