@@ -28,8 +28,15 @@ COMPARE = ["compare-positions", "--teacher", "t", "a=s", "--heldout", "x:in:{tmp
         ([*EVAL, "--tasks", "offline:piqa@x"], "'piqa@x' needs a number of few-shot examples"),
         ([*COMPARE, "--niah", "1024,2k"], "--niah: '2k' is not an integer"),
     ],
-    ids=["merge-weights", "merge-config", "eval-niah", "eval-ppl-text", "eval-heldout", "eval-@k",
-         "compare-niah"],  # fmt: skip
+    ids=[
+        "merge-weights",
+        "merge-config",
+        "eval-niah",
+        "eval-ppl-text",
+        "eval-heldout",
+        "eval-@k",
+        "compare-niah",
+    ],
 )
 def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
