@@ -574,7 +574,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="keep K layers as softmax attention, chosen by measurement (`choose-layers`)",
+        help="keep K layers as softmax attention, chosen by measurement (`choose-layers`; 0: none)",
     )
     p.add_argument(
         "--layer-criterion", choices=["nll", "retrieval", "both"], default=None,

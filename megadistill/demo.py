@@ -30,11 +30,11 @@ _QUICK_DOMAINS = {
     "permissive": ("Apache-2.0", "MPL-2.0", "Artistic"),
 }
 _QUICK_HELDOUT = ("LGPL-2.1",)
-QUALITY_KEEP_SOFTMAX = 4
-"""Softmax layers the quality benchmark keeps (chosen by measurement; README: what was tried)."""
 QUALITY_LAYER_CRITERION = "both"
-"""How the quality benchmark ranks layers: the needle's and the NLL's rankings in turn (the NLL
-criterion alone keeps no layer that retrieves; README: beyond the window)."""
+"""How ``--quality --keep-softmax K`` ranks layers on the floor: the needle's and the NLL's
+rankings in turn (the NLL criterion alone keeps no layer that retrieves; README: beyond the
+window). Without ``--keep-softmax`` the quality recipe's own layers (picked by KL inside a
+trained student, too slow to measure in every run) are kept."""
 CALIBRATION_DOCS = 3
 """Training documents (1,024 tokens each) a layer ranking by NLL is measured on."""
 
@@ -56,8 +56,7 @@ class DemoConfig:
     """Dotted recipe overrides applied last, e.g. ``hybrid.window=512``."""
     keep_softmax: int | None = None
     """Keep this many layers as softmax attention, chosen by ``choose-layers`` on the training
-    text (None: QUALITY_KEEP_SOFTMAX for --quality, else the recipe's ``hybrid.softmax_layers``;
-    0: none)."""
+    text (None: the recipe's ``hybrid.softmax_layers``; 0: none)."""
     layer_criterion: str | None = None
     """How those layers are ranked: ``nll``, ``retrieval`` or ``both`` (``choose-layers
     --criterion``; None: QUALITY_LAYER_CRITERION for --quality, else ``nll``)."""
@@ -271,9 +270,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     else:
         overrides.append(f"eval.ppl_text=[{heldout}]")
     keep = cfg.keep_softmax
-    if keep is None and cfg.quality:
-        keep = QUALITY_KEEP_SOFTMAX
-    if keep:
+    if keep == 0:
+        overrides.append("hybrid.softmax_layers=[]")
+    elif keep:
         criterion = cfg.layer_criterion or (QUALITY_LAYER_CRITERION if cfg.quality else "nll")
         layers = _choose_layers(assets, teacher, sources, keep, recipe_file, cfg, criterion)
         overrides.append(f"hybrid.softmax_layers={json.dumps(layers)}")
