@@ -89,7 +89,7 @@ def compare_students(
     needles: dict[str, Any] = {}
     for name in ("teacher", "floor", *students):
         path = students.get(name)
-        load = _load_once(loaders[name] if path is None else lambda p=path: load_model(p)[0])
+        load = _LoadOnce(loaders[name] if path is None else lambda p=path: load_model(p)[0])
         cache = cache_dir if name in keys else None
         nll[name] = _score_role(name, keys.get(name), load, windows, cache)[0]
         if lengths:
@@ -112,18 +112,20 @@ def compare_students(
     return out
 
 
-def _load_once(factory: Any) -> Any:
-    """A loader that builds its model with ``factory`` at the first call and hands the same
-    model to later calls (a model's losses, then its needles) until ``release()``."""
-    box: list[Any] = []
+class _LoadOnce:
+    """Builds its model with ``factory`` at the first call and hands the same model to later
+    calls (a model's losses, then its needles) until :meth:`release`."""
 
-    def load() -> Any:
-        if not box:
-            box.append(factory())
-        return box[0]
+    def __init__(self, factory: Any) -> None:
+        self.factory, self.model = factory, None
 
-    load.release = box.clear  # type: ignore[attr-defined]
-    return load
+    def __call__(self) -> Any:
+        if self.model is None:
+            self.model = self.factory()
+        return self.model
+
+    def release(self) -> None:
+        self.model = None
 
 
 def _check_needle_lengths(teacher: str, lengths: Sequence[int]) -> None:
