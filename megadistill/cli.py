@@ -576,8 +576,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="keep K layers as softmax attention, chosen by measurement (`choose-layers`; 0: none)",
     )
+    from megadistill.eval.layer_choice import CHOICES
+
     p.add_argument(
-        "--layer-criterion", choices=["nll", "retrieval", "both"], default=None,
+        "--layer-criterion", choices=CHOICES, default=None,
         help="how --keep-softmax ranks layers (default: both with --quality, else nll)",
     )  # fmt: skip
 

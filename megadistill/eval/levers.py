@@ -129,16 +129,12 @@ class _LoadOnce:
 
 
 def _check_needle_lengths(teacher: str, lengths: Sequence[int]) -> None:
-    """Refuse needle lengths beyond the teacher's context (as ``eval --niah`` does)."""
+    """:func:`megadistill.eval.niah.check_lengths` against the teacher's config, before any
+    model is read."""
+    from megadistill.eval.niah import check_lengths
+
     config = json.loads((Path(teacher) / "config.json").read_text())
-    config = config.get("text_config", config)
-    context = config.get("max_position_embeddings")
-    too_long = [n for n in lengths if context is not None and n > context]
-    if too_long:
-        raise MegadistillError(
-            f"needle lengths {too_long} exceed the teacher's context ({context} tokens): "
-            "pass shorter --niah lengths"
-        )
+    check_lengths(lengths, config.get("text_config", config).get("max_position_embeddings"))
 
 
 def _needles(

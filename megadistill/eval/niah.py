@@ -46,6 +46,17 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def check_lengths(lengths: Sequence[int], context: int | None) -> None:
+    """Refuse needle lengths beyond the teacher's context (``max_position_embeddings``; None:
+    unbounded): the teacher would be off its training distribution there."""
+    too_long = [n for n in lengths if context is not None and n > context]
+    if too_long:
+        raise MegadistillError(
+            f"NIAH lengths {too_long} exceed the teacher's context ({context} tokens); "
+            "pass lengths up to it"
+        )
+
+
 def probe_plan(
     lengths: Sequence[int], depths: Sequence[float], num_trials: int, seed: int
 ) -> dict[int, list[tuple[float, int]]]:
@@ -155,12 +166,7 @@ def niah_pair(
         model, tokenizer = load_model(path)
         if role == "teacher":
             context = getattr(model.config, "max_position_embeddings", None)
-            too_long = [n for n in lengths if context is not None and n > context]
-            if too_long:
-                raise MegadistillError(
-                    f"NIAH lengths {too_long} exceed the teacher's context ({context} tokens); "
-                    "pass lengths up to it"
-                )
+            check_lengths(lengths, context)
         results[role] = probe_model(model, tokenizer, lengths, **probe_kwargs)
         del model
     rows = []
