@@ -12,6 +12,7 @@ measure of the per-token work besides the big matrix products.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 from collections.abc import Callable
@@ -58,6 +59,10 @@ class GenerateBenchConfig(SyntheticModelConfig):
     """Also time the SWA-only student (``gate_mode: swa``: the same window, sinks and softmax
     layers, no mLSTM), interleaved with the other two: the fastest any student of this window can
     run here, so ``floor_ratio`` bounds ``ratio`` (what the recurrent branch costs is between)."""
+    eager_step: bool = False
+    """Also time the student with its decoding step's recurrent branch on eager ops (the compiled
+    step, :mod:`megadistill.model.cpu_step`, off; same weights): ``eager_ratio`` is the ratio
+    without it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +72,13 @@ class GenerateBenchConfig(SyntheticModelConfig):
             raise ConfigError(f"count_tokens must be >= 0, got {self.count_tokens}")
         if self.clock not in CLOCKS:
             raise ConfigError(f"clock={self.clock!r} is not one of {tuple(CLOCKS)}")
+
+
+# The models timed besides teacher and student on request, as the table names them.
+EXTRAS = {
+    "floor": "SWA-only student, the bound of ratio",
+    "eager": "the student on eager decoding ops (no compiled step)",
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -144,6 +156,10 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
     models = {"teacher": teacher, "student": student}
     if cfg.floor:
         models["floor"] = build_student(teacher, cfg, gate_mode="swa")
+    if cfg.eager_step:
+        models["eager"] = eager = copy.deepcopy(student)
+        for layer in eager.model.layers:
+            layer.self_attn.step_kernel = False
     gen = torch.Generator().manual_seed(0)
     vocab = teacher.config.vocab_size
     prompts = {n: torch.randint(3, vocab, (cfg.batch_size, n), generator=gen) for n in cfg.prompts}
@@ -184,25 +200,24 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
 
 def format_result(result: dict) -> str:
     """A plain-text table: seconds per model, ratio teacher / student (> 1: student faster)."""
-    floor = "floor_s" in result["rows"][0]
+    extras = [k for k in EXTRAS if f"{k}_s" in result["rows"][0]]
     lines = [
         f"generate(), greedy; {result['clock']} seconds, {result['threads']} thread(s); "
         "ratio = teacher s / student s (> 1: the student is faster)"
-        + ("; floor = teacher s / SWA-only student s, the bound of ratio" if floor else ""),
+        + "".join(f"; {k} = teacher s / {EXTRAS[k]} s" for k in extras),
         f"{'prompt':>7} {'new':>5} {'teacher s':>10} {'student s':>10} {'ratio':>6} "
         f"{'prefill':>8} {'decode':>7} {'wall':>6} {'cpu':>6}"
-        + (f" {'floor':>6} {'prefill':>8} {'decode':>7}" if floor else ""),
+        + "".join(f" {k:>6} {'prefill':>8} {'decode':>7}" for k in extras),
     ]
     for r in result["rows"]:
         lines.append(
             f"{int(r['prompt']):>7} {int(r['new_tokens']):>5} {r['teacher_s']:>10.3f} "
             f"{r['student_s']:>10.3f} {r['ratio']:>6.2f} {r['prefill_ratio']:>8.2f} "
             f"{r['decode_ratio']:>7.2f} {r['ratio_wall']:>6.2f} {r['ratio_cpu']:>6.2f}"
-            + (
-                f" {r['floor_ratio']:>6.2f} {r['floor_prefill_ratio']:>8.2f} "
-                f"{r['floor_decode_ratio']:>7.2f}"
-                if floor
-                else ""
+            + "".join(
+                f" {r[f'{k}_ratio']:>6.2f} {r[f'{k}_prefill_ratio']:>8.2f} "
+                f"{r[f'{k}_decode_ratio']:>7.2f}"
+                for k in extras
             )
         )
     if result["ops_per_token"]:

@@ -18,10 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megadistill.model import cpu_step
 from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
+from megadistill.model.cpu_step import RecurrentStep
 from megadistill.model.mlstm import (
+    EPS,
     PAD_F,
     PAD_I,
     _reset_rows,
@@ -162,6 +165,8 @@ class StepWeights:
     ogate_scale: torch.Tensor | None = None
     features: torch.Tensor | None = None
     both_signs: bool = False
+    kernel: RecurrentStep | None = None
+    """The recurrent branch compiled (:mod:`~megadistill.model.cpu_step`), where it applies."""
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """:class:`FeatureMap` of q and k heads at once: x (B, H + KV, 1, d) -> (B, H + KV, 1, f)."""
@@ -205,7 +210,31 @@ class StepWeights:
                 out.ogate, out.ogate_bias = attn.ogate.weight.t(), attn.ogate.bias
                 if hasattr(attn, "ogate_scale"):  # gate_init: floor
                     out.ogate_scale = attn.ogate_scale.weight
+            out.kernel = _recurrent_step(attn, out.features)
         return out
+
+
+def _recurrent_step(attn: HybridAttention, features: torch.Tensor) -> RecurrentStep | None:
+    """The compiled recurrent branch bound to ``attn``'s weights, or None (turned off on the
+    layer or by ``$MEGADISTILL_CPU_STEP``, not a CPU float32/64 layer, RoPE on the features, or
+    no compiler)."""
+    if not (
+        attn.step_kernel
+        and attn.config.rope_on == "input"
+        and cpu_step.RecurrentStep.applies(features.dtype, features.device)
+    ):
+        return None
+    lib = cpu_step.library()
+    if lib is None:
+        return None
+    learned = attn.config.gate_mode == "learned"
+    scale = getattr(attn, "ogate_scale", None) if learned else None
+    return cpu_step.RecurrentStep(
+        lib, num_heads=attn.num_heads, num_kv=attn.num_kv, head_dim=attn.head_dim,
+        features=features, both_signs=attn.q_feature.both_signs,
+        ogate=attn.ogate.weight if learned else None, ogate_bias=attn.ogate.bias if learned else None,
+        ogate_scale=scale.weight if scale is not None else None, eps=EPS,
+    )  # fmt: skip
 
 
 def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -271,6 +300,9 @@ class HybridAttention(nn.Module):
         # Decoding steps without autograd take the fused path (:meth:`_step`); False: the step
         # through the modules (:meth:`_decode`), the reference it is tested against.
         self.fused_step = True
+        # ... and in it, the recurrent branch compiled where it applies (cpu_step); False: its
+        # eager ops, the reference it is tested against.
+        self.step_kernel = True
         if self.kept:
             return
         fdim, pm = config.feature_dim, config.feature_map == "hedgehog_pm"
@@ -581,6 +613,11 @@ class HybridAttention(nn.Module):
             # replaces it: then the buffer is built again, once
             if lc.mlstm_joint is None or lc.mlstm[0].data_ptr() != lc.mlstm_joint.data_ptr():
                 lc.mlstm, lc.mlstm_joint = joint_state(lc.mlstm)  # once after a prefill
+            if fw.kernel is not None and info.all_valid and lc.mlstm_joint.dtype == y.dtype:
+                # feature maps, mLSTM step, output gate and mix in one call
+                mixed = qk_r.new_empty(bsz, nh, 1, d)
+                fw.kernel(y, qk_r, swa, lc.mlstm_joint, lc.mlstm[2], mixed)
+                return _linear(mixed.view(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
             mem = mlstm_step_joint_(
                 fqk[:, :nh], fqk[:, nh:], v, gates, lc.mlstm_joint, lc.mlstm[2]
             ).to(v.dtype)

@@ -132,10 +132,11 @@ def mlstm_step_(
 
 def joint_state(state: State) -> tuple[State, torch.Tensor]:
     """``state`` with C and n as views of one (B, H, F, D + 1) tensor ``[C | n]`` (returned
-    too), the layout :func:`mlstm_step_joint_` updates in place."""
+    too) and m contiguous: the layout :func:`mlstm_step_joint_` (and the compiled step,
+    :mod:`~megadistill.model.cpu_step`) updates in place."""
     c, n, m = state
     cn = torch.cat([c, n[..., None]], dim=-1)
-    return (cn[..., :-1], cn[..., -1], m), cn
+    return (cn[..., :-1], cn[..., -1], m.contiguous()), cn
 
 
 def mlstm_step_joint_(

@@ -1,0 +1,148 @@
+// The recurrent branch of one CPU decoding step of a hybrid layer, as one function.
+//
+// Loaded by megadistill/model/cpu_step.py (built on first use with the system's C++ compiler,
+// no torch headers). It computes, for every row b and head h, what attention.py's eager
+// HybridAttention._step does after its q/k/v/gate product (y) and RoPE (qk):
+//   feature maps of q and k (hedgehog: softmax(x W), with both signs: [softmax(z), softmax(-z)]),
+//   the mLSTM step on the joint state cn = [C | n] (mlstm.mlstm_step_joint_), the read-out
+//   h = q.C / (max(|q.n|, exp(-m)) + eps), the output gate sigmoid(W [q|k|v] + b) (times its
+//   per-head scale) and the mix lerp(swa, h, o); or h alone (gate mode "mlstm").
+// Same operations in the same order as the eager step; sums run in another order than the BLAS
+// products, so values agree to rounding (tests/model/test_cpu_step.py).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+void softmax_into(const T* z, int64_t f, T sign, T* out) {
+  T top = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < f; ++c) top = std::max(top, sign * z[c]);
+  T sum = 0;
+  for (int64_t c = 0; c < f; ++c) {
+    out[c] = std::exp(sign * z[c] - top);
+    sum += out[c];
+  }
+  for (int64_t c = 0; c < f; ++c) out[c] /= sum;
+}
+
+// x (d) -> features (f or 2f): z = x W with W (d, f) row-major.
+template <typename T>
+void feature_map(const T* x, const T* w, int64_t d, int64_t f, bool both, T* z, T* out) {
+  std::fill(z, z + f, T(0));
+  for (int64_t j = 0; j < d; ++j) {
+    const T xj = x[j];
+    const T* row = w + j * f;
+    for (int64_t c = 0; c < f; ++c) z[c] += xj * row[c];
+  }
+  softmax_into(z, f, T(1), out);
+  if (both) softmax_into(z, f, T(-1), out + f);
+}
+
+template <typename T>
+T log_sigmoid(T x) {
+  return std::min(x, T(0)) - std::log1p(std::exp(-std::abs(x)));
+}
+
+// torch.lerp's formula (exact at both ends).
+template <typename T>
+T lerp(T start, T end, T weight) {
+  return std::abs(weight) < T(0.5) ? start + weight * (end - start)
+                                   : end - (end - start) * (T(1) - weight);
+}
+
+// Layouts (row-major, contiguous):
+//   y     (B, ystride): [q (H d) | k (KV d) | v (KV d) | i (H) | f (H) | ...]; g = (H + 2 KV) d
+//   qk    (B, H + KV, d): the RoPE'd q and k heads
+//   feat  (H + KV, d, f): the q heads' feature maps, then the k heads'
+//   ogw   (H, g), ogb (H), ogs (H) or null: the output gate (mix 1 only)
+//   swa   (B, H, d): the SWA branch's output (mix 1 only)
+//   cn    (B, H, fx, d + 1) and m (B, H): the state, updated in place (fx = f, or 2 f)
+//   out   (B, H, d)
+template <typename T>
+int step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both, int64_t ystride,
+         const T* y, const T* qk, const T* feat, const T* ogw, const T* ogb, const T* ogs,
+         const T* swa, T* cn, T* m, T* out, double eps, int64_t mix) {
+  if (B < 1 || H < 1 || KV < 1 || H % KV != 0 || d < 1 || f < 1) return 1;
+  const int64_t fx = both ? 2 * f : f, rep = H / KV, d1 = d + 1, g = (H + 2 * KV) * d;
+  // mlstm_step_joint_ scales q by fd ** -0.5: a Python float, rounded to the state's dtype
+  const T scale = static_cast<T>(std::pow(static_cast<double>(fx), -0.5));
+  const T eps_t = static_cast<T>(eps);
+  std::vector<T> z(f), fq(fx), fk(KV * fx), ka(fx), v1(d1), r(d1);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* yb = y + b * ystride;
+    const T* vb = yb + g - KV * d;
+    const T* qkb = qk + b * (H + KV) * d;
+    for (int64_t k = 0; k < KV; ++k)
+      feature_map(qkb + (H + k) * d, feat + (H + k) * d * f, d, f, both, z.data(),
+                  fk.data() + k * fx);
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kh = h / rep;
+      feature_map(qkb + h * d, feat + h * d * f, d, f, both, z.data(), fq.data());
+      // gates: [i, log f + m, 0] - m_new, exponentiated (mlstm_step_joint_)
+      T& mh = m[b * H + h];
+      const T ip = yb[g + h];
+      const T a = log_sigmoid(yb[g + H + h]) + mh;
+      const T mn = std::max(ip, a);
+      const T ei = std::exp(ip - mn), ef = std::exp(a - mn), em = std::exp(T(0) - mn);
+      mh = mn;
+      // cn <- ef cn + (ei k) [v | 1]^T
+      for (int64_t j = 0; j < d; ++j) v1[j] = vb[kh * d + j];
+      v1[d] = T(1);
+      for (int64_t c = 0; c < fx; ++c) ka[c] = fk[kh * fx + c] * ei;
+      T* cnh = cn + (b * H + h) * fx * d1;
+      for (int64_t c = 0; c < fx; ++c) {
+        T* row = cnh + c * d1;
+        for (int64_t j = 0; j < d1; ++j) row[j] = row[j] * ef;
+        for (int64_t j = 0; j < d1; ++j) row[j] = row[j] + ka[c] * v1[j];
+      }
+      // read-out [q.C | q.n] with the scaled q
+      std::fill(r.begin(), r.end(), T(0));
+      for (int64_t c = 0; c < fx; ++c) {
+        const T qc = fq[c] * scale;
+        const T* row = cnh + c * d1;
+        for (int64_t j = 0; j < d1; ++j) r[j] += qc * row[j];
+      }
+      const T den = std::max(std::abs(r[d]), em) + eps_t;
+      T* o_out = out + (b * H + h) * d;
+      if (mix == 0) {
+        for (int64_t j = 0; j < d; ++j) o_out[j] = r[j] / den;
+        continue;
+      }
+      T pre = 0;
+      const T* w = ogw + h * g;
+      for (int64_t j = 0; j < g; ++j) pre += yb[j] * w[j];
+      T o = T(1) / (T(1) + std::exp(-(pre + ogb[h])));
+      if (ogs != nullptr) o = o * ogs[h];
+      const T* s = swa + (b * H + h) * d;
+      for (int64_t j = 0; j < d; ++j) o_out[j] = lerp(s[j], r[j] / den, o);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int megadistill_step_f32(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both,
+                         int64_t ystride, const float* y, const float* qk, const float* feat,
+                         const float* ogw, const float* ogb, const float* ogs, const float* swa,
+                         float* cn, float* m, float* out, double eps, int64_t mix) {
+  return step<float>(B, H, KV, d, f, both, ystride, y, qk, feat, ogw, ogb, ogs, swa, cn, m, out,
+                     eps, mix);
+}
+
+int megadistill_step_f64(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both,
+                         int64_t ystride, const double* y, const double* qk, const double* feat,
+                         const double* ogw, const double* ogb, const double* ogs,
+                         const double* swa, double* cn, double* m, double* out, double eps,
+                         int64_t mix) {
+  return step<double>(B, H, KV, d, f, both, ystride, y, qk, feat, ogw, ogb, ogs, swa, cn, m, out,
+                      eps, mix);
+}
+
+}  // extern "C"

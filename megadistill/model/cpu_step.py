@@ -1,0 +1,179 @@
+"""The recurrent branch of a CPU decoding step in one compiled call (``cpu_step.cpp``).
+
+Eagerly, the branch of one layer's decoding step (feature maps, the mLSTM state update and
+read-out, the output gate, the mix) is ~46 aten ops: on one CPU thread ~300 us per layer and
+token, almost all of it per-op overhead, since the arithmetic is ~0.1 MFLOP. This module builds
+the branch as one C++ function with the system's compiler on first use (no torch headers: ~1 s),
+caches the library under ``<asset cache>/kernels`` (``$MEGADISTILL_CACHE``, else
+``~/.cache/megadistill``) keyed by its source, and binds it to a layer's weights
+(:class:`RecurrentStep`); ``HybridAttention._step`` calls it where it applies (CPU, float32 or
+float64, no padding in the step, ``rope_on: input``).
+
+Where no compiler is found or the build fails, one warning says why and decoding stays on the
+eager ops (same function). ``MEGADISTILL_CPU_STEP=0`` turns the compiled step off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_step.cpp")
+ENV = "MEGADISTILL_CPU_STEP"
+# No -march=native: a library cached in a home folder shared by a cluster's nodes must run on
+# every node. -ffp-contract=off: no fused multiply-adds the eager ops do not make.
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off")
+_FUNCTIONS = {torch.float32: "megadistill_step_f32", torch.float64: "megadistill_step_f64"}
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    """Whether the compiled step may be used (``$MEGADISTILL_CPU_STEP`` is not ``0``)."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library_path(cache_dir: str | Path | None = None) -> Path:
+    """Where the library built from this source lies (or will)."""
+    from megadistill.assets import cache_root
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    name = f"cpu_step-{digest}-{platform.system().lower()}-{platform.machine()}.so"
+    return cache_root(cache_dir) / "kernels" / name
+
+
+def build(path: Path, compiler: str | None = None) -> Path:
+    """Compile ``cpu_step.cpp`` into ``path`` (written to a temporary file, then renamed: ranks
+    that build at once each rename a whole library). Raises ``RuntimeError`` naming the compiler
+    and its output on failure."""
+    cxx = compiler or os.environ.get("CXX") or "c++"
+    exe = shutil.which(cxx)
+    if exe is None:
+        raise RuntimeError(f"no C++ compiler '{cxx}' on PATH (install g++, or set CXX)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [exe, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name in _FUNCTIONS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 7 + [ptr] * 10 + [ctypes.c_double, i64]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def library(cache_dir: str | Path | None = None) -> ctypes.CDLL | None:
+    """The compiled step (built on first use, once per process), or None where it is turned off
+    or cannot be built (one warning says why)."""
+    if not enabled():
+        return None
+    key = str(cache_dir)
+    if key in _loaded:
+        return _loaded[key]
+    lib = None
+    try:
+        path = library_path(cache_dir)
+        if path.exists():
+            try:
+                lib = _open(path)
+            except OSError:  # a truncated or foreign file: build it again
+                log.warning("cpu_step: %s does not load; building it again", path)
+        if lib is None:
+            lib = _open(build(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        log.warning(
+            "cpu_step: the compiled decoding step is unavailable (%s); decoding uses the eager "
+            "ops (same results, slower on CPU)", err,
+        )  # fmt: skip
+    _loaded[key] = lib
+    return lib
+
+
+class RecurrentStep:
+    """The compiled branch bound to one layer's weights: ``step(y, qk, swa, cn, m, out)``.
+
+    The weights are kept referenced (their memory must outlive the binding); the per-step
+    tensors are checked for the layout the C++ function reads.
+    """
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        *,
+        num_heads: int,
+        num_kv: int,
+        head_dim: int,
+        features: torch.Tensor,
+        both_signs: bool,
+        ogate: torch.Tensor | None,
+        ogate_bias: torch.Tensor | None,
+        ogate_scale: torch.Tensor | None,
+        eps: float,
+    ) -> None:
+        dtype = features.dtype
+        self.fn = getattr(lib, _FUNCTIONS[dtype])
+        self.dtype = dtype
+        self.dims = (num_heads, num_kv, head_dim, features.shape[-1], int(both_signs))
+        self.weights = [t for t in (features, ogate, ogate_bias, ogate_scale) if t is not None]
+        for t in self.weights:
+            if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("cpu_step: weights must be contiguous CPU tensors of one dtype")
+        self.ptrs = tuple(t.data_ptr() if t is not None else None for t in
+                          (features, ogate, ogate_bias, ogate_scale))  # fmt: skip
+        self.mix = int(ogate is not None)
+        self.eps = eps
+
+    @classmethod
+    def applies(cls, dtype: torch.dtype, device: torch.device) -> bool:
+        return dtype in _FUNCTIONS and device.type == "cpu"
+
+    def __call__(self, y, qk, swa, cn, m, out) -> torch.Tensor:
+        """One step: ``y`` (B, Y) the layer's [q|k|v|i|f|...] product, ``qk`` (B, H+KV, 1, d)
+        RoPE'd q and k, ``swa`` (B, H, 1, d) or None, the state ``cn`` (B, H, F, d+1) and ``m``
+        (B, H) (updated), ``out`` (B, H, 1, d) (written and returned)."""
+        for t in (y, qk, cn, m, out) if swa is None else (y, qk, swa, cn, m, out):
+            if t.dtype != self.dtype or not t.is_contiguous():
+                raise ValueError(
+                    f"cpu_step: a step tensor of shape {tuple(t.shape)} is {t.dtype}, "
+                    f"contiguous={t.is_contiguous()}; expected contiguous {self.dtype}"
+                )
+        feat, ogw, ogb, ogs = self.ptrs
+        rc = self.fn(
+            y.shape[0], *self.dims, y.shape[1], y.data_ptr(), qk.data_ptr(), feat, ogw, ogb, ogs,
+            None if swa is None else swa.data_ptr(), cn.data_ptr(), m.data_ptr(),
+            out.data_ptr(), self.eps, self.mix,
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"cpu_step: bad dimensions {self.dims} (rc {rc})")
+        return out

@@ -1,0 +1,149 @@
+"""The compiled recurrent branch of a CPU decoding step (``model/cpu_step``) against its eager ops.
+
+The library is built for real with this machine's compiler (a test here fails, not skips, when
+it cannot be: the product would then decode on the slow path without a word but the warning).
+"""
+
+import logging
+
+import pytest
+import torch
+
+from megadistill.model import cpu_step
+from megadistill.teachers import convert
+from megadistill.teachers.tiny import tiny_teacher
+
+CASES = {
+    "learned": {},
+    "learned_pm": {"feature_map": "hedgehog_pm"},
+    "learned_half": {"gate_init": "half"},
+    "mlstm": {"gate_mode": "mlstm"},
+    "softmax_layer": {"softmax_layers": [1]},
+}
+
+
+def _student(dtype=torch.float64, family="llama", **hybrid):
+    """A tiny GQA student (4 query heads, 2 K/V heads) whose every new parameter is off its
+    start: random gate scales, gates that open, features far from the identity."""
+    teacher = tiny_teacher(family)
+    hybrid = {"window": 8, "num_sinks": 2, "chunk_size": 4, **hybrid}
+    student, _ = convert(teacher, seed=0, **hybrid)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in student.model.layers:
+            attn = layer.self_attn
+            for name, p in attn.named_parameters():
+                if name.split(".")[0] in ("ogate", "ogate_scale", "q_feature", "k_feature"):
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+            if hasattr(attn, "igate"):
+                attn.igate.bias.fill_(1.0)
+    return student.to(dtype).eval()
+
+
+def _set_kernel(student, on: bool) -> None:
+    for layer in student.model.layers:
+        layer.self_attn.step_kernel = on
+
+
+def _decode(student, ids, prefill, **kw):
+    """Logits of a prefill then one token at a time, and the cache left."""
+    cache, parts = student.new_cache(), []
+    with torch.no_grad():
+        for a, b in zip([0, *range(prefill, ids.shape[1])], range(prefill, ids.shape[1] + 1)):
+            sub = {k: v[:, a:b] for k, v in kw.items()}
+            parts.append(student(ids[:, a:b], cache=cache, **sub).logits)
+    return torch.cat(parts, 1), cache
+
+
+def _kernels(cache) -> list:
+    return [w.kernel for w in cache.step_weights.values() if w is not None and w.kernel is not None]
+
+
+@pytest.mark.parametrize("hybrid", CASES.values(), ids=CASES.keys())
+def test_compiled_step_equals_the_eager_step(hybrid):
+    # Two rows of packed documents (resets inside the decoded part), several windows long: the
+    # logits and the state the compiled branch leaves equal the eager branch's to float64
+    # rounding, and the compiled branch is what ran.
+    assert cpu_step.library() is not None, "the compiled step does not build on this machine"
+    student = _student(**hybrid)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in ([17, 5, 26], [9, 39])])
+    ids = torch.randint(0, 256, pos.shape, generator=torch.Generator().manual_seed(2))
+    compiled, ccache = _decode(student, ids, 3, position_ids=pos)
+    _set_kernel(student, False)
+    eager, ecache = _decode(student, ids, 3, position_ids=pos)
+    assert _kernels(ccache) and not _kernels(ecache)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ccache.layers, ecache.layers, strict=True):
+        for x, y in zip(a.tensors(), b.tensors(), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_step_in_float32_and_through_generate():
+    # float32 (the dtype users decode in): generate()'s greedy tokens are the eager step's and
+    # the logits agree to float32 rounding.
+    student = _student(torch.float32)
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    compiled, ccache = _decode(student, ids, 4)
+    _set_kernel(student, False)
+    eager, _ = _decode(student, ids, 4)
+    assert _kernels(ccache)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = student.generate(ids, **kw)
+        _set_kernel(student, True)
+        got = student.generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
+def test_without_a_compiler_decoding_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with caplog.at_level(logging.WARNING, logger="megadistill.model.cpu_step"):
+        assert cpu_step.library(tmp_path) is None
+        assert cpu_step.library(tmp_path) is None  # decided once per process
+    assert len(caplog.records) == 1
+    assert "no-such-compiler" in caplog.text and "eager ops" in caplog.text
+    assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.setattr(cpu_step, "library", lambda: None)
+    student = _student()
+    ids = torch.randint(0, 256, (1, 20))
+    got, cache = _decode(student, ids, 3)
+    assert cache.step_weights and not _kernels(cache)
+    with torch.no_grad():
+        torch.testing.assert_close(got, student(ids).logits)
+
+
+def test_a_corrupt_cached_library_is_built_again(tmp_path, monkeypatch):
+    path = cpu_step.library_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x7fELF truncated by a crash")
+    monkeypatch.setattr(cpu_step, "_loaded", {})
+    assert cpu_step.library(tmp_path) is not None
+    assert path.read_bytes()[:4] == b"\x7fELF" and path.stat().st_size > 1000
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_step.ENV, "0")
+    student = _student()
+    _, cache = _decode(student, torch.randint(0, 256, (1, 12)), 3)
+    assert cache.step_weights and not _kernels(cache)
+
+
+def test_a_bad_layout_is_refused_not_read():
+    lib = cpu_step.library()
+    assert lib is not None
+    feats = torch.zeros(6, 16, 16, dtype=torch.float64)
+    step = cpu_step.RecurrentStep(
+        lib, num_heads=4, num_kv=2, head_dim=16, features=feats, both_signs=False, ogate=None,
+        ogate_bias=None, ogate_scale=None, eps=1e-6,
+    )  # fmt: skip
+    y = torch.zeros(1, 4 * 16 + 4 * 16 + 3 * 4, dtype=torch.float64)
+    qk = torch.zeros(1, 6, 1, 16, dtype=torch.float64)
+    cn, m = torch.zeros(1, 4, 16, 17, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+    out = torch.empty(1, 4, 1, 16, dtype=torch.float64)
+    step(y, qk, None, cn, m, out)  # the right layout runs
+    with pytest.raises(ValueError, match="contiguous"):
+        step(y, qk, None, cn.transpose(2, 3).contiguous().transpose(2, 3), m, out)
+    with pytest.raises(ValueError, match="float32"):
+        step(y.float(), qk, None, cn, m, out)
