@@ -67,6 +67,12 @@ OFFLINE_TASKS: dict[str, OfflineTask] = {
     ),
     "sciq": OfflineTask("sciq/sciq.yaml", "sciq/none/validation"),
     "openbookqa": OfflineTask("openbookqa/openbookqa.yaml", "openbookqa/main/validation"),
+    # Three more on which a small teacher is clear of chance (COPA has 100 items in all).
+    "copa": OfflineTask("super_glue/copa/default.yaml", "super_glue/copa/validation"),
+    "social_iqa": OfflineTask("siqa/siqa.yaml", "social_i_qa/none/validation"),
+    "commonsense_qa": OfflineTask(
+        "commonsense_qa/default.yaml", "tau/commonsense_qa/none/validation"
+    ),
 }
 """Tasks available with ``offline:``; the names are lm-eval's."""
 

@@ -142,7 +142,8 @@ def test_fewshot_yaml_excludes_the_scored_item(tmp_path: Path) -> None:
         assert prompt.endswith(doc["question"])
 
 
-GOAL_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "sciq")
+GOAL_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "sciq", "copa",
+              "social_iqa", "commonsense_qa")  # fmt: skip
 
 
 def test_offline_fewshot_tasks_load_and_build_5_shot_prompts(tmp_path: Path) -> None:
