@@ -270,6 +270,37 @@ def check_bf16_autocast(mlstm_backend: str, swa_backend: str, device: str) -> di
     return m
 
 
+def _decoded_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of a prefill, then one token per step through the model's cache."""
+    cache, parts = model.new_cache(), []
+    with torch.no_grad():
+        for a, b in zip([0, *range(prefill, ids.shape[1])], range(prefill, ids.shape[1] + 1)):
+            parts.append(model(ids[:, a:b], cache=cache).logits)
+    return torch.cat(parts, 1)
+
+
+def check_cpu_step(tol: float) -> dict[str, Any]:
+    """Decoding with the compiled CPU step (fp32) vs the eager step in float64."""
+    from megadistill.model import cpu_step
+
+    if cpu_step.library() is None:
+        raise RuntimeError(
+            "the compiled CPU decoding step is unavailable (see the warning above; "
+            f"{cpu_step.ENV}=0 turns it off on purpose)"
+        )
+    student = _tiny_student().eval()
+    ref = copy.deepcopy(student).double()
+    for layer in ref.model.layers:
+        layer.self_attn.step_kernel = False
+    ids = torch.randint(
+        3, student.config.vocab_size, (2, 80), generator=torch.Generator().manual_seed(3)
+    )
+    m: dict[str, Any] = {"library": str(cpu_step.library_path())}
+    got, want = _decoded_logits(student, ids, 8), _decoded_logits(ref, ids, 8)
+    _expect(m, "logits_rel_err", rel_err(got, want), tol)
+    return m
+
+
 def correctness_checks(
     gpu: bool, rehearse: bool = False
 ) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
@@ -288,6 +319,7 @@ def correctness_checks(
             ),
             ("student bf16 autocast vs fp32 (cpu)", lambda: check_bf16_autocast(
                 "chunkwise", "blocked", "cpu")),
+            ("decoding step compiled (cpu fp32) vs eager fp64", lambda: check_cpu_step(1e-4)),
         ]  # fmt: skip
     return _gpu_checks("cuda")
 

@@ -19,7 +19,7 @@ def test_cpu_selftest_passes_and_writes_json(tmp_path):
     results = selftest.run_selftest(gpu=False, out=out, budget_s=120)
     print(selftest.format_table(results))
     assert [r.status for r in results] == ["pass"] * len(results), selftest.format_table(results)
-    assert len(results) == 5
+    assert len(results) == 6
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["results"]] == [r.name for r in results]
     for r in results:

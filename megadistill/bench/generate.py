@@ -76,8 +76,8 @@ class GenerateBenchConfig(SyntheticModelConfig):
 
 # The models timed besides teacher and student on request, as the table names them.
 EXTRAS = {
-    "floor": "SWA-only student, the bound of ratio",
-    "eager": "the student on eager decoding ops (no compiled step)",
+    "floor": "SWA-only student s (the bound of ratio)",
+    "eager": "s of the student on eager decoding ops (no compiled step)",
 }
 
 
@@ -204,7 +204,7 @@ def format_result(result: dict) -> str:
     lines = [
         f"generate(), greedy; {result['clock']} seconds, {result['threads']} thread(s); "
         "ratio = teacher s / student s (> 1: the student is faster)"
-        + "".join(f"; {k} = teacher s / {EXTRAS[k]} s" for k in extras),
+        + "".join(f"; {k} = teacher s / {EXTRAS[k]}" for k in extras),
         f"{'prompt':>7} {'new':>5} {'teacher s':>10} {'student s':>10} {'ratio':>6} "
         f"{'prefill':>8} {'decode':>7} {'wall':>6} {'cpu':>6}"
         + "".join(f" {k:>6} {'prefill':>8} {'decode':>7}" for k in extras),
