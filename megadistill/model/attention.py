@@ -599,14 +599,6 @@ class HybridAttention(nn.Module):
         else:
             self._write_kv_step(k_r, v, info, lc)
         if mode != "swa":
-            if self.config.rope_on == "input":
-                fqk = fw.feature_map(qk_r)
-            else:
-                fqk = self._rotate(fw.feature_map(qk), cos, sin, info)
-            gates = y[:, nq + 2 * nk :].view(bsz, 3, nh)  # input, forget, zeros
-            if not info.all_valid:  # padding steps are exact no-ops (as _gates)
-                pads = gates.new_tensor([[PAD_I], [PAD_F], [0.0]])
-                gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
             if info.any_reset:
                 lc.mlstm = _reset_rows(lc.mlstm, info.reset[:, 0])
             # C is a view at the start of the joint [C | n] buffer until a prefill or a reset
@@ -618,6 +610,14 @@ class HybridAttention(nn.Module):
                 mixed = qk_r.new_empty(bsz, nh, 1, d)
                 fw.kernel(y, qk_r, swa, lc.mlstm_joint, lc.mlstm[2], mixed)
                 return _linear(mixed.view(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
+            if self.config.rope_on == "input":
+                fqk = fw.feature_map(qk_r)
+            else:
+                fqk = self._rotate(fw.feature_map(qk), cos, sin, info)
+            gates = y[:, nq + 2 * nk :].view(bsz, 3, nh)  # input, forget, zeros
+            if not info.all_valid:  # padding steps are exact no-ops (as _gates)
+                pads = gates.new_tensor([[PAD_I], [PAD_F], [0.0]])
+                gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
             mem = mlstm_step_joint_(
                 fqk[:, :nh], fqk[:, nh:], v, gates, lc.mlstm_joint, lc.mlstm[2]
             ).to(v.dtype)
