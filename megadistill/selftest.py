@@ -290,8 +290,7 @@ def check_cpu_step(tol: float) -> dict[str, Any]:
         )
     student = _tiny_student().eval()
     ref = copy.deepcopy(student).double()
-    for layer in ref.model.layers:
-        layer.self_attn.step_kernel = False
+    cpu_step.set_enabled(ref, False)
     ids = torch.randint(
         3, student.config.vocab_size, (2, 80), generator=torch.Generator().manual_seed(3)
     )

@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 
 
-def fed(student, ids, cuts, position_ids=None, attention_mask=None) -> torch.Tensor:
-    """Logits of ``ids`` fed through one new cache in the pieces [cuts[i], cuts[i+1])."""
-    cache, parts = student.new_cache(), []
+def fed(student, ids, cuts, position_ids=None, attention_mask=None, cache=None) -> torch.Tensor:
+    """Logits of ``ids`` fed through one cache (a new one, or ``cache``: empty, to look at after)
+    in the pieces [cuts[i], cuts[i+1])."""
+    cache = student.new_cache() if cache is None else cache
+    parts = []
     with torch.no_grad():
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             kw = {}
@@ -20,10 +22,24 @@ def fed(student, ids, cuts, position_ids=None, attention_mask=None) -> torch.Ten
     return torch.cat(parts, 1)
 
 
+def stepped_with_cache(student, ids, prefill: int, **kw):
+    """Logits of a ``prefill``-token prefill, then one token at a time (0: steps from empty), and
+    the cache they leave; ``kw``: ``position_ids`` / ``attention_mask`` as :func:`fed` takes."""
+    steps = list(range(prefill, ids.shape[1] + 1))
+    cache = student.new_cache()
+    return fed(student, ids, [0, *steps] if prefill else steps, cache=cache, **kw), cache
+
+
 def prefilled_then_stepped(student, ids, prefill: int) -> torch.Tensor:
     """Logits of a ``prefill``-token prefill, then one token at a time (0: steps from empty)."""
-    steps = list(range(prefill, ids.shape[1] + 1))
-    return fed(student, ids, [0, *steps] if prefill else steps)
+    return stepped_with_cache(student, ids, prefill)[0]
+
+
+def set_on_attention(student, **flags) -> None:
+    """Set attributes of every layer's attention block (``fused_step``, ``step_kernel``)."""
+    for layer in student.model.layers:
+        for name, value in flags.items():
+            setattr(layer.self_attn, name, value)
 
 
 @torch.no_grad()

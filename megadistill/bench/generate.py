@@ -26,6 +26,7 @@ from megadistill.bench.inference import build_models, build_student
 from megadistill.bench.synthetic import SyntheticModelConfig
 from megadistill.bench.timing import CLOCKS, Clock, measure
 from megadistill.config import ConfigError
+from megadistill.model import cpu_step
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,8 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
     if cfg.floor:
         models["floor"] = build_student(teacher, cfg, gate_mode="swa")
     if cfg.eager_step:
-        models["eager"] = eager = copy.deepcopy(student)
-        for layer in eager.model.layers:
-            layer.self_attn.step_kernel = False
+        models["eager"] = copy.deepcopy(student)
+        cpu_step.set_enabled(models["eager"], False)
     gen = torch.Generator().manual_seed(0)
     vocab = teacher.config.vocab_size
     prompts = {n: torch.randint(3, vocab, (cfg.batch_size, n), generator=gen) for n in cfg.prompts}

@@ -22,7 +22,6 @@ from megadistill.model import cpu_step
 from megadistill.model import shared_norm as sn
 from megadistill.model.cache import HybridCache, LayerCache
 from megadistill.model.configuration import HybridConfig
-from megadistill.model.cpu_step import RecurrentStep
 from megadistill.model.mlstm import (
     EPS,
     PAD_F,
@@ -165,7 +164,7 @@ class StepWeights:
     ogate_scale: torch.Tensor | None = None
     features: torch.Tensor | None = None
     both_signs: bool = False
-    kernel: RecurrentStep | None = None
+    kernel: cpu_step.RecurrentStep | None = None
     """The recurrent branch compiled (:mod:`~megadistill.model.cpu_step`), where it applies."""
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +213,7 @@ class StepWeights:
         return out
 
 
-def _recurrent_step(attn: HybridAttention, features: torch.Tensor) -> RecurrentStep | None:
+def _recurrent_step(attn: HybridAttention, features: torch.Tensor) -> cpu_step.RecurrentStep | None:
     """The compiled recurrent branch bound to ``attn``'s weights, or None (turned off on the
     layer or by ``$MEGADISTILL_CPU_STEP``, not a CPU float32/64 layer, RoPE on the features, or
     no compiler)."""

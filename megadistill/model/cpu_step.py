@@ -22,10 +22,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from megadistill.integrity import new_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 def enabled() -> bool:
     """Whether the compiled step may be used (``$MEGADISTILL_CPU_STEP`` is not ``0``)."""
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_enabled(model, on: bool) -> None:
+    """Turn the compiled step on (the default) or off in every layer of a student ``model``."""
+    for layer in model.model.layers:
+        layer.self_attn.step_kernel = on
 
 
 def library_path(cache_dir: str | Path | None = None) -> Path:
@@ -61,26 +68,20 @@ def build(path: Path, compiler: str | None = None) -> Path:
     if exe is None:
         raise RuntimeError(f"no C++ compiler '{cxx}' on PATH (install g++, or set CXX)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    # The linker keeps the mode of the file it writes over and adds execute bits: a file made
+    # with the umask's mode gives a library a team sharing the cache can load.
+    fd, tmp = new_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         proc = subprocess.run(
-            [exe, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            [exe, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        os.chmod(tmp, 0o755 & ~_umask())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _open(path: Path) -> ctypes.CDLL:
@@ -145,12 +146,13 @@ class RecurrentStep:
         self.fn = getattr(lib, _FUNCTIONS[dtype])
         self.dtype = dtype
         self.dims = (num_heads, num_kv, head_dim, features.shape[-1], int(both_signs))
-        self.weights = [t for t in (features, ogate, ogate_bias, ogate_scale) if t is not None]
+        self.weights = (features, ogate, ogate_bias, ogate_scale)  # kept: the C++ reads them
         for t in self.weights:
-            if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            if t is not None and (
+                t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu"
+            ):
                 raise ValueError("cpu_step: weights must be contiguous CPU tensors of one dtype")
-        self.ptrs = tuple(t.data_ptr() if t is not None else None for t in
-                          (features, ogate, ogate_bias, ogate_scale))  # fmt: skip
+        self.ptrs = tuple(None if t is None else t.data_ptr() for t in self.weights)
         self.mix = int(ogate is not None)
         self.eps = eps
 

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megadistill.model.attention import rotation_matrix
 from megadistill.teachers import convert
 from megadistill.teachers.tiny import TINY_FAMILIES, tiny_teacher
-from tests.decoding import fed, make_both_branches_matter
+from tests.decoding import fed, make_both_branches_matter, set_on_attention, stepped_with_cache
 
 # W = 8, S = 2: the streams below are several windows long.
 MODES = {
@@ -101,21 +101,6 @@ def test_row_starting_mid_document_through_a_cache_equals_parallel():
                 torch.testing.assert_close(fed(student, ids, cuts, position_ids=pos), full)
 
 
-def _set_fused_step(student, on: bool) -> None:
-    for layer in student.model.layers:
-        layer.self_attn.fused_step = on
-
-
-def _stepped_with_caches(student, ids, prefill, **kw):
-    """Logits of a prefill then one token at a time, and the cache left."""
-    cache, parts = student.new_cache(), []
-    with torch.no_grad():
-        for a, b in zip([0, *range(prefill, ids.shape[1])], range(prefill, ids.shape[1] + 1)):
-            sub = {k: (v[:, :b] if k == "attention_mask" else v[:, a:b]) for k, v in kw.items()}
-            parts.append(student(ids[:, a:b], cache=cache, **sub).logits)
-    return torch.cat(parts, 1), cache
-
-
 @pytest.mark.parametrize(
     ("family", "hybrid"),
     [c for c in _cases() if c.id != "shared_norm"],  # (no fused step)
@@ -129,10 +114,10 @@ def test_fused_step_equals_the_step_through_the_modules(family, hybrid):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     for kw in ({}, {"position_ids": pos}, {"attention_mask": mask}):
-        fused, fused_cache = _stepped_with_caches(student, ids, 3, **kw)
-        _set_fused_step(student, False)
-        ref, ref_cache = _stepped_with_caches(student, ids, 3, **kw)
-        _set_fused_step(student, True)
+        fused, fused_cache = stepped_with_cache(student, ids, 3, **kw)
+        set_on_attention(student, fused_step=False)
+        ref, ref_cache = stepped_with_cache(student, ids, 3, **kw)
+        set_on_attention(student, fused_step=True)
         torch.testing.assert_close(fused, ref)
         for a, b in zip(fused_cache.layers, ref_cache.layers, strict=True):
             for x, y in zip(a.tensors(), b.tensors(), strict=True):

@@ -5,6 +5,8 @@ it cannot be: the product would then decode on the slow path without a word but 
 """
 
 import logging
+import os
+import stat
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from megadistill.model import cpu_step
 from megadistill.teachers import convert
 from megadistill.teachers.tiny import tiny_teacher
+from tests.decoding import set_on_attention, stepped_with_cache
 
 CASES = {
     "learned": {},
@@ -40,21 +43,6 @@ def _student(dtype=torch.float64, family="llama", **hybrid):
     return student.to(dtype).eval()
 
 
-def _set_kernel(student, on: bool) -> None:
-    for layer in student.model.layers:
-        layer.self_attn.step_kernel = on
-
-
-def _decode(student, ids, prefill, **kw):
-    """Logits of a prefill then one token at a time, and the cache left."""
-    cache, parts = student.new_cache(), []
-    with torch.no_grad():
-        for a, b in zip([0, *range(prefill, ids.shape[1])], range(prefill, ids.shape[1] + 1)):
-            sub = {k: v[:, a:b] for k, v in kw.items()}
-            parts.append(student(ids[:, a:b], cache=cache, **sub).logits)
-    return torch.cat(parts, 1), cache
-
-
 def _kernels(cache) -> list:
     return [w.kernel for w in cache.step_weights.values() if w is not None and w.kernel is not None]
 
@@ -68,9 +56,9 @@ def test_compiled_step_equals_the_eager_step(hybrid):
     student = _student(**hybrid)
     pos = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in ([17, 5, 26], [9, 39])])
     ids = torch.randint(0, 256, pos.shape, generator=torch.Generator().manual_seed(2))
-    compiled, ccache = _decode(student, ids, 3, position_ids=pos)
-    _set_kernel(student, False)
-    eager, ecache = _decode(student, ids, 3, position_ids=pos)
+    compiled, ccache = stepped_with_cache(student, ids, 3, position_ids=pos)
+    set_on_attention(student, step_kernel=False)
+    eager, ecache = stepped_with_cache(student, ids, 3, position_ids=pos)
     assert _kernels(ccache) and not _kernels(ecache)
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
     for a, b in zip(ccache.layers, ecache.layers, strict=True):
@@ -83,15 +71,15 @@ def test_compiled_step_in_float32_and_through_generate():
     # the logits agree to float32 rounding.
     student = _student(torch.float32)
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(3))
-    compiled, ccache = _decode(student, ids, 4)
-    _set_kernel(student, False)
-    eager, _ = _decode(student, ids, 4)
+    compiled, ccache = stepped_with_cache(student, ids, 4)
+    set_on_attention(student, step_kernel=False)
+    eager, _ = stepped_with_cache(student, ids, 4)
     assert _kernels(ccache)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         want = student.generate(ids, **kw)
-        _set_kernel(student, True)
+        set_on_attention(student, step_kernel=True)
         got = student.generate(ids, **kw)
     assert torch.equal(got, want)
 
@@ -107,7 +95,7 @@ def test_without_a_compiler_decoding_falls_back_with_one_warning(tmp_path, monke
     monkeypatch.setattr(cpu_step, "library", lambda: None)
     student = _student()
     ids = torch.randint(0, 256, (1, 20))
-    got, cache = _decode(student, ids, 3)
+    got, cache = stepped_with_cache(student, ids, 3)
     assert cache.step_weights and not _kernels(cache)
     with torch.no_grad():
         torch.testing.assert_close(got, student(ids).logits)
@@ -123,10 +111,21 @@ def test_a_corrupt_cached_library_is_built_again(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o027, 0o750)])
+def test_the_library_gets_the_mode_the_umask_gives(tmp_path, umask, mode):
+    # A cache shared by a team: the library is readable where a plain open() would make it so.
+    old = os.umask(umask)
+    try:
+        path = cpu_step.build(cpu_step.library_path(tmp_path))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv(cpu_step.ENV, "0")
     student = _student()
-    _, cache = _decode(student, torch.randint(0, 256, (1, 12)), 3)
+    _, cache = stepped_with_cache(student, torch.randint(0, 256, (1, 12)), 3)
     assert cache.step_weights and not _kernels(cache)
 
 
