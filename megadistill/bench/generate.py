@@ -61,9 +61,9 @@ class GenerateBenchConfig(SyntheticModelConfig):
     layers, no mLSTM), interleaved with the other two: the fastest any student of this window can
     run here, so ``floor_ratio`` bounds ``ratio`` (what the recurrent branch costs is between)."""
     eager_step: bool = False
-    """Also time the student with its decoding step's recurrent branch on eager ops (the compiled
-    step, :mod:`megadistill.model.cpu_step`, off; same weights): ``eager_ratio`` is the ratio
-    without it."""
+    """Also time the student on eager ops (the compiled CPU paths of
+    :mod:`megadistill.model.cpu_step` off: the decoding step's recurrent branch and the prefill's
+    mLSTM scan; same weights): ``eager_ratio`` is the ratio without them."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,7 +78,7 @@ class GenerateBenchConfig(SyntheticModelConfig):
 # The models timed besides teacher and student on request, as the table names them.
 EXTRAS = {
     "floor": "SWA-only student s (the bound of ratio)",
-    "eager": "s of the student on eager decoding ops (no compiled step)",
+    "eager": "s of the student on eager ops (no compiled step or scan)",
 }
 
 

@@ -299,8 +299,9 @@ class HybridAttention(nn.Module):
         # Decoding steps without autograd take the fused path (:meth:`_step`); False: the step
         # through the modules (:meth:`_decode`), the reference it is tested against.
         self.fused_step = True
-        # ... and in it, the recurrent branch compiled where it applies (cpu_step); False: its
-        # eager ops, the reference it is tested against.
+        # ... and in it, the recurrent branch compiled where it applies (cpu_step), as is the
+        # mLSTM of a CPU prefill (cpu_step.mlstm_scan); False: their eager ops, the references
+        # they are tested against.
         self.step_kernel = True
         if self.kept:
             return
@@ -663,7 +664,7 @@ class HybridAttention(nn.Module):
         h, state = _kernel(
             RECOMPUTE_BRANCHES and lc is None, mlstm_forward, fq, fk, v, i_pre, f_pre,
             info.reset, state, backend=self.config.mlstm_backend,
-            chunk_size=self.config.chunk_size,
+            chunk_size=self.config.chunk_size, compiled=self.step_kernel,
         )  # fmt: skip
         if lc is not None:
             lc.mlstm = state

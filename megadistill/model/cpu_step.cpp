@@ -13,7 +13,16 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <thread>
 #include <vector>
+
+// x86-64 Linux with GCC: the sequence scan below is also built for AVX2 and picked at load time
+// (no -march=native: a library in a cache shared by a cluster's nodes runs on every node).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define MEGADISTILL_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MEGADISTILL_CLONES
+#endif
 
 namespace {
 
@@ -124,6 +133,124 @@ int step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both, i
   return 0;
 }
 
+
+// One step of one head: each row i of [C | n] (stride d + 1) <- ef row + (ei k_i) [v | 1], and
+// the read-out r = [q.C | q.n] of the updated rows with q scaled, in one pass. D: d when known
+// at compile time (0: not).
+template <typename T, int64_t D>
+inline __attribute__((always_inline)) void update_read(int64_t f, int64_t d_run, T* __restrict c,
+                                                        const T* kt, const T* qt,
+                                                        const T* __restrict vt, T ei, T ef,
+                                                        T scale, T* __restrict r) {
+  const int64_t d = D > 0 ? D : d_run, d1 = d + 1;
+  std::fill(r, r + d1, T(0));
+  for (int64_t i = 0; i < f; ++i) {
+    T* __restrict row = c + i * d1;
+    const T ka = kt[i] * ei, qs = qt[i] * scale;
+    for (int64_t j = 0; j < d; ++j) {
+      row[j] = row[j] * ef + ka * vt[j];
+      r[j] += qs * row[j];
+    }
+    row[d] = row[d] * ef + ka;
+    r[d] += qs * row[d];
+  }
+}
+
+// The mLSTM over a sequence, step by step (mlstm.mlstm_recurrent's function), for rows
+// [lo, hi) of the B * H (row, head) pairs; the prefill's mLSTM without autograd. Per step and
+// head it reads and writes the state once (the update and the read-out in one pass over [C | n],
+// which stays in L1 at these sizes): O(T f d), against the chunkwise form's extra O(T L (f + d))
+// of small products.
+//   q, k  (B, H, T, f)   v, h (B, H, T, d)   ig, fg (B, H, T)   reset (B, T) or null
+//   cn    (B, H, f, d + 1) and m (B, H): the state entering (updated to the state leaving)
+template <typename T>
+inline __attribute__((always_inline)) void scan_rows(
+    int64_t lo, int64_t hi, int64_t H, int64_t len, int64_t f, int64_t d, const T* q,
+    const T* k, const T* v, const T* ig, const T* fg, const uint8_t* reset, T* cn, T* m, T* h,
+    double eps) {
+  const int64_t d1 = d + 1;
+  const T scale = static_cast<T>(std::pow(static_cast<double>(f), -0.5));
+  const T eps_t = static_cast<T>(eps);
+  std::vector<T> rv(d1);
+  T* __restrict r = rv.data();
+  for (int64_t p = lo; p < hi; ++p) {
+    const int64_t b = p / H;
+    const T* qp = q + p * len * f;
+    const T* kp = k + p * len * f;
+    const T* vp = v + p * len * d;
+    const T* ip = ig + p * len;
+    const T* fp = fg + p * len;
+    const uint8_t* rs = reset == nullptr ? nullptr : reset + b * len;
+    T* __restrict c = cn + p * f * d1;
+    T mh = m[p];
+    for (int64_t t = 0; t < len; ++t) {
+      if (rs != nullptr && rs[t]) {  // a document starts: (C, n, m) = 0
+        std::fill(c, c + f * d1, T(0));
+        mh = T(0);
+      }
+      const T a = log_sigmoid(fp[t]) + mh;
+      const T mn = std::max(ip[t], a);
+      const T ei = std::exp(ip[t] - mn), ef = std::exp(a - mn), em = std::exp(T(0) - mn);
+      mh = mn;
+      const T* __restrict vt = vp + t * d;
+      const T* qt = qp + t * f;
+      const T* kt = kp + t * f;
+      if (d == 64) {  // head dims known when compiled keep the read-out in registers
+        update_read<T, 64>(f, d, c, kt, qt, vt, ei, ef, scale, r);
+      } else if (d == 128) {
+        update_read<T, 128>(f, d, c, kt, qt, vt, ei, ef, scale, r);
+      } else {
+        update_read<T, 0>(f, d, c, kt, qt, vt, ei, ef, scale, r);
+      }
+      const T den = std::max(std::abs(r[d]), em) + eps_t;
+      T* ht = h + (p * len + t) * d;
+      for (int64_t j = 0; j < d; ++j) ht[j] = r[j] / den;
+    }
+    m[p] = mh;
+  }
+}
+
+// The scan's instantiations, each also built for AVX2 where MEGADISTILL_CLONES says so.
+MEGADISTILL_CLONES void scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64_t len, int64_t f,
+                                     int64_t d, const float* q, const float* k, const float* v,
+                                     const float* ig, const float* fg, const uint8_t* reset,
+                                     float* cn, float* m, float* h, double eps) {
+  scan_rows<float>(lo, hi, H, len, f, d, q, k, v, ig, fg, reset, cn, m, h, eps);
+}
+
+MEGADISTILL_CLONES void scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64_t len, int64_t f,
+                                     int64_t d, const double* q, const double* k,
+                                     const double* v, const double* ig, const double* fg,
+                                     const uint8_t* reset, double* cn, double* m, double* h,
+                                     double eps) {
+  scan_rows<double>(lo, hi, H, len, f, d, q, k, v, ig, fg, reset, cn, m, h, eps);
+}
+
+// The B * H rows split over up to ``threads`` threads (this one included); serially where a
+// thread cannot be started.
+template <typename T>
+int scan(int64_t B, int64_t H, int64_t len, int64_t f, int64_t d, const T* q, const T* k,
+         const T* v, const T* ig, const T* fg, const uint8_t* reset, T* cn, T* m, T* h,
+         double eps, int64_t threads) {
+  if (B < 1 || H < 1 || len < 0 || f < 1 || d < 1) return 1;
+  const int64_t rows = B * H;
+  const int64_t n = std::max<int64_t>(1, std::min(threads, rows));
+  std::vector<std::thread> pool;
+  int64_t lo = 0;
+  try {
+    for (int64_t w = 1; w < n; ++w) {
+      const int64_t hi = rows * w / n;
+      pool.emplace_back(
+          [=] { scan_rows_of(lo, hi, H, len, f, d, q, k, v, ig, fg, reset, cn, m, h, eps); });
+      lo = hi;
+    }
+  } catch (...) {  // no thread to be had: this one does the rest
+  }
+  scan_rows_of(lo, rows, H, len, f, d, q, k, v, ig, fg, reset, cn, m, h, eps);
+  for (auto& t : pool) t.join();
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -143,6 +270,20 @@ int megadistill_step_f64(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f,
                          int64_t mix) {
   return step<double>(B, H, KV, d, f, both, ystride, y, qk, feat, ogw, ogb, ogs, swa, cn, m, out,
                       eps, mix);
+}
+
+int megadistill_scan_f32(int64_t B, int64_t H, int64_t T, int64_t f, int64_t d, const float* q,
+                         const float* k, const float* v, const float* ig, const float* fg,
+                         const uint8_t* reset, float* cn, float* m, float* h, double eps,
+                         int64_t threads) {
+  return scan<float>(B, H, T, f, d, q, k, v, ig, fg, reset, cn, m, h, eps, threads);
+}
+
+int megadistill_scan_f64(int64_t B, int64_t H, int64_t T, int64_t f, int64_t d, const double* q,
+                         const double* k, const double* v, const double* ig, const double* fg,
+                         const uint8_t* reset, double* cn, double* m, double* h, double eps,
+                         int64_t threads) {
+  return scan<double>(B, H, T, f, d, q, k, v, ig, fg, reset, cn, m, h, eps, threads);
 }
 
 }  // extern "C"

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from megadistill.hybrid import MLSTM_BACKENDS
+from megadistill.model import cpu_step
 from megadistill.model.backends import resolve_mlstm_backend
 
 EPS = 1e-6
@@ -442,12 +443,30 @@ def mlstm_forward(
     state: State | None = None,
     backend: str = "chunkwise",
     chunk_size: int = 64,
+    compiled: bool = True,
 ) -> tuple[torch.Tensor, State]:
-    """Dispatch to a backend. Returns h (B,H,T,D) in q's dtype and the final state (float32+)."""
+    """Dispatch to a backend. Returns h (B,H,T,D) in q's dtype and the final state (float32+).
+
+    ``chunkwise`` on CPU without autograd runs the compiled scan
+    (:func:`~megadistill.model.cpu_step.mlstm_scan`: the same function, one pass over the state
+    per token) where it can be built, unless ``compiled`` is False."""
     if q.shape[2] == 1 and state is not None:
         backend = "recurrent"  # one decoding step: the step update is exact and cheapest
     backend = resolve_mlstm_backend(backend, q.device.type)  # triton -> chunkwise where it can't
-    if backend == "chunkwise":
+    scanned = None
+    if (
+        backend == "chunkwise"
+        and compiled
+        and q.device.type == "cpu"
+        and not torch.is_grad_enabled()
+    ):
+        dt = _compute_dtype(q)
+        scanned = cpu_step.mlstm_scan(
+            *(x.to(dt) for x in (q, k, v, i_pre, f_pre)), reset, _start_state(q, v, state), EPS
+        )
+    if scanned is not None:
+        h, st = scanned
+    elif backend == "chunkwise":
         h, st = mlstm_chunkwise(q, k, v, i_pre, f_pre, reset, state, chunk_size)
     elif backend == "recurrent":
         h, st = mlstm_recurrent(q, k, v, i_pre, f_pre, reset, state)

@@ -1,4 +1,5 @@
-"""The compiled recurrent branch of a CPU decoding step (``model/cpu_step``) against its eager ops.
+"""The compiled CPU paths (``model/cpu_step``: the recurrent branch of a decoding step, the
+prefill's mLSTM scan) against their eager ops.
 
 The library is built for real with this machine's compiler (a test here fails, not skips, when
 it cannot be: the product would then decode on the slow path without a word but the warning).
@@ -12,9 +13,17 @@ import pytest
 import torch
 
 from megadistill.model import cpu_step
+from megadistill.model.mlstm import (
+    EPS,
+    PAD_F,
+    PAD_I,
+    mlstm_forward,
+    mlstm_recurrent,
+    zero_state,
+)
 from megadistill.teachers import convert
 from megadistill.teachers.tiny import tiny_teacher
-from tests.decoding import set_on_attention, stepped_with_cache
+from tests.decoding import fed, set_on_attention, stepped_with_cache
 
 CASES = {
     "learned": {},
@@ -146,3 +155,89 @@ def test_a_bad_layout_is_refused_not_read():
         step(y, qk, None, cn.transpose(2, 3).contiguous().transpose(2, 3), m, out)
     with pytest.raises(ValueError, match="float32"):
         step(y.float(), qk, None, cn, m, out)
+
+
+def _mlstm_inputs(b, h, t, f, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.softmax(torch.randn(b, h, t, f, generator=g, dtype=dtype), -1) for _ in "qk")
+    v = torch.randn(b, h, t, d, generator=g, dtype=dtype)
+    i_pre = torch.randn(b, h, t, generator=g, dtype=dtype) + 1.0
+    f_pre = torch.randn(b, h, t, generator=g, dtype=dtype) + 3.0
+    i_pre[1, :, 40:45], f_pre[1, :, 40:45] = PAD_I, PAD_F  # padding: exact no-op steps
+    reset = torch.zeros(b, t, dtype=torch.bool)
+    reset[0, 30] = reset[1, 0] = reset[1, 70] = True  # packed documents
+    state = (
+        torch.randn(b, h, f, d, generator=g, dtype=dtype),
+        torch.rand(b, h, f, generator=g, dtype=dtype),
+        torch.randn(b, h, generator=g, dtype=dtype),
+    )
+    return (q, k, v, i_pre, f_pre), reset, state
+
+
+@pytest.mark.parametrize("d", [64, 7], ids=["d64_compiled_in", "d7"])
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_compiled_scan_equals_the_recurrent_form(d, threads):
+    # Packed documents, padding steps and an entering state, over 2 x 3 (row, head) pairs split
+    # unevenly among 4 threads: values and the state left equal the step-by-step reference to
+    # float64 rounding; the state's C and n are views of one [C | n] buffer, as decoding wants.
+    xs, reset, state = _mlstm_inputs(2, 3, 97, 16, d, torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = cpu_step.mlstm_scan(*xs, reset, state, EPS)
+            want = mlstm_recurrent(*xs, reset=reset, state=state)
+    finally:
+        torch.set_num_threads(before)
+    assert got is not None
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    c, n, _ = got[1]
+    assert n.data_ptr() == c.data_ptr() + d * c.element_size()  # [C | n]: n after C's d columns
+    assert state[2].abs().sum() > 0 and not torch.equal(state[2], got[1][2])  # input kept
+
+
+def test_the_scan_in_float32():
+    xs, reset, state = _mlstm_inputs(2, 3, 200, 32, 64, torch.float64, seed=1)
+    with torch.no_grad():
+        want, _ = mlstm_recurrent(*xs, reset=reset, state=state)
+        got, _ = cpu_step.mlstm_scan(
+            *(x.float() for x in xs), reset, [s.float() for s in state], EPS
+        )
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_mlstm_forward_scans_without_autograd_only(monkeypatch):
+    # The dispatch: chunkwise on CPU without autograd takes the scan; with autograd (gradients),
+    # with compiled=False, or where the scan does not apply it runs the chunkwise form.
+    calls = []
+    scan = cpu_step.mlstm_scan
+    monkeypatch.setattr(cpu_step, "mlstm_scan", lambda *a: calls.append(scan(*a)) or calls[-1])
+    xs, reset, _ = _mlstm_inputs(2, 3, 90, 8, 8, torch.float32, seed=2)
+    with torch.no_grad():
+        h_scan, _ = mlstm_forward(*xs, reset=reset, chunk_size=16)
+        assert len(calls) == 1 and calls[0] is not None
+        h_chunk, _ = mlstm_forward(*xs, reset=reset, chunk_size=16, compiled=False)
+        assert len(calls) == 1
+    torch.testing.assert_close(h_scan, h_chunk, rtol=1e-5, atol=1e-5)
+    xs = [x.requires_grad_(True) for x in xs]
+    h, _ = mlstm_forward(*xs, reset=reset, chunk_size=16)
+    assert len(calls) == 1 and h.requires_grad  # with autograd: the chunkwise form
+    with torch.no_grad():  # where the scan does not apply (a half dtype) it says so
+        halves = [x.detach().half() for x in xs]
+        zeros = [s.half() for s in zero_state(xs[0], xs[2])]
+        assert cpu_step.mlstm_scan(*halves, reset, zeros, EPS) is None
+
+
+def test_a_compiled_prefill_equals_the_eager_one():
+    # The whole student: a long prefill, a chunk after the cache (the scan from a state), then
+    # steps; against the same with the compiled paths off, to float64 rounding.
+    student = _student()
+    pos = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in ([37, 5, 26], [49, 19])])
+    ids = torch.randint(0, 256, pos.shape, generator=torch.Generator().manual_seed(4))
+    compiled = fed(student, ids, [0, 40, 55, 56, 68], position_ids=pos)
+    cpu_step.set_enabled(student, False)
+    eager = fed(student, ids, [0, 40, 55, 56, 68], position_ids=pos)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
