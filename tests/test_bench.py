@@ -93,10 +93,10 @@ def test_generate_bench_times_both_models_through_generate(capsys):
         row["teacher_decode_s"] / row["floor_decode_s"]
     )
     assert "ratio" in row and "floor_prefill_ratio" in row
-    # eager_step=true: the same student without its compiled decoding step, beside it.
+    # eager_step=true: the same student without its compiled step and scan, beside it.
     assert main(["bench", "generate", *args, "prompts=[16]", "eager_step=true"]) == 0
     out = capsys.readouterr().out
-    assert "eager decoding ops" in out
+    assert "on eager ops" in out
     result = json.loads(out.strip().splitlines()[-1])
     row = result["rows"][0]
     assert row["eager_ratio"] == pytest.approx(row["teacher_s"] / row["eager_s"])
