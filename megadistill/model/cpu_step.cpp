@@ -1,4 +1,5 @@
-// The recurrent branch of one CPU decoding step of a hybrid layer, as one function.
+// The recurrent branch of one CPU decoding step of a hybrid layer, as one function; and the
+// mLSTM over a whole sequence without autograd (a prefill), as one scan (see scan_rows below).
 //
 // Loaded by megadistill/model/cpu_step.py (built on first use with the system's C++ compiler,
 // no torch headers). It computes, for every row b and head h, what attention.py's eager
@@ -133,7 +134,6 @@ int step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both, i
   return 0;
 }
 
-
 // One step of one head: each row i of [C | n] (stride d + 1) <- ef row + (ei k_i) [v | 1], and
 // the read-out r = [q.C | q.n] of the updated rows with q scaled, in one pass. D: d when known
 // at compile time (0: not).
@@ -195,7 +195,7 @@ inline __attribute__((always_inline)) void scan_rows(
       const T* __restrict vt = vp + t * d;
       const T* qt = qp + t * f;
       const T* kt = kp + t * f;
-      if (d == 64) {  // head dims known when compiled keep the read-out in registers
+      if (d == 64) {  // common head dims, known when compiled: loops the compiler unrolls
         update_read<T, 64>(f, d, c, kt, qt, vt, ei, ef, scale, r);
       } else if (d == 128) {
         update_read<T, 128>(f, d, c, kt, qt, vt, ei, ef, scale, r);

@@ -174,7 +174,7 @@ def _mlstm_inputs(b, h, t, f, d, dtype, seed=0):
     return (q, k, v, i_pre, f_pre), reset, state
 
 
-@pytest.mark.parametrize("d", [64, 7], ids=["d64_compiled_in", "d7"])
+@pytest.mark.parametrize("d", [64, 128, 7], ids=["d64_compiled_in", "d128_compiled_in", "d7"])
 @pytest.mark.parametrize("threads", [1, 4])
 def test_the_compiled_scan_equals_the_recurrent_form(d, threads):
     # Packed documents, padding steps and an entering state, over 2 x 3 (row, head) pairs split
