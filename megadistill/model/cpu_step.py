@@ -230,11 +230,17 @@ def mlstm_scan(
         return None
     bsz, nh, t, fd = q.shape
     dv = v.shape[-1]
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"cpu_step: mlstm_scan needs q, k {tuple(q.shape)} and v (B,H,T,D) of one layout"
-        )
     c, n, m = state
+    shapes = ((k, q.shape), (v, (bsz, nh, t, dv)), (i_pre, (bsz, nh, t)), (f_pre, (bsz, nh, t)),
+              (c, (bsz, nh, fd, dv)), (n, (bsz, nh, fd)), (m, (bsz, nh)))  # fmt: skip
+    if reset is not None:
+        shapes += ((reset, (bsz, t)),)
+    for x, want in shapes:  # the C++ reads by these shapes: refuse, never read past a tensor
+        if tuple(x.shape) != tuple(want):
+            raise ValueError(
+                f"cpu_step: mlstm_scan got a tensor of shape {tuple(x.shape)} where "
+                f"{tuple(want)} belongs (q is {tuple(q.shape)})"
+            )
     cn = torch.cat([c, n[..., None]], dim=-1).contiguous()
     m = m.contiguous().clone()
     q, k, v, i_pre, f_pre = (x.contiguous() for x in (q, k, v, i_pre, f_pre))

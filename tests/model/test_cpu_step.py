@@ -229,6 +229,10 @@ def test_mlstm_forward_scans_without_autograd_only(monkeypatch):
         halves = [x.detach().half() for x in xs]
         zeros = [s.half() for s in zero_state(xs[0], xs[2])]
         assert cpu_step.mlstm_scan(*halves, reset, zeros, EPS) is None
+        with pytest.raises(ValueError, match=r"shape \(2, 60\) where \(2, 90\)"):
+            cpu_step.mlstm_scan(
+                *(x.detach() for x in xs), reset[:, :60], zero_state(xs[0], xs[2]), EPS
+            )
 
 
 def test_a_compiled_prefill_equals_the_eager_one():
