@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A C++ compiler for the compiled CPU decoding step (megadistill/model/cpu_step.cpp, built on first
-# use); tests/model/test_cpu_step.py fails without one. Idempotent: nothing to do when `c++` runs.
+# A C++ compiler for the compiled CPU decoding step and prefill scan
+# (megadistill/model/cpu_step.cpp, built on first use); tests/model/test_cpu_step.py fails without
+# one. Idempotent: nothing to do when `c++` runs.
 set -euo pipefail
 if command -v "${CXX:-c++}" >/dev/null 2>&1; then
     echo "cxx_setup: $("${CXX:-c++}" --version | head -1)"

@@ -286,7 +286,7 @@ def check_cpu_step(tol: float) -> dict[str, Any]:
 
     if cpu_step.library() is None:
         raise RuntimeError(
-            "the compiled CPU decoding step is unavailable (see the warning above; "
+            "the compiled CPU step and scan are unavailable (see the warning above; "
             f"{cpu_step.ENV}=0 turns it off on purpose)"
         )
     student = _tiny_student().eval()

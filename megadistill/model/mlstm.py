@@ -454,12 +454,7 @@ def mlstm_forward(
         backend = "recurrent"  # one decoding step: the step update is exact and cheapest
     backend = resolve_mlstm_backend(backend, q.device.type)  # triton -> chunkwise where it can't
     scanned = None
-    if (
-        backend == "chunkwise"
-        and compiled
-        and q.device.type == "cpu"
-        and not torch.is_grad_enabled()
-    ):
+    if backend == "chunkwise" and compiled and cpu_step.scan_applies(q):
         dt = _compute_dtype(q)
         scanned = cpu_step.mlstm_scan(
             *(x.to(dt) for x in (q, k, v, i_pre, f_pre)), reset, _start_state(q, v, state), EPS
