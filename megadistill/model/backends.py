@@ -30,8 +30,33 @@ TRITON_PIN = "3.7.1"
 """The triton the ``triton`` backend is tested with (PyTorch 2.13's CUDA wheels ship it)."""
 TRITON_BLOCK_POINTERS_REMOVED = (3, 8)
 """The first triton (major, minor) without ``tl.make_block_ptr``: mlstm_kernels 2.0.6 fails there."""
+TORCH_NEEDS_NEW_TRITON = (2, 14)
+"""The first torch (major, minor) whose wheels require triton 3.8 (torch 2.14.1: ``triton~=3.8.0``,
+seen by the drift canary on 2026-12-06): there, installing the pinned triton alone breaks torch."""
 
 _warned: set[str] = set()
+
+
+@functools.cache
+def _torch_version() -> str | None:
+    """The installed torch's version (None: not installed), read without importing it."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _triton_fix() -> str:
+    """What to install for the ``triton`` backend: the pinned triton, and with a torch that
+    requires a newer one, the torch that ships the pin."""
+    torch_version = _torch_version()
+    if torch_version is not None and _major_minor(torch_version) >= TORCH_NEEDS_NEW_TRITON:
+        return (
+            f"torch {torch_version} requires triton >= 3.8, so install the torch that ships "
+            f"{TRITON_PIN} with it: pip install 'torch==2.13.*' triton=={TRITON_PIN} (or the "
+            "tested set: pip install -c constraints.txt -e .)"
+        )
+    return f"pip install triton=={TRITON_PIN}"
 
 
 @functools.cache
@@ -64,11 +89,11 @@ def triton_backend_status(device_type: str) -> str | None:
     """
     version = _triton_version()
     if version is None:
-        return f"triton is not installed (pip install triton=={TRITON_PIN})"
+        return f"triton is not installed ({_triton_fix()})"
     if _major_minor(version) >= TRITON_BLOCK_POINTERS_REMOVED:
         return (
             f"triton {version} removed the block pointers that mlstm_kernels' kernels use "
-            f"(pip install triton=={TRITON_PIN})"
+            f"({_triton_fix()})"
         )
     if importlib.util.find_spec("mlstm_kernels") is None:
         return "mlstm_kernels is not installed"

@@ -21,8 +21,9 @@ def triton_version(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
-    def set_version(version):
+    def set_version(version, torch_version="2.13.0+cpu"):
         monkeypatch.setattr(backends, "_triton_version", lambda: version)
+        monkeypatch.setattr(backends, "_torch_version", lambda: torch_version)
 
     return set_version
 
@@ -38,6 +39,17 @@ def test_status_names_the_version_to_install(triton_version):
     for usable in ("3.7.1", "3.7.0", "3.3.1"):
         triton_version(usable)
         assert backends.triton_backend_status("cuda") is None
+
+
+def test_a_torch_that_requires_triton_3_8_is_named_with_the_torch_to_install(triton_version):
+    # torch 2.14.1's wheels require triton~=3.8.0: the pinned triton alone would break torch
+    for torch_version in ("2.14.1", "2.14.1+cu130", "2.15.0"):
+        triton_version("3.8.0", torch_version)
+        why = backends.triton_backend_status("cuda")
+        assert f"torch {torch_version} requires triton >= 3.8" in why
+        assert "pip install 'torch==2.13.*' triton==3.7.1" in why
+        triton_version(None, torch_version)
+        assert "pip install 'torch==2.13.*' triton==3.7.1" in backends.triton_backend_status("cpu")
 
 
 def test_cpu_tensors_need_the_interpreter(triton_version, monkeypatch):
