@@ -104,6 +104,16 @@ def test_generate_bench_times_both_models_through_generate(capsys):
     assert result["ops_per_token"]["eager"] > result["ops_per_token"]["student"] + 50
     with pytest.raises(ConfigError, match="clock"):
         GenerateBenchConfig(clock="sundial")
+    # mix= / feature_map=: the quality recipe's student (shared_norm), named in the table
+    assert main(["bench", "generate", *args, "prompts=[40]", "mix=shared_norm",
+                 "feature_map=hedgehog_pm"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "W = 16, mix shared_norm, feature map hedgehog_pm" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["student"] == {"window": 16, "mix": "shared_norm", "feature_map": "hedgehog_pm"}
+    assert result["rows"][0]["ratio"] > 0
+    with pytest.raises(ConfigError, match="mix='blend'"):
+        GenerateBenchConfig(mix="blend")
 
 
 def test_generate_bench_on_a_config_with_random_weights(tmp_path, capsys):

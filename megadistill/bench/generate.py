@@ -22,10 +22,11 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megadistill.bench.inference import build_models, build_student
+from megadistill.bench.inference import build_student
 from megadistill.bench.synthetic import SyntheticModelConfig
 from megadistill.bench.timing import CLOCKS, Clock, measure
 from megadistill.config import ConfigError
+from megadistill.hybrid import FEATURE_MAPS, MIXES
 from megadistill.model import cpu_step
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ class GenerateBenchConfig(SyntheticModelConfig):
     """Also time the student on eager ops (the compiled CPU paths of
     :mod:`megadistill.model.cpu_step` off: the decoding step's recurrent branch and the prefill's
     mLSTM scan; same weights): ``eager_ratio`` is the ratio without them."""
+    mix: str = "gate"
+    """The student's mix (``hybrid.mix``): ``gate`` (conversion's default) or ``shared_norm`` (the
+    quality recipe's)."""
+    feature_map: str = "hedgehog"
+    """The student's feature map (``hybrid.feature_map``)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +79,10 @@ class GenerateBenchConfig(SyntheticModelConfig):
             raise ConfigError(f"count_tokens must be >= 0, got {self.count_tokens}")
         if self.clock not in CLOCKS:
             raise ConfigError(f"clock={self.clock!r} is not one of {tuple(CLOCKS)}")
+        for key, value, allowed in (("mix", self.mix, MIXES),
+                                    ("feature_map", self.feature_map, FEATURE_MAPS)):  # fmt: skip
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {allowed}")
 
 
 # The models timed besides teacher and student on request, as the table names them.
@@ -153,7 +163,8 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
             "(%d): RoPE is defined there and the timing does not depend on the values",
             longest, limit,
         )  # fmt: skip
-    teacher, student = build_models(cfg, longest + 8)
+    teacher = cfg.load_teacher(longest + 8)
+    student = build_student(teacher, cfg, mix=cfg.mix, feature_map=cfg.feature_map)
     models = {"teacher": teacher, "student": student}
     if cfg.floor:
         models["floor"] = build_student(teacher, cfg, gate_mode="swa")
@@ -194,15 +205,19 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
                 row[f"{pre}{part}_ratio"] = row[f"teacher_{part}_s"] / row[f"{kind}_{part}_s"]
         log.info("prompt %d: %s", n, {k: round(v, 3) for k, v in row.items()})
         rows.append(row)
+    sc = student.config
     return {"clock": cfg.clock, "threads": torch.get_num_threads(), "rows": rows,
-            "ops_per_token": ops}  # fmt: skip
+            "ops_per_token": ops, "student": {"window": sc.window, "mix": sc.mix,
+            "feature_map": sc.feature_map}}  # fmt: skip
 
 
 def format_result(result: dict) -> str:
     """A plain-text table: seconds per model, ratio teacher / student (> 1: student faster)."""
     extras = [k for k in EXTRAS if f"{k}_s" in result["rows"][0]]
+    st = result["student"]
     lines = [
-        f"generate(), greedy; {result['clock']} seconds, {result['threads']} thread(s); "
+        f"generate(), greedy; {result['clock']} seconds, {result['threads']} thread(s); student: "
+        f"W = {st['window']}, mix {st['mix']}, feature map {st['feature_map']}; "
         "ratio = teacher s / student s (> 1: the student is faster)"
         + "".join(f"; {k} = teacher s / {EXTRAS[k]}" for k in extras),
         f"{'prompt':>7} {'new':>5} {'teacher s':>10} {'student s':>10} {'ratio':>6} "
