@@ -367,7 +367,7 @@ class HybridAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v4 = v.view(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
         q_r, k_r = self.apply_rotary(q, k, cos, sin)
-        gate_in = None if self.kept else torch.cat([q_raw, k_raw, v], dim=-1)
+        gate_in = None if self.kept or self.shared else torch.cat([q_raw, k_raw, v], dim=-1)
         return q, k, q_r, k_r, v4, gate_in
 
     def forward(
@@ -436,6 +436,15 @@ class HybridAttention(nn.Module):
         return i_pre, f_pre
 
     def _shared_norm(self, x, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
+        if lc is not None and lc.k is not None and q_r.shape[2] == 1:
+            # one decoding step (generate()'s case): the step reads q's features only (the key
+            # that enters the state is the one leaving the window, featured from the buffer)
+            i_pre, f_pre = self._gates(x, info)
+            out = self._shared_step(
+                q_r[:, :, 0], k_r, v, self.q_feature(q_r)[:, :, 0], i_pre[:, :, 0],
+                f_pre[:, :, 0], info, lc, info.cache.seen,
+            )  # fmt: skip
+            return out[:, :, None].to(v.dtype)
         fq, fk = self.q_feature(q_r), self.k_feature(k_r)
         fk = fk.repeat_interleave(self.num_heads // self.num_kv, dim=1)
         i_pre, f_pre = self._gates(x, info)
@@ -496,8 +505,15 @@ class HybridAttention(nn.Module):
             lc.mlstm = sn.reset_rows(lc.mlstm, info.reset[:, 0])
         # The token leaving the window now sits in the ring slot of this token (a sink never
         # sits in the ring, so never leaves); it joins the state if it is of this document.
-        idx, doc, _ = lc.held[:, :, slot].unbind(1)
-        leaves = (idx == t - w) & lc.ok[:, slot] & (doc == info.tokens.doc[:, 0])
+        # Which rows' leaving token joins the state: the same in every layer of this window and
+        # sinks (their slots hold the same tokens), so built once per step (before any write).
+        key = ("shared_leaves", w, s, t)
+        leaves = info.memo.get(key)
+        if leaves is None:
+            idx, doc, _ = lc.held[:, :, slot].unbind(1)
+            leaves = info.memo[key] = (
+                (idx == t - w) & lc.ok[:, slot] & (doc == info.tokens.doc[:, 0])
+            )
         log_w = (lc.gate_i[:, :, slot] + lc.decay[:, :, slot] + logf).masked_fill(
             ~leaves[:, None], sn.NEG
         )
@@ -506,10 +522,13 @@ class HybridAttention(nn.Module):
         v_s = lc.v[:, :, slot].repeat_interleave(rep, dim=1)
         lc.mlstm = sn.absorb(lc.mlstm, fk_s.float(), v_s.float(), log_w, logf)
         lc.decay += logf[..., None]
-        self._write_kv(k1, v1, info, lc)
+        self._write_kv_step(k1, v1, info, lc)
         lc.gate_i[:, :, slot] = i1.float()
         lc.decay[:, :, slot] = 0.0
-        mask = token_mask(info.tokens, lc.keys(), w, s)[:, 0]
+        key = ("shared_mask", w, s, t)  # likewise shared by the layers (after their writes)
+        mask = info.memo.get(key)
+        if mask is None:
+            mask = info.memo[key] = token_mask(info.tokens, lc.keys(), w, s)[:, 0]
         return sn.shared_norm_step(q1, lc.k, lc.v, mask, fq1, lc.mlstm, self.scaling)
 
     def _features(self, q, k, q_r, k_r, cos, sin):
