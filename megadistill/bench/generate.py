@@ -26,7 +26,7 @@ from megadistill.bench.inference import build_student
 from megadistill.bench.synthetic import SyntheticModelConfig
 from megadistill.bench.timing import CLOCKS, Clock, measure
 from megadistill.config import ConfigError
-from megadistill.hybrid import FEATURE_MAPS, MIXES
+from megadistill.hybrid import HybridSettings
 from megadistill.model import cpu_step
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,9 @@ class GenerateBenchConfig(SyntheticModelConfig):
             raise ConfigError(f"count_tokens must be >= 0, got {self.count_tokens}")
         if self.clock not in CLOCKS:
             raise ConfigError(f"clock={self.clock!r} is not one of {tuple(CLOCKS)}")
-        for key, value, allowed in (("mix", self.mix, MIXES),
-                                    ("feature_map", self.feature_map, FEATURE_MAPS)):  # fmt: skip
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+        # the student's settings checked by conversion's own rules, before a teacher is loaded
+        HybridSettings(window=self.window, num_sinks=self.num_sinks, mix=self.mix,
+                       feature_map=self.feature_map)  # fmt: skip
 
 
 # The models timed besides teacher and student on request, as the table names them.
