@@ -101,3 +101,21 @@ def test_overrides_after_flags_are_taken_and_other_extras_refused(tmp_path, caps
     with pytest.raises(SystemExit):
         main([*argv, "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_stage_without_resume_keeps_another_runs_checkpoints(tmp_path, capsys):
+    """Running a stage again into an out_dir holding checkpoints, without --resume, refuses before
+    any weights load: the old run's checkpoints stay as they were (a fresh run would replace
+    ``latest`` and prune them)."""
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "config.json").write_text("{}")
+    ckpts = tmp_path / "out" / "checkpoints"
+    (ckpts / "step_00000048").mkdir(parents=True)
+    (ckpts / "latest").write_text("step_00000048")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in [*_STAGE_ARGS, f"teacher={tmp_path}"]]
+    assert main(["distill", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{ckpts} already holds checkpoints (newest step_00000048)" in err, err
+    assert "add --resume" in err
+    assert (ckpts / "latest").read_text() == "step_00000048"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000048"]

@@ -61,7 +61,25 @@ def student_fingerprint(student_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _check_fresh_start(cfg: StageConfig) -> None:
+    """A run that does not resume must not start over in a folder holding another run's
+    checkpoints: its own checkpoints would replace them (``latest``) and prune them (keep_last)."""
+    from megadistill.engine.checkpoint import latest_tag
+
+    t = cfg.trainer
+    if t.resume or t.resume_tag or not t.checkpoint_dir:
+        return
+    tag = latest_tag(t.checkpoint_dir)
+    if tag is not None:
+        raise MegadistillError(
+            f"{t.checkpoint_dir} already holds checkpoints (newest {tag}) and this run does not "
+            "resume: add --resume (trainer.resume=true) to continue that run, or set a new "
+            "out_dir (or trainer.checkpoint_dir) to start another"
+        )
+
+
 def _check_inputs(cfg: StageConfig) -> None:
+    _check_fresh_start(cfg)
     folder = Path(cfg.student)
     if not (folder / "config.json").is_file():
         raise MegadistillError(
