@@ -166,6 +166,8 @@ class StepWeights:
     both_signs: bool = False
     kernel: cpu_step.RecurrentStep | None = None
     """The recurrent branch compiled (:mod:`~megadistill.model.cpu_step`), where it applies."""
+    shared: cpu_step.SharedNormStep | None = None
+    """A ``shared_norm`` layer's attention step compiled, where it applies."""
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """:class:`FeatureMap` of q and k heads at once: x (B, H + KV, 1, d) -> (B, H + KV, 1, f)."""
@@ -205,6 +207,9 @@ class StepWeights:
         if hybrid:
             out.features = torch.cat([attn.q_feature.weight, attn.k_feature.weight])
             out.both_signs = attn.q_feature.both_signs
+            if attn.config.gate_mode == "learned" and attn.shared:
+                out.shared = _shared_norm_step(attn, out.features)
+                return out
             if attn.config.gate_mode == "learned":
                 out.ogate, out.ogate_bias = attn.ogate.weight.t(), attn.ogate.bias
                 if hasattr(attn, "ogate_scale"):  # gate_init: floor
@@ -233,6 +238,22 @@ def _recurrent_step(attn: HybridAttention, features: torch.Tensor) -> cpu_step.R
         features=features, both_signs=attn.q_feature.both_signs,
         ogate=attn.ogate.weight if learned else None, ogate_bias=attn.ogate.bias if learned else None,
         ogate_scale=scale.weight if scale is not None else None, eps=EPS,
+    )  # fmt: skip
+
+
+def _shared_norm_step(
+    attn: HybridAttention, features: torch.Tensor
+) -> cpu_step.SharedNormStep | None:
+    """The compiled ``shared_norm`` step bound to ``attn``'s feature maps, or None (turned off on
+    the layer or by ``$MEGADISTILL_CPU_STEP``, not a CPU float32/64 layer, or no compiler)."""
+    if not (attn.step_kernel and cpu_step.SharedNormStep.applies(features.dtype, features.device)):
+        return None
+    lib = cpu_step.library()
+    if lib is None:
+        return None
+    return cpu_step.SharedNormStep(
+        lib, num_heads=attn.num_heads, num_kv=attn.num_kv, head_dim=attn.head_dim,
+        features=features, both_signs=attn.q_feature.both_signs, scaling=attn.scaling,
     )  # fmt: skip
 
 
@@ -498,38 +519,89 @@ class HybridAttention(nn.Module):
     def _shared_step(self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache, t: int):
         """One decoding step of the shared_norm mix (see model/shared_norm.py) for the token of
         stream index ``t`` (known on the host: no sync)."""
-        w, s = self.window, self.num_sinks
-        slot = s + t % w
-        logf = torch.nn.functional.logsigmoid(f1.float())
+        slot = self.num_sinks + t % self.window
+        up = lc.decay.dtype  # the state's dtype (float32 for half types)
+        logf = torch.nn.functional.logsigmoid(f1.to(up))
         if info.any_reset:  # a new document: none of the old one's keys stays in the state
             lc.mlstm = sn.reset_rows(lc.mlstm, info.reset[:, 0])
-        # The token leaving the window now sits in the ring slot of this token (a sink never
-        # sits in the ring, so never leaves); it joins the state if it is of this document.
-        # Which rows' leaving token joins the state: the same in every layer of this window and
-        # sinks (their slots hold the same tokens), so built once per step (before any write).
-        key = ("shared_leaves", w, s, t)
-        leaves = info.memo.get(key)
-        if leaves is None:
-            idx, doc, _ = lc.held[:, :, slot].unbind(1)
-            leaves = info.memo[key] = (
-                (idx == t - w) & lc.ok[:, slot] & (doc == info.tokens.doc[:, 0])
-            )
+        leaves = self._shared_leaves(info, lc, t, slot)
         log_w = (lc.gate_i[:, :, slot] + lc.decay[:, :, slot] + logf).masked_fill(
             ~leaves[:, None], sn.NEG
         )
         rep = self.num_heads // self.num_kv
         fk_s = self.k_feature(lc.k[:, :, slot, None])[:, :, 0].repeat_interleave(rep, dim=1)
         v_s = lc.v[:, :, slot].repeat_interleave(rep, dim=1)
-        lc.mlstm = sn.absorb(lc.mlstm, fk_s.float(), v_s.float(), log_w, logf)
+        lc.mlstm = sn.absorb(lc.mlstm, fk_s.to(up), v_s.to(up), log_w, logf)
         lc.decay += logf[..., None]
         self._write_kv_step(k1, v1, info, lc)
-        lc.gate_i[:, :, slot] = i1.float()
+        lc.gate_i[:, :, slot] = i1.to(up)
         lc.decay[:, :, slot] = 0.0
-        key = ("shared_mask", w, s, t)  # likewise shared by the layers (after their writes)
+        mask = self._shared_mask(info, lc, t)
+        return sn.shared_norm_step(q1, lc.k, lc.v, mask, fq1, lc.mlstm, self.scaling)
+
+    def _shared_leaves(self, info: SeqInfo, lc: LayerCache, t: int, slot: int) -> torch.Tensor:
+        """(B,) whether the token leaving the window at step ``t`` joins the state. It sits in
+        the ring slot of this token (a sink never sits in the ring, so never leaves) and joins
+        if it is of this document. The same in every layer of this window and sinks (their slots
+        hold the same tokens), so built once per step, before any layer writes the step."""
+        key = ("shared_leaves", self.window, self.num_sinks, t)
+        leaves = info.memo.get(key)
+        if leaves is None:
+            idx, doc, _ = lc.held[:, :, slot].unbind(1)
+            leaves = info.memo[key] = (
+                (idx == t - self.window) & lc.ok[:, slot] & (doc == info.tokens.doc[:, 0])
+            )
+        return leaves
+
+    def _shared_mask(self, info: SeqInfo, lc: LayerCache, t: int) -> torch.Tensor:
+        """(B, S + W) the slots this step's query sees, after the step's write (likewise built
+        once per step for the layers of this window and sinks)."""
+        w, s = self.window, self.num_sinks
+        key = ("shared_mask", w, s, t)
         mask = info.memo.get(key)
         if mask is None:
-            mask = info.memo[key] = token_mask(info.tokens, lc.keys(), w, s)[:, 0]
-        return sn.shared_norm_step(q1, lc.k, lc.v, mask, fq1, lc.mlstm, self.scaling)
+            mask = info.memo[key] = token_mask(info.tokens, lc.keys(), w, s)[:, 0].contiguous()
+        return mask
+
+    def _shared_fused(self, y, qk_r, v, info: SeqInfo, lc: LayerCache, fw: StepWeights):
+        """The ``shared_norm`` attention of :meth:`_step` ((B, H, 1, d), before o_proj): one
+        compiled call where it applies (a real token that starts no document and is no sink,
+        float32/64 on CPU), else :meth:`_shared_step` on the step's fused products."""
+        bsz, nh, d = y.shape[0], self.num_heads, self.head_dim
+        t = info.cache.seen
+        slot = self.num_sinks + t % self.window
+        kern = fw.shared
+        if (
+            kern is not None
+            and info.all_valid
+            and not info.any_reset
+            and not (self.num_sinks and info.sink_tokens)
+            and y.dtype == kern.dtype == lc.decay.dtype
+            and all(x.is_contiguous() for x in lc.mlstm)
+        ):
+            leaves = self._shared_leaves(info, lc, t, slot)
+            at = info.memo.get(("step_slot", self.window, self.num_sinks))
+            if at is None:  # as _write_kv_step: keys and values are the kernel's to write
+                at = info.memo[("step_slot", self.window, self.num_sinks)] = (
+                    self.num_sinks + info.abs_idx % self.window
+                )
+            held = info.memo.get("step_held")
+            if held is None:
+                held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)
+            lc.held.index_copy_(2, at, held)
+            lc.ok.index_copy_(1, at, info.valid)
+            out = qk_r.new_empty(bsz, nh, 1, d)
+            return kern(y, qk_r, leaves, self._shared_mask(info, lc, t), lc, slot, out)
+        nq, nk = self.qkv_sizes[0], self.qkv_sizes[1]
+        gates = y[:, nq + 2 * nk : nq + 2 * nk + 2 * nh].view(bsz, 2, nh)  # input, forget
+        if not info.all_valid:  # padding steps are exact no-ops (as _gates)
+            pads = gates.new_tensor([[PAD_I], [PAD_F]])
+            gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
+        fq = fw.feature_map(qk_r)[:, :nh, 0]
+        out = self._shared_step(
+            qk_r[:, :nh, 0], qk_r[:, nh:], v, fq, gates[:, 0], gates[:, 1], info, lc, t
+        )
+        return out[:, :, None].to(v.dtype)
 
     def _features(self, q, k, q_r, k_r, cos, sin):
         """Feature-mapped q and k of the mLSTM branch (RoPE before or after the map)."""
@@ -564,13 +636,13 @@ class HybridAttention(nn.Module):
 
     def _fused_step_applies(self) -> bool:
         """Whether a decoding step takes :meth:`_step` (else :meth:`_decode`, the reference):
-        inference only (the cache is updated in place), ``fused_step`` on, a hybrid layer of the
-        ``gate`` mix or a layer kept as the teacher's sliding window."""
+        inference only (the cache is updated in place), ``fused_step`` on, a hybrid layer (no
+        observer on a ``shared_norm`` one) or a layer kept as the teacher's sliding window."""
         return (
             self.fused_step
             and not torch.is_grad_enabled()
             and not self.full
-            and (self.keep_local or not self.shared or self.config.gate_mode != "learned")
+            and (self.keep_local or not self.shared or self.observer is None)
         )
 
     def _step_weights(self, cache: HybridCache) -> StepWeights | None:
@@ -612,6 +684,9 @@ class HybridAttention(nn.Module):
         qk_r = self._rotate(qk, cos, sin, info)
         q_r, k_r = qk_r[:, :nh], qk_r[:, nh:]
         mode = "swa" if self.keep_local else self.config.gate_mode
+        if mode == "learned" and self.shared:
+            mixed = self._shared_fused(y, qk_r, v, info, lc, fw)
+            return _linear(mixed.view(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
         swa = mem = None
         if mode != "mlstm":
             swa = self._swa_step(q_r, k_r, v, info, lc)
@@ -668,6 +743,8 @@ class HybridAttention(nn.Module):
         q, k, q_r, k_r, v, gate_in = self._project(x, cos, sin)
         if self.keep_local:
             out = self._swa_step(q_r, k_r, v, info, lc)
+        elif self.config.gate_mode == "learned" and self.shared:
+            out = self._shared_norm(x, q_r, k_r, v, info, lc)
         else:
             out = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))

@@ -1,4 +1,5 @@
-// The recurrent branch of one CPU decoding step of a hybrid layer, as one function; and the
+// The recurrent branch of one CPU decoding step of a hybrid layer, as one function; the whole
+// attention of a shared_norm layer's decoding step, as one function (sn_step below); and the
 // mLSTM over a whole sequence without autograd (a prefill), as one scan (see scan_rows below).
 //
 // Loaded by megadistill/model/cpu_step.py (built on first use with the system's C++ compiler,
@@ -129,6 +130,109 @@ int step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both, i
       if (ogs != nullptr) o = o * ogs[h];
       const T* s = swa + (b * H + h) * d;
       for (int64_t j = 0; j < d; ++j) o_out[j] = lerp(s[j], r[j] / den, o);
+    }
+  }
+  return 0;
+}
+
+// One decoding step of the shared_norm mix (attention.py HybridAttention._shared_step with
+// shared_norm.absorb and shared_norm.shared_norm_step), for a step that is real, starts no
+// document and is no sink. Per row b and K/V head g: the key leaving ring slot ``slot`` (if
+// ``leaves[b]``) joins each of the g's query heads' state (C, n, m) with log weight
+// gate_i + decay + log f, the state decays by log f; every slot's decay grows by log f and the
+// slot takes this token's input gate, decay 0, key and value; then each query head reads
+// softmax over the visible slots (``mask``) and the state, under one normaliser.
+//   y      (B, ystride): [q (H d) | k (KV d) | v (KV d) | i (H) | f (H) | ...]
+//   qk     (B, H + KV, d): the RoPE'd q and k heads;  feat (H + KV, d, f): their feature maps
+//   leaves (B), mask (B, N): bytes (0/1); the mask is the one after this step's write
+//   kb, vb (B, KV, N, d): the buffer;  gi, dec (B, H, N): each slot's input gate and decay
+//   c (B, H, fx, d), n (B, H, fx), m (B, H): the state, updated in place;  out (B, H, d)
+template <typename T>
+int sn_step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both,
+            int64_t ystride, int64_t N, int64_t slot, const T* y, const T* qk, const T* feat,
+            const uint8_t* leaves, const uint8_t* mask, T* kb, T* vb, T* gi, T* dec, T* c, T* n,
+            T* m, T* out, double scaling) {
+  if (B < 1 || H < 1 || KV < 1 || H % KV != 0 || d < 1 || f < 1 || slot < 0 || slot >= N)
+    return 1;
+  const int64_t fx = both ? 2 * f : f, rep = H / KV, g = (H + 2 * KV) * d;
+  const T neg = T(-1.0e30), sc = static_cast<T>(scaling);
+  std::vector<T> z(f), fk(fx), fq(fx), vold(d), a(N), num(d), qc(d);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* yb = y + b * ystride;
+    const T* qkb = qk + b * (H + KV) * d;
+    for (int64_t kh = 0; kh < KV; ++kh) {
+      T* ks = kb + ((b * KV + kh) * N + slot) * d;
+      T* vs = vb + ((b * KV + kh) * N + slot) * d;
+      // the leaving key's features (computed whether or not it joins: the eager ops do, and a
+      // weight of exp(NEG - m) leaves the state as they leave it)
+      feature_map(ks, feat + (H + kh) * d * f, d, f, both, z.data(), fk.data());
+      std::copy(vs, vs + d, vold.begin());
+      for (int64_t r = 0; r < rep; ++r) {
+        const int64_t h = kh * rep + r, bh = b * H + h;
+        const T logf = log_sigmoid(yb[g + H + h]);
+        T* gih = gi + bh * N;
+        T* dech = dec + bh * N;
+        const T log_w = leaves[b] ? (gih[slot] + dech[slot]) + logf : neg;
+        T& mh = m[bh];
+        const T mn = std::max(logf + mh, log_w);
+        const T old = std::exp(logf + mh - mn), nw = std::exp(log_w - mn);
+        mh = mn;
+        T* ch = c + bh * fx * d;
+        T* nh = n + bh * fx;
+        for (int64_t i = 0; i < fx; ++i) {
+          T* row = ch + i * d;
+          const T ki = fk[i];
+          for (int64_t j = 0; j < d; ++j) row[j] = old * row[j] + nw * (ki * vold[j]);
+          nh[i] = old * nh[i] + nw * ki;
+        }
+        for (int64_t s = 0; s < N; ++s) dech[s] += logf;
+        gih[slot] = yb[g + h];
+        dech[slot] = T(0);
+      }
+      std::copy(qkb + (H + kh) * d, qkb + (H + kh + 1) * d, ks);
+      const T* vnew = yb + (H + KV) * d + kh * d;
+      std::copy(vnew, vnew + d, vs);
+    }
+    const uint8_t* mb = mask + b * N;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kh = h / rep, bh = b * H + h;
+      const T* qh = qkb + h * d;
+      const T* kbh = kb + (b * KV + kh) * N * d;
+      const T* vbh = vb + (b * KV + kh) * N * d;
+      T top = neg;
+      for (int64_t s = 0; s < N; ++s) {
+        if (!mb[s]) continue;
+        T dot = 0;
+        const T* ks = kbh + s * d;
+        for (int64_t j = 0; j < d; ++j) dot += qh[j] * ks[j];
+        a[s] = dot * sc;
+        top = std::max(top, a[s]);
+      }
+      std::fill(num.begin(), num.end(), T(0));
+      T wsum = 0;
+      for (int64_t s = 0; s < N; ++s) {
+        if (!mb[s]) continue;
+        const T p = std::exp(a[s] - top);
+        wsum += p;
+        const T* vs = vbh + s * d;
+        for (int64_t j = 0; j < d; ++j) num[j] += p * vs[j];
+      }
+      feature_map(qh, feat + h * d * f, d, f, both, z.data(), fq.data());
+      const T mh = m[bh], zz = std::max(mh, T(0));
+      const T sw = std::exp(-zz), ss = std::exp(mh - zz);
+      const T* ch = c + bh * fx * d;
+      const T* nh = n + bh * fx;
+      T qn = 0;
+      std::fill(qc.begin(), qc.end(), T(0));
+      for (int64_t i = 0; i < fx; ++i) {
+        const T qi = fq[i];
+        const T* row = ch + i * d;
+        for (int64_t j = 0; j < d; ++j) qc[j] += qi * row[j];
+        qn += qi * nh[i];
+      }
+      const T den = sw * wsum + ss * qn;
+      T* o = out + bh * d;
+      for (int64_t j = 0; j < d; ++j) o[j] = (sw * num[j] + ss * qc[j]) / den;
     }
   }
   return 0;
@@ -270,6 +374,26 @@ int megadistill_step_f64(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f,
                          int64_t mix) {
   return step<double>(B, H, KV, d, f, both, ystride, y, qk, feat, ogw, ogb, ogs, swa, cn, m, out,
                       eps, mix);
+}
+
+int megadistill_sn_step_f32(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f,
+                            int64_t both, int64_t ystride, int64_t N, int64_t slot,
+                            const float* y, const float* qk, const float* feat,
+                            const uint8_t* leaves, const uint8_t* mask, float* kb, float* vb,
+                            float* gi, float* dec, float* c, float* n, float* m, float* out,
+                            double scaling) {
+  return sn_step<float>(B, H, KV, d, f, both, ystride, N, slot, y, qk, feat, leaves, mask, kb,
+                        vb, gi, dec, c, n, m, out, scaling);
+}
+
+int megadistill_sn_step_f64(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f,
+                            int64_t both, int64_t ystride, int64_t N, int64_t slot,
+                            const double* y, const double* qk, const double* feat,
+                            const uint8_t* leaves, const uint8_t* mask, double* kb, double* vb,
+                            double* gi, double* dec, double* c, double* n, double* m,
+                            double* out, double scaling) {
+  return sn_step<double>(B, H, KV, d, f, both, ystride, N, slot, y, qk, feat, leaves, mask, kb,
+                         vb, gi, dec, c, n, m, out, scaling);
 }
 
 int megadistill_scan_f32(int64_t B, int64_t H, int64_t T, int64_t f, int64_t d, const float* q,

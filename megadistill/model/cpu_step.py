@@ -1,5 +1,6 @@
-"""The recurrent branch of a CPU decoding step in one compiled call, and the mLSTM of a prefill
-as one compiled scan (``cpu_step.cpp``).
+"""The recurrent branch of a CPU decoding step in one compiled call (for the ``shared_norm`` mix,
+the layer's whole attention: :class:`SharedNormStep`), and the mLSTM of a prefill as one compiled
+scan (``cpu_step.cpp``).
 
 Eagerly, the branch of one layer's decoding step (feature maps, the mLSTM state update and
 read-out, the output gate, the mix) is ~46 aten ops: on one CPU thread ~300 us per layer and
@@ -46,6 +47,7 @@ ENV = "MEGADISTILL_CPU_STEP"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-pthread")
 _FUNCTIONS = {torch.float32: "megadistill_step_f32", torch.float64: "megadistill_step_f64"}
 _SCANS = {torch.float32: "megadistill_scan_f32", torch.float64: "megadistill_scan_f64"}
+_SN_STEPS = {torch.float32: "megadistill_sn_step_f32", torch.float64: "megadistill_sn_step_f64"}
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -104,6 +106,10 @@ def _open(path: Path) -> ctypes.CDLL:
     for name in _SCANS.values():
         fn = getattr(lib, name)
         fn.argtypes = [i64] * 5 + [ptr] * 9 + [ctypes.c_double, i64]
+        fn.restype = ctypes.c_int
+    for name in _SN_STEPS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 9 + [ptr] * 13 + [ctypes.c_double]
         fn.restype = ctypes.c_int
     return lib
 
@@ -192,6 +198,76 @@ class RecurrentStep:
         )  # fmt: skip
         if rc != 0:
             raise ValueError(f"cpu_step: bad dimensions {self.dims} (rc {rc})")
+        return out
+
+
+class SharedNormStep:
+    """The attention of one ``shared_norm`` layer's decoding step compiled, bound to the layer's
+    feature maps: ``step(y, qk, leaves, mask, lc, slot, out)`` does what
+    ``HybridAttention._shared_step`` does after the q/k/v/gate product ``y`` and RoPE ``qk``
+    (the leaving key joins the state, the slot takes the new token's key, value, input gate and
+    decay, and the query reads window and state under one normaliser), in place on the cache."""
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        *,
+        num_heads: int,
+        num_kv: int,
+        head_dim: int,
+        features: torch.Tensor,
+        both_signs: bool,
+        scaling: float,
+    ) -> None:
+        dtype = features.dtype
+        if not (features.is_contiguous() and features.device.type == "cpu"):
+            raise ValueError("cpu_step: feature maps must be one contiguous CPU tensor")
+        self.fn = getattr(lib, _SN_STEPS[dtype])
+        self.dtype = dtype
+        self.features = features  # kept: the C++ reads it
+        self.dims = (num_heads, num_kv, head_dim, features.shape[-1], int(both_signs))
+        self.scaling = scaling
+
+    @classmethod
+    def applies(cls, dtype: torch.dtype, device: torch.device) -> bool:
+        return dtype in _SN_STEPS and device.type == "cpu"
+
+    def __call__(self, y, qk, leaves, mask, lc, slot: int, out) -> torch.Tensor:
+        """One step: ``y`` (B, Y), ``qk`` (B, H + KV, 1, d), ``leaves`` (B,) and ``mask``
+        (B, N) booleans, ``lc`` the layer's cache (its buffer, ``gate_i``, ``decay`` and
+        ``mlstm`` state are updated), ``slot`` the ring slot of this token, ``out``
+        (B, H, 1, d) (written and returned)."""
+        h, kv, d, f, both = self.dims
+        c, n, m = lc.mlstm
+        bsz, slots = mask.shape
+        fx = f * (1 + both)
+        want = ((y, None), (qk, (bsz, h + kv, 1, d)), (lc.k, (bsz, kv, slots, d)),
+                (lc.v, (bsz, kv, slots, d)), (lc.gate_i, (bsz, h, slots)),
+                (lc.decay, (bsz, h, slots)), (c, (bsz, h, fx, d)), (n, (bsz, h, fx)),
+                (m, (bsz, h)), (out, (bsz, h, 1, d)))  # fmt: skip
+        for t, shape in want:  # the C++ reads by these shapes: refuse, never read past a tensor
+            if (
+                t.dtype != self.dtype
+                or not t.is_contiguous()
+                or (shape is not None and tuple(t.shape) != shape)
+            ):
+                raise ValueError(
+                    f"cpu_step: a shared_norm step tensor of shape {tuple(t.shape)} is {t.dtype}, "
+                    f"contiguous={t.is_contiguous()}; expected contiguous {self.dtype} {shape}"
+                )
+        for t, shape in ((leaves, (bsz,)), (mask, (bsz, slots))):
+            if t.dtype != torch.bool or not t.is_contiguous() or tuple(t.shape) != shape:
+                raise ValueError(f"cpu_step: expected contiguous booleans {shape}")
+        if y.shape[0] != bsz or y.shape[1] < (h + 2 * kv) * d + 2 * h or not 0 <= slot < slots:
+            raise ValueError(f"cpu_step: bad shared_norm step y {tuple(y.shape)}, slot {slot}")
+        rc = self.fn(
+            bsz, *self.dims, y.shape[1], slots, slot, y.data_ptr(), qk.data_ptr(),
+            self.features.data_ptr(), leaves.data_ptr(), mask.data_ptr(), lc.k.data_ptr(),
+            lc.v.data_ptr(), lc.gate_i.data_ptr(), lc.decay.data_ptr(), c.data_ptr(),
+            n.data_ptr(), m.data_ptr(), out.data_ptr(), self.scaling,
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"cpu_step: bad shared_norm step dimensions {self.dims} (rc {rc})")
         return out
 
 

@@ -101,14 +101,12 @@ def test_row_starting_mid_document_through_a_cache_equals_parallel():
                 torch.testing.assert_close(fed(student, ids, cuts, position_ids=pos), full)
 
 
-@pytest.mark.parametrize(
-    ("family", "hybrid"),
-    [c for c in _cases() if c.id != "shared_norm"],  # (no fused step)
-)
+@pytest.mark.parametrize(("family", "hybrid"), _cases())
 def test_fused_step_equals_the_step_through_the_modules(family, hybrid):
     # The fused decoding step (one product for q/k/v and the gates, RoPE as a product, the
-    # [C | n] state) against the step through the modules, token by token over several windows,
-    # with packed documents and left padding: logits and the state they leave.
+    # [C | n] state; shared_norm's attention compiled) against the step through the modules,
+    # token by token over several windows, with packed documents and left padding: logits and
+    # the state they leave.
     student = _student(family, **hybrid)
     ids, pos = _packed([17, 5, 26], [9, 39])
     mask = torch.ones_like(ids)

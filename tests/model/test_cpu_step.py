@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megadistill.model import cpu_step
+from megadistill.model.cache import LayerCache
 from megadistill.model.mlstm import (
     EPS,
     PAD_F,
@@ -31,6 +32,8 @@ CASES = {
     "learned_half": {"gate_init": "half"},
     "mlstm": {"gate_mode": "mlstm"},
     "softmax_layer": {"softmax_layers": [1]},
+    "shared_norm": {"mix": "shared_norm"},
+    "shared_norm_pm": {"mix": "shared_norm", "feature_map": "hedgehog_pm"},
 }
 
 
@@ -53,7 +56,9 @@ def _student(dtype=torch.float64, family="llama", **hybrid):
 
 
 def _kernels(cache) -> list:
-    return [w.kernel for w in cache.step_weights.values() if w is not None and w.kernel is not None]
+    """The compiled calls bound for the cache's steps (the recurrent branch, or shared_norm's)."""
+    weights = [w for w in cache.step_weights.values() if w is not None]
+    return [k for w in weights for k in (w.kernel, w.shared) if k is not None]
 
 
 @pytest.mark.parametrize("hybrid", CASES.values(), ids=CASES.keys())
@@ -75,10 +80,11 @@ def test_compiled_step_equals_the_eager_step(hybrid):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_step_in_float32_and_through_generate():
+@pytest.mark.parametrize("hybrid", [{}, CASES["shared_norm_pm"]], ids=["gated", "shared_norm"])
+def test_compiled_step_in_float32_and_through_generate(hybrid):
     # float32 (the dtype users decode in): generate()'s greedy tokens are the eager step's and
     # the logits agree to float32 rounding.
-    student = _student(torch.float32)
+    student = _student(torch.float32, **hybrid)
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     compiled, ccache = stepped_with_cache(student, ids, 4)
     set_on_attention(student, step_kernel=False)
@@ -155,6 +161,34 @@ def test_a_bad_layout_is_refused_not_read():
         step(y, qk, None, cn.transpose(2, 3).contiguous().transpose(2, 3), m, out)
     with pytest.raises(ValueError, match="float32"):
         step(y.float(), qk, None, cn, m, out)
+
+
+def test_a_bad_shared_norm_layout_is_refused_not_read():
+    lib = cpu_step.library()
+    assert lib is not None
+    f64 = {"dtype": torch.float64}
+    step = cpu_step.SharedNormStep(
+        lib, num_heads=4, num_kv=2, head_dim=16, features=torch.zeros(6, 16, 16, **f64),
+        both_signs=False, scaling=0.25,
+    )  # fmt: skip
+    lc = LayerCache(
+        mlstm=(torch.zeros(1, 4, 16, 16, **f64), torch.zeros(1, 4, 16, **f64),
+               torch.zeros(1, 4, **f64)),
+        k=torch.zeros(1, 2, 10, 16, **f64), v=torch.zeros(1, 2, 10, 16, **f64),
+        gate_i=torch.zeros(1, 4, 10, **f64), decay=torch.zeros(1, 4, 10, **f64),
+    )  # fmt: skip
+    y = torch.zeros(1, 4 * 16 + 4 * 16 + 3 * 4, **f64)
+    qk = torch.zeros(1, 6, 1, 16, **f64)
+    leaves, mask = torch.zeros(1, dtype=torch.bool), torch.ones(1, 10, dtype=torch.bool)
+    out = torch.empty(1, 4, 1, 16, **f64)
+    step(y, qk, leaves, mask, lc, 5, out)  # the right layout runs
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="bad shared_norm step y"):
+        step(y, qk, leaves, mask, lc, 10, out)  # a slot past the buffer
+    with pytest.raises(ValueError, match=r"expected contiguous torch.float64 \(1, 4, 10\)"):
+        step(y, qk, leaves, mask, LayerCache(**{**vars(lc), "decay": lc.decay[..., :8]}), 5, out)
+    with pytest.raises(ValueError, match="contiguous booleans"):
+        step(y, qk, leaves, mask.float(), lc, 5, out)
 
 
 def _mlstm_inputs(b, h, t, f, d, dtype, seed=0):
