@@ -466,9 +466,17 @@ class HybridAttention(nn.Module):
                 f_pre[:, :, 0], info, lc, info.cache.seen,
             )  # fmt: skip
             return out[:, :, None].to(v.dtype)
-        fq, fk = self.q_feature(q_r), self.k_feature(k_r)
-        fk = fk.repeat_interleave(self.num_heads // self.num_kv, dim=1)
+        fq, fk_kv = self.q_feature(q_r), self.k_feature(k_r)
         i_pre, f_pre = self._gates(x, info)
+        out = None
+        if (lc is None or lc.k is None) and self.step_kernel:  # one compiled scan (CPU, no grad)
+            out = cpu_step.shared_norm_scan(
+                q_r, k_r, v, fq, fk_kv, i_pre, f_pre, info.tokens, self.window, self.num_sinks,
+                self.scaling,
+            )  # fmt: skip
+            if out is not None:
+                out = out.to(v.dtype)
+        fk = fk_kv.repeat_interleave(self.num_heads // self.num_kv, dim=1)
         if BLOCKED_SHARED_NORM and q_r.shape[2] > 2 * self.window:  # O(T W), not O(T^2)
             args = (info.tokens, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_blocked
@@ -476,10 +484,13 @@ class HybridAttention(nn.Module):
             args = (info.reset, info.valid, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_parallel
         if lc is None:
+            if out is not None:
+                return out
             recompute = RECOMPUTE_SHARED_NORM and kernel is sn.shared_norm_blocked
             return _kernel(recompute, kernel, q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
         if lc.k is None:  # prefill into an empty cache: the sequence, then the state it leaves
-            out = kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
+            if out is None:
+                out = kernel(q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
             lc.mlstm, gate_i, decay = sn.prefill_state(
                 fk, v, i_pre, f_pre, info.tokens, self.window, self.num_sinks
             )

@@ -1,6 +1,7 @@
 // The recurrent branch of one CPU decoding step of a hybrid layer, as one function; the whole
 // attention of a shared_norm layer's decoding step, as one function (sn_step below); and the
-// mLSTM over a whole sequence without autograd (a prefill), as one scan (see scan_rows below).
+// mLSTM, or a shared_norm layer's attention, over a whole sequence without autograd (a prefill,
+// an evaluation), as one scan (scan_rows, sn_scan_rows below).
 //
 // Loaded by megadistill/model/cpu_step.py (built on first use with the system's C++ compiler,
 // no torch headers). It computes, for every row b and head h, what attention.py's eager
@@ -238,6 +239,170 @@ int sn_step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both
   return 0;
 }
 
+// The shared_norm mix over a whole sequence without autograd (a prefill, an evaluation):
+// shared_norm.shared_norm_parallel's function, token by token with the state in cache, for
+// (row, head) pairs [lo, hi). Per query t of document D it reads, under one normaliser, the
+// window set (keys s <= t of D with t - s < W, D's sinks, and t itself: swa.visible) exactly,
+// and the keys of D that have left the window (no sinks, real) through the state
+//   C = sum_s exp(i_s + cum_t - cum_s - m) fk_s v_s^T,   n likewise with fk_s,
+// which the key leaving at t (s = t - W) joins and which empties when a document starts.
+//   q (B, H, T, d), k, v (B, KV, T, d), fq (B, H, T, fx), fk (B, KV, T, fx), ig, fg (B, H, T)
+//   doc, pos (B, T) int64 and ok (B, T) bytes: swa.Tokens;  out (B, H, T, d)
+template <typename T>
+void sn_scan_rows(int64_t lo, int64_t hi, int64_t H, int64_t KV, int64_t len, int64_t d,
+                  int64_t fx, int64_t W, int64_t S, const T* q, const T* k, const T* v,
+                  const T* fq, const T* fk, const T* ig, const T* fg, const int64_t* doc,
+                  const int64_t* pos, const uint8_t* ok, T* out, double scaling) {
+  const int64_t rep = H / KV;
+  const T neg = T(-1.0e30), sc = static_cast<T>(scaling);
+  std::vector<T> c(fx * d), n(fx), num(d), qc(d), a, cum(len);
+  std::vector<int64_t> keys, sinks;
+  for (int64_t p = lo; p < hi; ++p) {
+    const int64_t b = p / H, kh = (p % H) / rep, pk = b * KV + kh;
+    const T* qp = q + p * len * d;
+    const T* kp = k + pk * len * d;
+    const T* vp = v + pk * len * d;
+    const T* fqp = fq + p * len * fx;
+    const T* fkp = fk + pk * len * fx;
+    const T* igp = ig + p * len;
+    const T* fgp = fg + p * len;
+    const int64_t* db = doc + b * len;
+    const int64_t* pb = pos + b * len;
+    const uint8_t* ob = ok + b * len;
+    T* op = out + p * len * d;
+    T m = neg, run = 0;
+    bool empty = true;
+    int64_t cur = len > 0 ? db[0] : 0;
+    sinks.clear();
+    for (int64_t t = 0; t < len; ++t) {
+      const T logf = log_sigmoid(fgp[t]);
+      run += logf;
+      cum[t] = run;
+      if (db[t] != cur) {  // a document starts: the state holds none of its keys
+        cur = db[t];
+        empty = true;
+        m = neg;
+        sinks.clear();
+      }
+      const int64_t s = t - W;  // the key leaving the window
+      if (s >= 0 && ob[s] && pb[s] >= S && db[s] == cur) {
+        const T log_w = igp[s] + (cum[t] - cum[s]);
+        const T* fks = fkp + s * fx;
+        const T* vs = vp + s * d;
+        if (empty) {
+          m = log_w;
+          for (int64_t i = 0; i < fx; ++i) {
+            for (int64_t j = 0; j < d; ++j) c[i * d + j] = fks[i] * vs[j];
+            n[i] = fks[i];
+          }
+          empty = false;
+        } else {
+          const T mn = std::max(m + logf, log_w);
+          const T old = std::exp(m + logf - mn), nw = std::exp(log_w - mn);
+          for (int64_t i = 0; i < fx; ++i) {
+            const T ki = nw * fks[i];
+            T* row = c.data() + i * d;
+            for (int64_t j = 0; j < d; ++j) row[j] = old * row[j] + ki * vs[j];
+            n[i] = old * n[i] + ki;
+          }
+          m = mn;
+        }
+      } else if (!empty) {
+        m += logf;
+      }
+      if (ob[t] && pb[t] < S) sinks.push_back(t);
+      keys.clear();
+      for (int64_t sk : sinks)
+        if (t - sk >= W) keys.push_back(sk);
+      for (int64_t r = std::max<int64_t>(0, t - W + 1); r <= t; ++r)
+        if (r == t || (ob[r] && db[r] == cur)) keys.push_back(r);
+      a.resize(keys.size());
+      const T* qt = qp + t * d;
+      T top = neg;
+      for (size_t j = 0; j < keys.size(); ++j) {
+        const T* kr = kp + keys[j] * d;
+        T dot = 0;
+        for (int64_t e = 0; e < d; ++e) dot += qt[e] * kr[e];
+        a[j] = dot * sc;
+        top = std::max(top, a[j]);
+      }
+      std::fill(num.begin(), num.end(), T(0));
+      T wsum = 0;
+      for (size_t j = 0; j < keys.size(); ++j) {
+        const T pw = std::exp(a[j] - top);
+        wsum += pw;
+        const T* vr = vp + keys[j] * d;
+        for (int64_t e = 0; e < d; ++e) num[e] += pw * vr[e];
+      }
+      T* ot = op + t * d;
+      if (empty) {
+        for (int64_t e = 0; e < d; ++e) ot[e] = num[e] / wsum;
+        continue;
+      }
+      const T* fqt = fqp + t * fx;
+      std::fill(qc.begin(), qc.end(), T(0));
+      T qn = 0;
+      for (int64_t i = 0; i < fx; ++i) {
+        const T* row = c.data() + i * d;
+        for (int64_t e = 0; e < d; ++e) qc[e] += fqt[i] * row[e];
+        qn += fqt[i] * n[i];
+      }
+      const T z = std::max(m, T(0)), sw = std::exp(-z), ss = std::exp(m - z);
+      const T den = sw * wsum + ss * qn;
+      for (int64_t e = 0; e < d; ++e) ot[e] = (sw * num[e] + ss * qc[e]) / den;
+    }
+  }
+}
+
+MEGADISTILL_CLONES void sn_scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64_t KV,
+                                        int64_t len, int64_t d, int64_t fx, int64_t W, int64_t S,
+                                        const float* q, const float* k, const float* v,
+                                        const float* fq, const float* fk, const float* ig,
+                                        const float* fg, const int64_t* doc, const int64_t* pos,
+                                        const uint8_t* ok, float* out, double scaling) {
+  sn_scan_rows<float>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                      out, scaling);
+}
+
+MEGADISTILL_CLONES void sn_scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64_t KV,
+                                        int64_t len, int64_t d, int64_t fx, int64_t W, int64_t S,
+                                        const double* q, const double* k, const double* v,
+                                        const double* fq, const double* fk, const double* ig,
+                                        const double* fg, const int64_t* doc, const int64_t* pos,
+                                        const uint8_t* ok, double* out, double scaling) {
+  sn_scan_rows<double>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                       out, scaling);
+}
+
+// The B * H pairs split over up to ``threads`` threads (this one included), as scan below.
+template <typename T>
+int sn_scan(int64_t B, int64_t H, int64_t KV, int64_t len, int64_t d, int64_t fx, int64_t W,
+            int64_t S, const T* q, const T* k, const T* v, const T* fq, const T* fk, const T* ig,
+            const T* fg, const int64_t* doc, const int64_t* pos, const uint8_t* ok, T* out,
+            double scaling, int64_t threads) {
+  if (B < 1 || H < 1 || KV < 1 || H % KV != 0 || len < 0 || d < 1 || fx < 1 || W < 1 || S < 0)
+    return 1;
+  const int64_t rows = B * H;
+  const int64_t nt = std::max<int64_t>(1, std::min(threads, rows));
+  std::vector<std::thread> pool;
+  int64_t lo = 0;
+  try {
+    for (int64_t w = 1; w < nt; ++w) {
+      const int64_t hi = rows * w / nt;
+      pool.emplace_back([=] {
+        sn_scan_rows_of(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                        out, scaling);
+      });
+      lo = hi;
+    }
+  } catch (...) {  // no thread to be had: this one does the rest
+  }
+  sn_scan_rows_of(lo, rows, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok, out,
+                  scaling);
+  for (auto& t : pool) t.join();
+  return 0;
+}
+
 // One step of one head: each row i of [C | n] (stride d + 1) <- ef row + (ei k_i) [v | 1], and
 // the read-out r = [q.C | q.n] of the updated rows with q scaled, in one pass. D: d when known
 // at compile time (0: not).
@@ -394,6 +559,25 @@ int megadistill_sn_step_f64(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t
                             double* out, double scaling) {
   return sn_step<double>(B, H, KV, d, f, both, ystride, N, slot, y, qk, feat, leaves, mask, kb,
                          vb, gi, dec, c, n, m, out, scaling);
+}
+
+int megadistill_sn_scan_f32(int64_t B, int64_t H, int64_t KV, int64_t T, int64_t d,
+                            int64_t fx, int64_t W, int64_t S, const float* q, const float* k,
+                            const float* v, const float* fq, const float* fk, const float* ig,
+                            const float* fg, const int64_t* doc, const int64_t* pos,
+                            const uint8_t* ok, float* out, double scaling, int64_t threads) {
+  return sn_scan<float>(B, H, KV, T, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok, out,
+                        scaling, threads);
+}
+
+int megadistill_sn_scan_f64(int64_t B, int64_t H, int64_t KV, int64_t T, int64_t d,
+                            int64_t fx, int64_t W, int64_t S, const double* q, const double* k,
+                            const double* v, const double* fq, const double* fk,
+                            const double* ig, const double* fg, const int64_t* doc,
+                            const int64_t* pos, const uint8_t* ok, double* out, double scaling,
+                            int64_t threads) {
+  return sn_scan<double>(B, H, KV, T, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok, out,
+                         scaling, threads);
 }
 
 int megadistill_scan_f32(int64_t B, int64_t H, int64_t T, int64_t f, int64_t d, const float* q,

@@ -48,6 +48,7 @@ FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-pthread
 _FUNCTIONS = {torch.float32: "megadistill_step_f32", torch.float64: "megadistill_step_f64"}
 _SCANS = {torch.float32: "megadistill_scan_f32", torch.float64: "megadistill_scan_f64"}
 _SN_STEPS = {torch.float32: "megadistill_sn_step_f32", torch.float64: "megadistill_sn_step_f64"}
+_SN_SCANS = {torch.float32: "megadistill_sn_scan_f32", torch.float64: "megadistill_sn_scan_f64"}
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -110,6 +111,10 @@ def _open(path: Path) -> ctypes.CDLL:
     for name in _SN_STEPS.values():
         fn = getattr(lib, name)
         fn.argtypes = [i64] * 9 + [ptr] * 13 + [ctypes.c_double]
+        fn.restype = ctypes.c_int
+    for name in _SN_SCANS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 8 + [ptr] * 11 + [ctypes.c_double, i64]
         fn.restype = ctypes.c_int
     return lib
 
@@ -337,3 +342,67 @@ def mlstm_scan(
     if rc != 0:
         raise ValueError(f"cpu_step: mlstm_scan got bad dimensions {(bsz, nh, t, fd, dv)}")
     return h, (cn[..., :-1], cn[..., -1], m)
+
+
+def shared_norm_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    i_pre: torch.Tensor,
+    f_pre: torch.Tensor,
+    tok,
+    window: int,
+    num_sinks: int,
+    scaling: float,
+) -> torch.Tensor | None:
+    """The ``shared_norm`` mix over a sequence in one compiled call (no autograd; the function
+    of :func:`~megadistill.model.shared_norm.shared_norm_parallel`, token by token with the
+    state of the keys that left the window in cache), or None where it does not apply (not CPU,
+    autograd on, turned off, no compiler): the caller then runs its own form.
+
+    Args:
+        q: (B, H, T, d) RoPE'd queries; k, v: (B, KV, T, d) RoPE'd keys and values.
+        fq: (B, H, T, F) and fk: (B, KV, T, F) feature maps (the K/V heads' own, not repeated).
+        i_pre, f_pre: (B, H, T) gate pre-activations (padding: PAD_I / PAD_F).
+        tok: the row's :class:`~megadistill.model.swa.Tokens` (document, position, realness;
+            ``idx`` is not read: keys are indexed 0..T-1 along the row).
+        window, num_sinks, scaling: the SWA branch's settings.
+
+    Returns:
+        (B, H, T, d) in the compute dtype (float32 for half types).
+    """
+    if not scan_applies(q):
+        return None
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    lib = library()
+    if lib is None:
+        return None
+    bsz, nh, t, d = q.shape
+    nkv, fx = k.shape[1], fq.shape[-1]
+    shapes = ((k, (bsz, nkv, t, d)), (v, (bsz, nkv, t, d)), (fq, (bsz, nh, t, fx)),
+              (fk, (bsz, nkv, t, fx)), (i_pre, (bsz, nh, t)), (f_pre, (bsz, nh, t)),
+              (tok.doc, (bsz, t)), (tok.pos, (bsz, t)), (tok.ok, (bsz, t)))  # fmt: skip
+    for x, want in shapes:  # the C++ reads by these shapes: refuse, never read past a tensor
+        if tuple(x.shape) != tuple(want):
+            raise ValueError(
+                f"cpu_step: shared_norm_scan got a tensor of shape {tuple(x.shape)} where "
+                f"{tuple(want)} belongs (q is {tuple(q.shape)})"
+            )
+    if nkv < 1 or nh % nkv != 0:
+        raise ValueError(f"cpu_step: shared_norm_scan got {nh} query heads over {nkv} K/V heads")
+    q, k, v, fq, fk, i_pre, f_pre = (
+        x.to(dtype).contiguous() for x in (q, k, v, fq, fk, i_pre, f_pre)
+    )
+    doc, pos = (x.to(torch.int64).contiguous() for x in (tok.doc, tok.pos))
+    ok = tok.ok.to(torch.uint8).contiguous()
+    out = q.new_empty(bsz, nh, t, d)
+    rc = getattr(lib, _SN_SCANS[dtype])(
+        bsz, nh, nkv, t, d, fx, window, num_sinks, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        fq.data_ptr(), fk.data_ptr(), i_pre.data_ptr(), f_pre.data_ptr(), doc.data_ptr(),
+        pos.data_ptr(), ok.data_ptr(), out.data_ptr(), scaling, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"cpu_step: shared_norm_scan got bad dimensions {(bsz, nh, nkv, t, d)}")
+    return out

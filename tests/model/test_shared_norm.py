@@ -58,6 +58,36 @@ def test_blocked_equals_quadratic_in_float64_values_and_gradients(layout, num_si
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"d/d{name}")
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize(("num_sinks", "pad", "threads"), [(0, 0, 1), (2, 5, 3), (3, 11, 1)])
+def test_the_compiled_scan_equals_quadratic_in_float64(layout, num_sinks, pad, threads):
+    """The prefill's and evaluation's compiled form (``cpu_step.shared_norm_scan``, one pass
+    over the tokens with the state in cache) is the quadratic form's function, the (row, head)
+    pairs split over ``threads``; keys' feature maps per K/V head, as the layer gives them."""
+    from megadistill.model import cpu_step
+
+    q, k, v, fq, fk, i_pre, f_pre, reset, valid = _inputs(LAYOUTS[layout], pad, seed=pad + 3)
+    fk = fk[:, :: H // KV]  # one feature map per K/V head
+    ref = sn.shared_norm_parallel(
+        q, k, v, fq, fk.repeat_interleave(H // KV, 1), i_pre, f_pre, reset, valid, W,
+        num_sinks, 0.3,
+    )  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = cpu_step.shared_norm_scan(
+                q, k, v, fq, fk, i_pre, f_pre, row_tokens(reset, valid), W, num_sinks, 0.3
+            )
+    finally:
+        torch.set_num_threads(before)
+    assert got is not None, "the compiled scan does not build on this machine"
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad(), pytest.raises(ValueError, match="shared_norm_scan got a tensor of"):
+        cpu_step.shared_norm_scan(q, k, v, fq, fk[:, :, :-1], i_pre, f_pre,
+                                  row_tokens(reset, valid), W, num_sinks, 0.3)  # fmt: skip
+
+
 def test_a_document_start_inside_the_row_changes_the_blocked_output():
     """The reset matters: without it the later document would read the earlier one's keys."""
     q, k, v, fq, fk, i_pre, f_pre, reset, valid = _inputs(LAYOUTS["packed"], 0, seed=1)
