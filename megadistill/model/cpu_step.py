@@ -1,6 +1,6 @@
 """The recurrent branch of a CPU decoding step in one compiled call (for the ``shared_norm`` mix,
-the layer's whole attention: :class:`SharedNormStep`), and the mLSTM of a prefill as one compiled
-scan (``cpu_step.cpp``).
+the layer's whole attention: :class:`SharedNormStep`), and the mLSTM, or the ``shared_norm``
+mix, of a prefill as one compiled scan (``cpu_step.cpp``).
 
 Eagerly, the branch of one layer's decoding step (feature maps, the mLSTM state update and
 read-out, the output gate, the mix) is ~46 aten ops: on one CPU thread ~300 us per layer and
@@ -16,10 +16,13 @@ prefill, an evaluation), step by step with the state in cache, over the (row, he
 among torch's threads. On one CPU thread it replaces the chunkwise form's many small products
 with one pass over the state per token: 19-23 ms per SmolLM2 layer at 4K tokens in the model,
 against 53-70 ms (:func:`~megadistill.model.mlstm.mlstm_forward` uses it for ``chunkwise`` on
-CPU without autograd).
+CPU without autograd). :func:`shared_norm_scan` is the same for the ``shared_norm`` mix: each
+query reads its window exactly and the keys that have left it through a state that the leaving
+key joins, one pass over the tokens (36 ms per SmolLM2 layer at 1K tokens, W = 64, against the
+blocked form's 81 ms; 143 against 289 at 4K).
 
 Where no compiler is found or the build fails, one warning says why and CPU inference stays on
-the eager ops (same functions). ``MEGADISTILL_CPU_STEP=0`` turns both compiled paths off.
+the eager ops (same functions). ``MEGADISTILL_CPU_STEP=0`` turns every compiled path off.
 """
 
 from __future__ import annotations
