@@ -476,6 +476,8 @@ class HybridAttention(nn.Module):
             )  # fmt: skip
             if out is not None:
                 out = out.to(v.dtype)
+                if lc is None:
+                    return out
         fk = fk_kv.repeat_interleave(self.num_heads // self.num_kv, dim=1)
         if BLOCKED_SHARED_NORM and q_r.shape[2] > 2 * self.window:  # O(T W), not O(T^2)
             args = (info.tokens, self.window, self.num_sinks, self.scaling)
@@ -484,8 +486,6 @@ class HybridAttention(nn.Module):
             args = (info.reset, info.valid, self.window, self.num_sinks, self.scaling)
             kernel = sn.shared_norm_parallel
         if lc is None:
-            if out is not None:
-                return out
             recompute = RECOMPUTE_SHARED_NORM and kernel is sn.shared_norm_blocked
             return _kernel(recompute, kernel, q_r, k_r, v, fq, fk, i_pre, f_pre, *args)
         if lc.k is None:  # prefill into an empty cache: the sequence, then the state it leaves
@@ -591,14 +591,7 @@ class HybridAttention(nn.Module):
             and all(x.is_contiguous() for x in lc.mlstm)
         ):
             leaves = self._shared_leaves(info, lc, t, slot)
-            at = info.memo.get(("step_slot", self.window, self.num_sinks))
-            if at is None:  # as _write_kv_step: keys and values are the kernel's to write
-                at = info.memo[("step_slot", self.window, self.num_sinks)] = (
-                    self.num_sinks + info.abs_idx % self.window
-                )
-            held = info.memo.get("step_held")
-            if held is None:
-                held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)
+            at, held = self._step_slot(info)  # keys and values are the kernel's to write
             lc.held.index_copy_(2, at, held)
             lc.ok.index_copy_(1, at, info.valid)
             out = qk_r.new_empty(bsz, nh, 1, d)
@@ -852,18 +845,25 @@ class HybridAttention(nn.Module):
         if self.num_sinks and info.sink_tokens:
             self._write_kv(k_r, v, info, lc)
             return
-        key = ("step_slot", self.window, self.num_sinks)
-        at = info.memo.get(key)
-        if at is None:  # the same slot in every layer of this window and sinks (made on the
-            # device from the step's index: no copy from the host, which would wait on a GPU)
-            at = info.memo[key] = self.num_sinks + info.abs_idx % self.window
-        held = info.memo.get("step_held")
-        if held is None:  # the same token for every layer
-            held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)  # (B,3,1)
+        at, held = self._step_slot(info)
         lc.k.index_copy_(2, at, k_r)
         lc.v.index_copy_(2, at, v)
         lc.held.index_copy_(2, at, held)
         lc.ok.index_copy_(1, at, info.valid)
+
+    def _step_slot(self, info: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoding step's ring slot (1,) and the token it takes, (B, 3, 1) [index, document,
+        position]: the same in every layer of this window and sinks, so built once per step (the
+        slot on the device from the step's index: no copy from the host, which would wait on a
+        GPU)."""
+        key = ("step_slot", self.window, self.num_sinks)
+        at = info.memo.get(key)
+        if at is None:
+            at = info.memo[key] = self.num_sinks + info.abs_idx % self.window
+        held = info.memo.get("step_held")
+        if held is None:
+            held = info.memo["step_held"] = torch.stack(info.tokens[:3], 1)
+        return at, held
 
     @torch.no_grad()
     def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:
