@@ -59,11 +59,11 @@ void feature_map(const T* x, const T* w, int64_t d, int64_t f, bool both, T* z, 
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
   T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t e = 0;
-  for (; e + 8 <= n; e += 8)
+  const int64_t whole = n - n % 8;
+  for (int64_t e = 0; e < whole; e += 8)
     for (int u = 0; u < 8; ++u) acc[u] += a[e + u] * b[e + u];
   T sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; e < n; ++e) sum += a[e] * b[e];
+  for (int64_t e = whole; e < n; ++e) sum += a[e] * b[e];
   return sum;
 }
 
@@ -257,12 +257,14 @@ int sn_step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both
 // which the key leaving at t (s = t - W) joins and which empties when a document starts.
 //   q (B, H, T, d), k, v (B, KV, T, d), fq (B, H, T, fx), fk (B, KV, T, fx), ig, fg (B, H, T)
 //   doc, pos (B, T) int64 and ok (B, T) bytes: swa.Tokens;  out (B, H, T, d)
-template <typename T>
-void sn_scan_rows(int64_t lo, int64_t hi, int64_t H, int64_t KV, int64_t len, int64_t d,
-                  int64_t fx, int64_t W, int64_t S, const T* q, const T* k, const T* v,
-                  const T* fq, const T* fk, const T* ig, const T* fg, const int64_t* doc,
-                  const int64_t* pos, const uint8_t* ok, T* out, double scaling) {
-  const int64_t rep = H / KV;
+// D: d when known at compile time (0: not), as update_read.
+template <typename T, int64_t D>
+inline __attribute__((always_inline)) void sn_scan_rows(
+    int64_t lo, int64_t hi, int64_t H, int64_t KV, int64_t len, int64_t d_run, int64_t fx,
+    int64_t W, int64_t S, const T* q, const T* k, const T* v, const T* fq, const T* fk,
+    const T* ig, const T* fg, const int64_t* doc, const int64_t* pos, const uint8_t* ok, T* out,
+    double scaling) {
+  const int64_t d = D > 0 ? D : d_run, rep = H / KV;
   const T neg = T(-1.0e30), sc = static_cast<T>(scaling);
   std::vector<T> c(fx * d), n(fx), num(d), qc(d), a, cum(len);
   std::vector<int64_t> keys, sinks;
@@ -365,8 +367,15 @@ MEGADISTILL_CLONES void sn_scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64
                                         const float* fq, const float* fk, const float* ig,
                                         const float* fg, const int64_t* doc, const int64_t* pos,
                                         const uint8_t* ok, float* out, double scaling) {
-  sn_scan_rows<float>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
-                      out, scaling);
+  if (d == 64)  // common head dims, known when compiled: loops the compiler unrolls
+    sn_scan_rows<float, 64>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                           out, scaling);
+  else if (d == 128)
+    sn_scan_rows<float, 128>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                            out, scaling);
+  else
+    sn_scan_rows<float, 0>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                          out, scaling);
 }
 
 MEGADISTILL_CLONES void sn_scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64_t KV,
@@ -375,8 +384,15 @@ MEGADISTILL_CLONES void sn_scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64
                                         const double* fq, const double* fk, const double* ig,
                                         const double* fg, const int64_t* doc, const int64_t* pos,
                                         const uint8_t* ok, double* out, double scaling) {
-  sn_scan_rows<double>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
-                       out, scaling);
+  if (d == 64)  // common head dims, known when compiled: loops the compiler unrolls
+    sn_scan_rows<double, 64>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                           out, scaling);
+  else if (d == 128)
+    sn_scan_rows<double, 128>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                            out, scaling);
+  else
+    sn_scan_rows<double, 0>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                          out, scaling);
 }
 
 // The B * H pairs split over up to ``threads`` threads (this one included), as scan below.

@@ -21,10 +21,10 @@ LAYOUTS = {
 }
 
 
-def _inputs(starts, pad, seed):
+def _inputs(starts, pad, seed, head_dim=D):
     g = torch.Generator().manual_seed(seed)
     dt = torch.float64
-    q, k, v = (torch.randn(B, n, T, D, generator=g, dtype=dt) for n in (H, KV, KV))
+    q, k, v = (torch.randn(B, n, T, head_dim, generator=g, dtype=dt) for n in (H, KV, KV))
     fq = torch.softmax(torch.randn(B, H, T, F, generator=g, dtype=dt), -1)
     fk = torch.softmax(torch.randn(B, H, T, F, generator=g, dtype=dt), -1)
     valid = torch.ones(B, T, dtype=torch.bool)
@@ -59,14 +59,21 @@ def test_blocked_equals_quadratic_in_float64_values_and_gradients(layout, num_si
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize(("num_sinks", "pad", "threads"), [(0, 0, 1), (2, 5, 3), (3, 11, 1)])
-def test_the_compiled_scan_equals_quadratic_in_float64(layout, num_sinks, pad, threads):
+@pytest.mark.parametrize(
+    ("num_sinks", "pad", "threads", "head_dim"),
+    [(0, 0, 1, D), (2, 5, 3, 64), (3, 11, 1, 128)],
+    ids=["d8", "d64_compiled_in", "d128_compiled_in"],
+)
+def test_the_compiled_scan_equals_quadratic_in_float64(layout, num_sinks, pad, threads, head_dim):
     """The prefill's and evaluation's compiled form (``cpu_step.shared_norm_scan``, one pass
     over the tokens with the state in cache) is the quadratic form's function, the (row, head)
-    pairs split over ``threads``; keys' feature maps per K/V head, as the layer gives them."""
+    pairs split over ``threads``; keys' feature maps per K/V head, as the layer gives them; head
+    dims 64 and 128 take the loops compiled for them."""
     from megadistill.model import cpu_step
 
-    q, k, v, fq, fk, i_pre, f_pre, reset, valid = _inputs(LAYOUTS[layout], pad, seed=pad + 3)
+    q, k, v, fq, fk, i_pre, f_pre, reset, valid = _inputs(
+        LAYOUTS[layout], pad, seed=pad + 3, head_dim=head_dim
+    )
     fk = fk[:, :: H // KV]  # one feature map per K/V head
     ref = sn.shared_norm_parallel(
         q, k, v, fq, fk.repeat_interleave(H // KV, 1), i_pre, f_pre, reset, valid, W,
