@@ -18,8 +18,8 @@ with one pass over the state per token: 19-23 ms per SmolLM2 layer at 4K tokens 
 against 53-70 ms (:func:`~megadistill.model.mlstm.mlstm_forward` uses it for ``chunkwise`` on
 CPU without autograd). :func:`shared_norm_scan` is the same for the ``shared_norm`` mix: each
 query reads its window exactly and the keys that have left it through a state that the leaving
-key joins, one pass over the tokens (36 ms per SmolLM2 layer at 1K tokens, W = 64, against the
-blocked form's 81 ms; 143 against 289 at 4K).
+key joins, one pass over the tokens (19-20 ms per SmolLM2 layer at 1K tokens, W = 64, against
+the blocked form's 69 ms; 86 against 270 at 4K; one thread).
 
 Where no compiler is found or the build fails, one warning says why and CPU inference stays on
 the eager ops (same functions). ``MEGADISTILL_CPU_STEP=0`` turns every compiled path off.
