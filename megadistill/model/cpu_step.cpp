@@ -361,21 +361,34 @@ inline __attribute__((always_inline)) void sn_scan_rows(
   }
 }
 
+// sn_scan_rows with the loops compiled for common head dims (64, 128: lengths the compiler
+// unrolls) where d is one of them.
+template <typename T>
+inline __attribute__((always_inline)) void sn_scan_rows_by_dim(
+    int64_t lo, int64_t hi, int64_t H, int64_t KV, int64_t len, int64_t d, int64_t fx, int64_t W,
+    int64_t S, const T* q, const T* k, const T* v, const T* fq, const T* fk, const T* ig,
+    const T* fg, const int64_t* doc, const int64_t* pos, const uint8_t* ok, T* out,
+    double scaling) {
+  if (d == 64)
+    sn_scan_rows<T, 64>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                        out, scaling);
+  else if (d == 128)
+    sn_scan_rows<T, 128>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                         out, scaling);
+  else
+    sn_scan_rows<T, 0>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
+                       out, scaling);
+}
+
+// The instantiations, each also built for AVX2 where MEGADISTILL_CLONES says so.
 MEGADISTILL_CLONES void sn_scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64_t KV,
                                         int64_t len, int64_t d, int64_t fx, int64_t W, int64_t S,
                                         const float* q, const float* k, const float* v,
                                         const float* fq, const float* fk, const float* ig,
                                         const float* fg, const int64_t* doc, const int64_t* pos,
                                         const uint8_t* ok, float* out, double scaling) {
-  if (d == 64)  // common head dims, known when compiled: loops the compiler unrolls
-    sn_scan_rows<float, 64>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
-                           out, scaling);
-  else if (d == 128)
-    sn_scan_rows<float, 128>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
-                            out, scaling);
-  else
-    sn_scan_rows<float, 0>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
-                          out, scaling);
+  sn_scan_rows_by_dim<float>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos,
+                             ok, out, scaling);
 }
 
 MEGADISTILL_CLONES void sn_scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64_t KV,
@@ -384,15 +397,8 @@ MEGADISTILL_CLONES void sn_scan_rows_of(int64_t lo, int64_t hi, int64_t H, int64
                                         const double* fq, const double* fk, const double* ig,
                                         const double* fg, const int64_t* doc, const int64_t* pos,
                                         const uint8_t* ok, double* out, double scaling) {
-  if (d == 64)  // common head dims, known when compiled: loops the compiler unrolls
-    sn_scan_rows<double, 64>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
-                           out, scaling);
-  else if (d == 128)
-    sn_scan_rows<double, 128>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
-                            out, scaling);
-  else
-    sn_scan_rows<double, 0>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos, ok,
-                          out, scaling);
+  sn_scan_rows_by_dim<double>(lo, hi, H, KV, len, d, fx, W, S, q, k, v, fq, fk, ig, fg, doc, pos,
+                              ok, out, scaling);
 }
 
 // The B * H pairs split over up to ``threads`` threads (this one included), as scan below.

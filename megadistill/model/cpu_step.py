@@ -18,8 +18,8 @@ with one pass over the state per token: 19-23 ms per SmolLM2 layer at 4K tokens 
 against 53-70 ms (:func:`~megadistill.model.mlstm.mlstm_forward` uses it for ``chunkwise`` on
 CPU without autograd). :func:`shared_norm_scan` is the same for the ``shared_norm`` mix: each
 query reads its window exactly and the keys that have left it through a state that the leaving
-key joins, one pass over the tokens (19-20 ms per SmolLM2 layer at 1K tokens, W = 64, against
-the blocked form's 69 ms; 86 against 270 at 4K; one thread).
+key joins, one pass over the tokens (19-24 ms per SmolLM2 layer at 1K tokens, W = 64, against
+the blocked form's 69-75 ms; 86-101 against 270-330 at 4K; one thread).
 
 Where no compiler is found or the build fails, one warning says why and CPU inference stays on
 the eager ops (same functions). ``MEGADISTILL_CPU_STEP=0`` turns every compiled path off.
@@ -149,6 +149,22 @@ def library(cache_dir: str | Path | None = None) -> ctypes.CDLL | None:
     return lib
 
 
+def _check_layout(tensors, dtype: torch.dtype, what: str) -> None:
+    """Refuse a tensor the C++ would misread: each of ``tensors`` ((tensor, shape or None)) must
+    be contiguous, of ``dtype`` and (where given) of that shape."""
+    for t, shape in tensors:
+        if (
+            t.dtype != dtype
+            or not t.is_contiguous()
+            or (shape is not None and tuple(t.shape) != tuple(shape))
+        ):
+            want = f"contiguous {dtype}" + ("" if shape is None else f" {tuple(shape)}")
+            raise ValueError(
+                f"cpu_step: a {what} tensor of shape {tuple(t.shape)} is {t.dtype}, "
+                f"contiguous={t.is_contiguous()}; expected {want}"
+            )
+
+
 class RecurrentStep:
     """The compiled branch bound to one layer's weights: ``step(y, qk, swa, cn, m, out)``.
 
@@ -192,12 +208,8 @@ class RecurrentStep:
         """One step: ``y`` (B, Y) the layer's [q|k|v|i|f|...] product, ``qk`` (B, H+KV, 1, d)
         RoPE'd q and k, ``swa`` (B, H, 1, d) or None, the state ``cn`` (B, H, F, d+1) and ``m``
         (B, H) (updated), ``out`` (B, H, 1, d) (written and returned)."""
-        for t in (y, qk, cn, m, out) if swa is None else (y, qk, swa, cn, m, out):
-            if t.dtype != self.dtype or not t.is_contiguous():
-                raise ValueError(
-                    f"cpu_step: a step tensor of shape {tuple(t.shape)} is {t.dtype}, "
-                    f"contiguous={t.is_contiguous()}; expected contiguous {self.dtype}"
-                )
+        tensors = (y, qk, cn, m, out) if swa is None else (y, qk, swa, cn, m, out)
+        _check_layout(((t, None) for t in tensors), self.dtype, "step")
         feat, ogw, ogb, ogs = self.ptrs
         rc = self.fn(
             y.shape[0], *self.dims, y.shape[1], y.data_ptr(), qk.data_ptr(), feat, ogw, ogb, ogs,
@@ -253,16 +265,8 @@ class SharedNormStep:
                 (lc.v, (bsz, kv, slots, d)), (lc.gate_i, (bsz, h, slots)),
                 (lc.decay, (bsz, h, slots)), (c, (bsz, h, fx, d)), (n, (bsz, h, fx)),
                 (m, (bsz, h)), (out, (bsz, h, 1, d)))  # fmt: skip
-        for t, shape in want:  # the C++ reads by these shapes: refuse, never read past a tensor
-            if (
-                t.dtype != self.dtype
-                or not t.is_contiguous()
-                or (shape is not None and tuple(t.shape) != shape)
-            ):
-                raise ValueError(
-                    f"cpu_step: a shared_norm step tensor of shape {tuple(t.shape)} is {t.dtype}, "
-                    f"contiguous={t.is_contiguous()}; expected contiguous {self.dtype} {shape}"
-                )
+        # the C++ reads by these shapes: refuse, never read past a tensor
+        _check_layout(want, self.dtype, "shared_norm step")
         for t, shape in ((leaves, (bsz,)), (mask, (bsz, slots))):
             if t.dtype != torch.bool or not t.is_contiguous() or tuple(t.shape) != shape:
                 raise ValueError(f"cpu_step: expected contiguous booleans {shape}")
