@@ -277,6 +277,37 @@ def _cmd_choose_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _choose_heads_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher Hugging Face folder")
+    p.add_argument("--k", type=int, default=12, help="KV heads to keep as softmax attention")
+    p.add_argument("--needle-length", type=int, default=1024, help="probe length (tokens)")
+    p.add_argument("--trials", type=int, default=2, help="probes per depth (3 depths)")
+    p.add_argument("--out", default=None, help="write the per-head scores as JSON")
+
+
+@command(
+    "choose-heads",
+    "rank the teacher's KV heads by attention on a needle (hybrid.softmax_heads)",
+    _choose_heads_args,
+)
+def _cmd_choose_heads(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megadistill.errors import MegadistillError
+    from megadistill.eval.layer_choice import format_heads, rank_heads
+    from megadistill.integrity import atomic_write_json
+
+    if args.k < 1 or args.trials < 1:
+        raise MegadistillError(f"--k and --trials must be >= 1, got {args.k} and {args.trials}")
+    if not (Path(args.teacher) / "config.json").exists():
+        raise MegadistillError(f"{args.teacher} has no config.json: pass a teacher's HF folder")
+    result = rank_heads(args.teacher, needle_length=args.needle_length, num_trials=args.trials)
+    print(format_heads(result, args.k))
+    if args.out:
+        atomic_write_json(Path(args.out), result)
+    return 0
+
+
 # ----------------------------------------------------------------------------- pipeline commands
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     from megadistill.pipeline.recipe import STEP_NAMES

@@ -72,6 +72,12 @@ class HybridSettings:
     so 0 is the default (README: "Where the recurrent branch starts")."""
     softmax_layers: list[int] = field(default_factory=list)
     """Layers kept as the teacher's full softmax attention (their cache grows with the context)."""
+    softmax_heads: list[list[int]] = field(default_factory=list)
+    """Single key/value heads kept as the teacher's full softmax attention inside hybrid layers,
+    as ``[layer, kv_head]`` pairs (with GQA, a KV head and every query head that reads it): the
+    heads that look facts up far back (``megadistill choose-layers --heads``), at a KV cache of
+    one head each where ``softmax_layers`` costs every head of a layer. The layer's other heads
+    stay hybrid."""
     mix: Mix = "gate"
     """How the branches combine with gate_mode 'learned': ``gate`` (the paper's per-head sigmoid
     gate) or ``shared_norm`` (exact softmax inside the window, mLSTM keys beyond, one
@@ -98,6 +104,7 @@ class HybridSettings:
         self.fgate_bias = [float(b) for b in self.fgate_bias]
         self.igate_bias = float(self.igate_bias)
         self.softmax_layers = sorted(int(i) for i in self.softmax_layers)
+        self.softmax_heads = _head_pairs(self.softmax_heads)
         for name, low in (("window", 1), ("num_sinks", 0), ("chunk_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -128,6 +135,15 @@ class HybridSettings:
             raise ConfigError(
                 f"softmax_layers={self.softmax_layers}: each must be a distinct layer index >= 0"
             )
+        if both := sorted({i for i, _ in self.softmax_heads} & set(self.softmax_layers)):
+            raise ConfigError(
+                f"softmax_heads name heads of layers {both}, which softmax_layers keeps whole: "
+                "drop them from one of the two"
+            )
+
+    def heads_of(self, layer: int) -> list[int]:
+        """The KV heads of ``layer`` that ``softmax_heads`` keeps full (sorted)."""
+        return [h for i, h in self.softmax_heads if i == layer]
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting by name (plain values: YAML, JSON and ``key=value`` safe)."""
@@ -141,3 +157,16 @@ class HybridSettings:
 
 
 HYBRID_KEYS: tuple[str, ...] = tuple(f.name for f in fields(HybridSettings))
+
+
+def _head_pairs(value: Any) -> list[list[int]]:
+    """``softmax_heads`` as sorted, distinct ``[layer, kv_head]`` pairs of ints >= 0."""
+    try:
+        pairs = sorted([int(i), int(h)] for i, h in value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"softmax_heads={value!r}: give [layer, kv_head] pairs, e.g. [[18, 2], [14, 1]]"
+        ) from None
+    if any(i < 0 or h < 0 for i, h in pairs) or len({tuple(p) for p in pairs}) != len(pairs):
+        raise ConfigError(f"softmax_heads={value!r}: each must be a distinct pair of indices >= 0")
+    return pairs

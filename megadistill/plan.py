@@ -104,6 +104,9 @@ class ModelShape:
     student_largest_module: int
     """Parameters of the largest single module (DeepSpeed's ``largest_layer_params``)."""
     teacher_largest_module: int
+    num_softmax_heads: int = 0
+    """KV heads of hybrid layers kept as full softmax attention (``softmax_heads``; each one's
+    KV cache grows with the context)."""
     kept_local_windows: tuple[int, ...] = ()
     """Window W_t of each teacher sliding-window layer kept as the teacher's SWA (W_t KV slots,
     no mLSTM state)."""
@@ -147,6 +150,7 @@ def model_shape(teacher_cfg: Any, **hybrid: Any) -> ModelShape:
         window=cfg.window,
         num_sinks=cfg.num_sinks,
         num_softmax_layers=sum(layer.self_attn.full for layer in student.model.layers),
+        num_softmax_heads=len(cfg.softmax_heads),
         kept_local_windows=tuple(
             layer.self_attn.window for layer in student.model.layers if layer.self_attn.keep_local
         ),
@@ -650,7 +654,9 @@ def decode_cache_bytes(s: ModelShape, context: int, bytes_per_value: int = 2) ->
     return {
         "teacher": teacher,
         "student_constant": hybrid_layers * (state + window) + kept_local,
-        "student_softmax_layers": s.num_softmax_layers * context * kv_per_token,
+        "student_softmax_layers": (s.num_softmax_layers + s.num_softmax_heads / s.num_kv_heads)
+        * context
+        * kv_per_token,
     }
 
 
@@ -664,7 +670,9 @@ def format_cache(s: ModelShape, contexts: tuple[int, ...] = (8192, 32768)) -> li
             f"decode cache per sequence at {n // 1024}K tokens (bf16 KV): teacher "
             f"{c['teacher'] / 2**20:,.1f} MiB, student {student / 2**20:,.1f} MiB "
             f"({c['student_constant'] / 2**20:,.1f} constant + "
-            f"{c['student_softmax_layers'] / 2**20:,.1f} in {s.num_softmax_layers} softmax layer(s))"
+            f"{c['student_softmax_layers'] / 2**20:,.1f} in {s.num_softmax_layers} softmax layer(s)"
+            + (f" and {s.num_softmax_heads} softmax KV head(s)" if s.num_softmax_heads else "")
+            + ")"
         )
     return lines
 

@@ -27,6 +27,7 @@ NLL and needle accuracy, for k = 0, 1, 2, 4, 8: the curve on which a criterion i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -269,6 +270,96 @@ def rank_by_kl(
     if greedy:
         result["greedy"] = picks
     return result
+
+
+def rank_heads(
+    teacher_dir: str | Path,
+    *,
+    needle_length: int = 1024,
+    num_trials: int = 2,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Rank the teacher's key/value heads by how they look the needle up (``softmax_heads``).
+
+    One forward of the teacher per needle probe (eager attention; 3 depths x ``num_trials``;
+    ``seed`` 1 by default: not the probes the evaluation scores, seed 0). A query head's score is
+    the attention it gives to the needle's tokens from the positions that predict the answer,
+    averaged over probes; a KV head scores as its best query head (with GQA they share its
+    cache). A head with most of its attention there is a retrieval head: the one that copies
+    the number from thousands of tokens back, which a window of W cannot. Heads of layers
+    whose teacher attends to a sliding window are left out (``softmax_heads`` refuses them).
+    Memory: one layer's attention weights at a time (heads x T^2 floats).
+
+    Returns:
+        ``{"criterion": "heads", "scores": [layer][kv_head], "ranking": [[layer, kv_head], ...]
+        best first, "needle_length", "num_probes"}``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megadistill.eval.niah import DEFAULT_FILLER, DEPTHS, NEEDLE, _probe_ids, probe_plan
+    from megadistill.model import load_tokenizer
+    from megadistill.teachers.registry import adapter_for
+
+    teacher = AutoModelForCausalLM.from_pretrained(
+        str(teacher_dir), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    tokenizer = load_tokenizer(str(teacher_dir))
+    cfg = teacher.config.get_text_config()
+    layers = teacher.model.layers
+    num_heads = cfg.num_attention_heads
+    num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
+    adapter = adapter_for(cfg.model_type)
+    local = {i for i in range(len(layers)) if adapter.teacher_window(cfg, i) is not None}
+    scores = torch.zeros(len(layers), num_heads)
+    span: list[int] = []
+    rows: list[int] = []
+
+    def hook(i: int):
+        def record(_m, _args, out):
+            weights = out[1]  # (1, H, T, T): eager attention's probabilities
+            scores[i] += weights[0][:, rows][:, :, span].sum(-1).mean(-1).float()
+
+        return record
+
+    handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    filler = tokenizer(DEFAULT_FILLER, add_special_tokens=False).input_ids
+    probes = probe_plan([needle_length], DEPTHS, num_trials, seed)[int(needle_length)]
+    try:
+        for depth, value in probes:
+            ids, n_ans = _probe_ids(tokenizer, filler, needle_length, depth, value)
+            needle = tokenizer(NEEDLE.format(value=value), add_special_tokens=False).input_ids
+            start = next(j for j in range(len(ids)) if ids[j : j + len(needle)] == needle)
+            span[:] = range(start, start + len(needle))
+            rows[:] = range(len(ids) - n_ans - 1, len(ids) - 1)
+            with torch.no_grad():
+                teacher(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    kv_scores = (scores / len(probes)).view(len(layers), num_kv, -1).amax(-1)
+    pairs = [[i, h] for i in range(len(layers)) if i not in local for h in range(num_kv)]
+    ranking = sorted(pairs, key=lambda p: -float(kv_scores[p[0], p[1]]))
+    return {
+        "criterion": "heads",
+        "scores": kv_scores.tolist(),
+        "ranking": ranking,
+        "needle_length": int(needle_length),
+        "num_probes": len(probes),
+    }
+
+
+def format_heads(result: dict[str, Any], k: int) -> str:
+    """The top heads' scores and the ``softmax_heads`` setting for the top ``k``."""
+    lines = [
+        f"attention on the needle from the answer's positions ({result['num_probes']} probes of "
+        f"{result['needle_length']} tokens), per KV head (its best query head):",
+        "layer  kv_head  attention",
+    ]
+    for i, h in result["ranking"][: max(k, 5)]:
+        lines.append(f"{i:5d}  {h:7d}  {result['scores'][i][h]:9.3f}")
+    lines.append(f"softmax_heads for k = {k}: {json.dumps(sorted(result['ranking'][:k]))}")
+    return "\n".join(lines)
 
 
 def combine_rankings(*rankings: Sequence[int]) -> list[int]:

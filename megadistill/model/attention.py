@@ -314,6 +314,17 @@ class HybridAttention(nn.Module):
         # W_t slots) has no new parameters at all.
         self.full = kept and not local
         self.kept = self.full or self.keep_local
+        # KV heads of a hybrid layer kept as the teacher's full attention (softmax_heads), and
+        # their query heads; the hybrid path still runs on every head (their output replaced)
+        self.full_kv = [h for i, h in config.softmax_heads if i == layer_idx]
+        if self.full_kv and (self.kept or local):
+            what = "keeps the whole layer" if self.kept else "has a local (sliding-window) teacher"
+            raise ValueError(
+                f"softmax_heads name heads of layer {layer_idx}, which {what}: drop them"
+            )
+        group = self.num_heads // self.num_kv
+        self.full_q = [h * group + j for h in self.full_kv for j in range(group)]
+        self._head_index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # An observer installed from outside (None: none) sees the hybrid path's projections and
         # output, called as observer(self, out, q_r, k_r, v, info); what it returns is the output.
         self.observer = None
@@ -411,10 +422,12 @@ class HybridAttention(nn.Module):
         mode = self.config.gate_mode
         if mode == "learned" and self.shared:
             mixed = self._shared_norm(x, q_r, k_r, v, info, lc)
+            mixed = self._heads(mixed, q_r, k_r, v, info, lc)
             out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
             return self._observed(out, q_r, k_r, v, info)
         if lc is not None and lc.k is not None and t == 1:
             mixed = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
+            mixed = self._heads(mixed, q_r, k_r, v, info, lc)
             return self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
         swa = self._swa(q_r, k_r, v, info, lc) if mode != "mlstm" else None
         if mode == "swa":
@@ -428,8 +441,29 @@ class HybridAttention(nn.Module):
                 mixed = torch.lerp(swa, mem, o.to(swa.dtype))  # o * mem + (1 - o) * swa
         if lc is not None and (lc.k is None or mode == "mlstm"):
             self._write_kv(k_r, v, info, lc)  # prefill into an empty cache
+        mixed = self._heads(mixed, q_r, k_r, v, info, lc)
         out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
         return self._observed(out, q_r, k_r, v, info)
+
+    def _heads(self, mixed, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
+        """``mixed`` (B,H,T,d) with the heads of ``softmax_heads`` replaced by the teacher's full
+        causal attention (their own growing cache, ``lc.full``); as it is where there are none."""
+        if not self.full_kv:
+            return mixed
+        index = self._head_index.get(mixed.device)
+        if index is None:
+            index = self._head_index[mixed.device] = (
+                torch.tensor(self.full_q, device=mixed.device),
+                torch.tensor(self.full_kv, device=mixed.device),
+            )
+        qi, ki = index
+        sub = None
+        if lc is not None:
+            sub = lc.full = lc.full if lc.full is not None else LayerCache()
+        full = self._full(
+            q_r.index_select(1, qi), k_r.index_select(1, ki), v.index_select(1, ki), info, sub
+        )
+        return mixed.index_copy(1, qi, full.to(mixed.dtype))
 
     def _observed(self, out, q_r, k_r, v, info: SeqInfo) -> torch.Tensor:
         return out if self.observer is None else self.observer(self, out, q_r, k_r, v, info)
@@ -689,8 +723,8 @@ class HybridAttention(nn.Module):
         q_r, k_r = qk_r[:, :nh], qk_r[:, nh:]
         mode = "swa" if self.keep_local else self.config.gate_mode
         if mode == "learned" and self.shared:
-            mixed = self._shared_fused(y, qk_r, v, info, lc, fw)
-            return _linear(mixed.view(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
+            mixed = self._heads(self._shared_fused(y, qk_r, v, info, lc, fw), q_r, k_r, v, info, lc)
+            return _linear(mixed.reshape(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
         swa = mem = None
         if mode != "mlstm":
             swa = self._swa_step(q_r, k_r, v, info, lc)
@@ -707,7 +741,8 @@ class HybridAttention(nn.Module):
                 # feature maps, mLSTM step, output gate and mix in one call
                 mixed = qk_r.new_empty(bsz, nh, 1, d)
                 fw.kernel(y, qk_r, swa, lc.mlstm_joint, lc.mlstm[2], mixed)
-                return _linear(mixed.view(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
+                mixed = self._heads(mixed, q_r, k_r, v, info, lc)
+                return _linear(mixed.reshape(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
             if self.config.rope_on == "input":
                 fqk = fw.feature_map(qk_r)
             else:
@@ -728,8 +763,9 @@ class HybridAttention(nn.Module):
             if fw.ogate_scale is not None:  # gate_init: floor
                 o = o * fw.ogate_scale
             mixed = torch.lerp(swa, mem, o.view(bsz, nh, 1, 1).to(swa.dtype))
+        mixed = self._heads(mixed, q_r, k_r, v, info, lc)
         # (B,H,1,d) is (B,1,H*d) at T = 1
-        return _linear(mixed.view(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
+        return _linear(mixed.reshape(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
 
     def _rotate(self, x: torch.Tensor, cos, sin, info: SeqInfo) -> torch.Tensor:
         """RoPE of heads x (B, N, 1, d) at a decoding step: one product with the step's
@@ -748,9 +784,10 @@ class HybridAttention(nn.Module):
         if self.keep_local:
             out = self._swa_step(q_r, k_r, v, info, lc)
         elif self.config.gate_mode == "learned" and self.shared:
-            out = self._shared_norm(x, q_r, k_r, v, info, lc)
+            out = self._heads(self._shared_norm(x, q_r, k_r, v, info, lc), q_r, k_r, v, info, lc)
         else:
             out = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
+            out = self._heads(out, q_r, k_r, v, info, lc)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
 
     def _mlstm(self, x, q, k, q_r, k_r, v, cos, sin, info: SeqInfo, lc: LayerCache | None):

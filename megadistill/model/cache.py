@@ -28,7 +28,8 @@ class LayerCache:
     sink at position p of the row's current document, slot S + (index mod W) any other token
     among the last W (the ring slot of a sink reads as empty). Decoding one token attends over
     the whole buffer in place, without copying it. A layer kept as the teacher's full attention
-    holds every key instead, in stream order (k, v, ``doc`` and ``ok`` grow with the context).
+    holds every key instead, in stream order (k, v, ``doc`` and ``ok`` grow with the context);
+    so does ``full``, the cache of a hybrid layer's ``softmax_heads``, beside its ring buffer.
     """
 
     mlstm: State | None = None
@@ -47,6 +48,9 @@ class LayerCache:
     # Decoding steps keep C and n of ``mlstm`` as views of one (B, H, F, D + 1) tensor [C | n]
     # (see mlstm.joint_state); this is that tensor (not counted again by ``tensors``).
     mlstm_joint: torch.Tensor | None = None
+    # The KV heads of this hybrid layer kept as full attention (``softmax_heads``): their every
+    # key, in stream order, as a kept layer's cache holds them.
+    full: LayerCache | None = None
 
     def keys(self) -> Tokens:
         """The tokens the slots hold, as the visibility rule takes them."""
@@ -54,7 +58,19 @@ class LayerCache:
 
     def tensors(self) -> list[torch.Tensor]:
         own = (self.k, self.v, self.held, self.ok, self.doc, self.gate_i, self.decay)
-        return [t for t in own if t is not None] + list(self.mlstm or ())
+        full = self.full.tensors() if self.full is not None else []
+        return [t for t in own if t is not None] + list(self.mlstm or ()) + full
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the rows ``rows`` (B,) of every tensor, in that order (beam search)."""
+        self.mlstm_joint = None  # the selected rows' C and n are copies, no longer its views
+        for name, val in list(vars(self).items()):
+            if isinstance(val, torch.Tensor):
+                setattr(self, name, val.index_select(0, rows.to(val.device)))
+            elif isinstance(val, tuple):
+                setattr(self, name, tuple(v.index_select(0, rows.to(v.device)) for v in val))
+            elif isinstance(val, LayerCache):
+                val.select(rows)
 
 
 @dataclass
@@ -98,13 +114,7 @@ class HybridCache:
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Select rows (beam search)."""
         for lc in self.layers:
-            lc.mlstm_joint = None  # the selected rows' C and n are copies, no longer its views
-            for name in vars(lc):
-                val = getattr(lc, name)
-                if isinstance(val, torch.Tensor):
-                    setattr(lc, name, val.index_select(0, beam_idx.to(val.device)))
-                elif isinstance(val, tuple):
-                    setattr(lc, name, tuple(v.index_select(0, beam_idx.to(v.device)) for v in val))
+            lc.select(beam_idx)
         for name in ("next_pos", "doc", "doc_start"):
             val = getattr(self, name)
             if val is not None:

@@ -100,6 +100,16 @@ class HybridConfig(PretrainedConfig):
                 f"softmax_layers={self.softmax_layers}: each must be a distinct layer index in "
                 f"[0, {num_layers})"
             )
+        num_kv = self.teacher_config.get("num_key_value_heads") or self.teacher_config.get(
+            "num_attention_heads"
+        )
+        bad = [p for p in self.softmax_heads if (num_layers and p[0] >= num_layers)
+               or (num_kv and p[1] >= num_kv)]  # fmt: skip
+        if bad:
+            raise ValueError(
+                f"softmax_heads {bad}: each must be [layer, kv_head] with layer in "
+                f"[0, {num_layers}) and kv_head in [0, {num_kv}) (the teacher's key/value heads)"
+            )
 
     @property
     def mlstm_feature_dim(self) -> int:

@@ -23,6 +23,8 @@ MODES = {
     "shared_norm": {"mix": "shared_norm"},
     "rope_on_features": {"rope_on": "features"},
     "softmax_layer": {"softmax_layers": [1]},
+    "softmax_heads": {"softmax_heads": [[0, 1]]},
+    "softmax_heads_shared_norm": {"mix": "shared_norm", "softmax_heads": [[1, 0]]},
 }
 # Mistral's every layer is local (W_t = 12): kept as the teacher's window, or a hybrid whose
 # window is min(W, W_t) without sinks.
