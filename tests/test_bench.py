@@ -105,15 +105,21 @@ def test_generate_bench_times_both_models_through_generate(capsys):
     with pytest.raises(ConfigError, match="clock"):
         GenerateBenchConfig(clock="sundial")
     # mix= / feature_map=: the quality recipe's student (shared_norm), named in the table
+    # and softmax_heads= (the student and the floor keep them)
     assert main(["bench", "generate", *args, "prompts=[40]", "mix=shared_norm",
-                 "feature_map=hedgehog_pm"]) == 0  # fmt: skip
+                 "feature_map=hedgehog_pm", "softmax_heads=[[1,0]]", "floor=true"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "W = 16, mix shared_norm, feature map hedgehog_pm" in out
+    assert (
+        "W = 16, mix shared_norm, feature map hedgehog_pm, 0 softmax layer(s), 1 softmax KV" in out
+    )
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["student"] == {"window": 16, "mix": "shared_norm", "feature_map": "hedgehog_pm"}
-    assert result["rows"][0]["ratio"] > 0
+    assert result["student"] == {"window": 16, "mix": "shared_norm", "feature_map": "hedgehog_pm",
+                                 "softmax_layers": [], "softmax_heads": [[1, 0]]}  # fmt: skip
+    assert result["rows"][0]["ratio"] > 0 and result["rows"][0]["floor_ratio"] > 0
     with pytest.raises(ConfigError, match="mix='blend'"):
         GenerateBenchConfig(mix="blend")
+    with pytest.raises(ConfigError, match="softmax_heads"):
+        GenerateBenchConfig(softmax_heads=((1,),))
 
 
 def test_generate_bench_on_a_config_with_random_weights(tmp_path, capsys):

@@ -369,6 +369,21 @@ def test_decode_cache_counts_softmax_layers_growing_and_hybrid_layers_constant()
     assert long["student_constant"] == 3 * (state + (4 + 1) * kv)
 
 
+def test_decode_cache_counts_softmax_heads_one_kv_head_each():
+    from megadistill.plan import decode_cache_bytes, model_shape
+    from megadistill.teachers.tiny import tiny_teacher_config
+
+    # Two KV heads per layer; one kept head grows like half a softmax layer, and its layer
+    # keeps its constant part (the hybrid still runs on every head).
+    one_head = decode_cache_bytes(_toy_shape(num_kv_heads=2, num_softmax_heads=1), 1000)
+    one_layer = decode_cache_bytes(_toy_shape(num_kv_heads=2, num_softmax_layers=1), 1000)
+    none = decode_cache_bytes(_toy_shape(num_kv_heads=2), 1000)
+    assert 2 * one_head["student_softmax_layers"] == one_layer["student_softmax_layers"] > 0
+    assert one_head["student_constant"] == none["student_constant"]
+    shape = model_shape(tiny_teacher_config("llama"), window=8, softmax_heads=[[0, 1], [1, 0]])
+    assert shape.num_softmax_heads == 2 and shape.num_softmax_layers == 0
+
+
 def test_plan_states_the_prepare_step_time_and_disk(capsys) -> None:
     from megadistill.cli import main
     from megadistill.config import load_yaml

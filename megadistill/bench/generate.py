@@ -48,6 +48,9 @@ class GenerateBenchConfig(SyntheticModelConfig):
     """Student sink tokens."""
     softmax_layers: tuple[int, ...] = ()
     """Student layers kept as full softmax attention."""
+    softmax_heads: tuple[tuple[int, ...], ...] = ()
+    """Student KV heads kept as full softmax attention, ``[layer, kv_head]`` pairs
+    (``hybrid.softmax_heads``; the floor keeps them too)."""
     repeats: int = 3
     """Interleaved measurements per prompt length (medians reported)."""
     threads: int = 1
@@ -81,7 +84,8 @@ class GenerateBenchConfig(SyntheticModelConfig):
             raise ConfigError(f"clock={self.clock!r} is not one of {tuple(CLOCKS)}")
         # the student's settings checked by conversion's own rules, before a teacher is loaded
         HybridSettings(window=self.window, num_sinks=self.num_sinks, mix=self.mix,
-                       feature_map=self.feature_map)  # fmt: skip
+                       feature_map=self.feature_map, softmax_layers=list(self.softmax_layers),
+                       softmax_heads=[list(p) for p in self.softmax_heads])  # fmt: skip
 
 
 # The models timed besides teacher and student on request, as the table names them.
@@ -163,10 +167,13 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
             longest, limit,
         )  # fmt: skip
     teacher = cfg.load_teacher(longest + 8)
-    student = build_student(teacher, cfg, mix=cfg.mix, feature_map=cfg.feature_map)
+    heads = [list(p) for p in cfg.softmax_heads]
+    student = build_student(
+        teacher, cfg, mix=cfg.mix, feature_map=cfg.feature_map, softmax_heads=heads
+    )
     models = {"teacher": teacher, "student": student}
     if cfg.floor:
-        models["floor"] = build_student(teacher, cfg, gate_mode="swa")
+        models["floor"] = build_student(teacher, cfg, gate_mode="swa", softmax_heads=heads)
     if cfg.eager_step:
         models["eager"] = copy.deepcopy(student)
         cpu_step.set_enabled(models["eager"], False)
@@ -207,7 +214,8 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
     sc = student.config
     return {"clock": cfg.clock, "threads": torch.get_num_threads(), "rows": rows,
             "ops_per_token": ops, "student": {"window": sc.window, "mix": sc.mix,
-            "feature_map": sc.feature_map}}  # fmt: skip
+            "feature_map": sc.feature_map, "softmax_layers": list(sc.softmax_layers),
+            "softmax_heads": list(sc.softmax_heads)}}  # fmt: skip
 
 
 def format_result(result: dict) -> str:
@@ -216,7 +224,9 @@ def format_result(result: dict) -> str:
     st = result["student"]
     lines = [
         f"generate(), greedy; {result['clock']} seconds, {result['threads']} thread(s); student: "
-        f"W = {st['window']}, mix {st['mix']}, feature map {st['feature_map']}; "
+        f"W = {st['window']}, mix {st['mix']}, feature map {st['feature_map']}, "
+        f"{len(st.get('softmax_layers', ()))} softmax layer(s), "
+        f"{len(st.get('softmax_heads', ()))} softmax KV head(s); "
         "ratio = teacher s / student s (> 1: the student is faster)"
         + "".join(f"; {k} = teacher s / {EXTRAS[k]}" for k in extras),
         f"{'prompt':>7} {'new':>5} {'teacher s':>10} {'student s':>10} {'ratio':>6} "
