@@ -613,6 +613,11 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         "--layer-criterion", choices=CHOICES, default=None,
         help="how --keep-softmax ranks layers (default: both with --quality, else nll)",
     )  # fmt: skip
+    p.add_argument(
+        "--keep-heads", type=int, default=None, metavar="K",
+        help="keep the teacher's K best retrieval heads as softmax attention (`choose-heads`) "
+        "instead of the recipe's softmax layers (with --keep-softmax: beside those layers)",
+    )  # fmt: skip
 
 
 @command("demo", "the whole pipeline on CPU with a real teacher and real data", _demo_args)
@@ -626,6 +631,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         overrides=tuple(args.overrides),
         keep_softmax=args.keep_softmax,
         layer_criterion=args.layer_criterion,
+        keep_heads=args.keep_heads,
     )
     report = run_demo(cfg)
     print(f"report: {report}")

@@ -60,6 +60,10 @@ class DemoConfig:
     layer_criterion: str | None = None
     """How those layers are ranked: ``nll``, ``retrieval`` or ``both`` (``choose-layers
     --criterion``; None: QUALITY_LAYER_CRITERION for --quality, else ``nll``)."""
+    keep_heads: int | None = None
+    """Keep this many of the teacher's KV heads as softmax attention, its retrieval heads
+    (``choose-heads``), in place of the recipe's softmax layers unless ``keep_softmax`` is given
+    too (None: the recipe's ``hybrid.softmax_heads``)."""
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -176,6 +180,20 @@ def _choose_layers(
     return chosen
 
 
+def _choose_heads(root: Path, teacher: Path, k: int) -> list[list[int]]:
+    """The teacher's k best retrieval heads (the ranking cached in the run's assets)."""
+    from megadistill.eval.layer_choice import format_heads, rank_heads
+
+    cache = root / "head_choice.json"
+    if cache.is_file():
+        result = json.loads(cache.read_text())
+    else:
+        result = rank_heads(teacher)
+        atomic_write_json(cache, result)
+    log.info("demo: head choice\n%s", format_heads(result, k))
+    return sorted(result["ranking"][:k])
+
+
 FLOOR_TASKS = "offline:arc_easy@5"
 """The trained floor's own eval: one task (its loss by position and needle are what matter)."""
 TRAINED_FLOOR = "swa_trained"
@@ -276,6 +294,11 @@ def run_demo(cfg: DemoConfig) -> Path:
         criterion = cfg.layer_criterion or (QUALITY_LAYER_CRITERION if cfg.quality else "nll")
         layers = _choose_layers(assets, teacher, sources, keep, recipe_file, cfg, criterion)
         overrides.append(f"hybrid.softmax_layers={json.dumps(layers)}")
+    if cfg.keep_heads:
+        if keep is None:  # the heads replace the recipe's layers
+            overrides.append("hybrid.softmax_layers=[]")
+        heads = _choose_heads(assets, teacher, cfg.keep_heads)
+        overrides.append(f"hybrid.softmax_heads={json.dumps(heads)}")
     overrides += cfg.overrides
     recipe = load_recipe(recipe_file, overrides)
     log.info("demo: running %s (%d experts) in %s", recipe_file.name, len(experts), run_dir)

@@ -91,6 +91,20 @@ def test_demo_layer_choice_both_takes_the_two_rankings_in_turn(tmp_path):
         _choose_layers(tmp_path, teacher, sources, 1, recipe, cfg, "knn")
 
 
+def test_demo_head_choice_keeps_the_teachers_best_retrieval_heads(tmp_path):
+    """--keep-heads K: the teacher's KV heads ranked once by attention on the needle (cached in
+    the run's assets), the top K kept."""
+    from megadistill.demo import _choose_heads, _quick_assets
+
+    teacher, _, _ = _quick_assets(tmp_path)
+    heads = _choose_heads(tmp_path, teacher, 3)
+    cached = json.loads((tmp_path / "head_choice.json").read_text())
+    assert heads == sorted(cached["ranking"][:3]) and len(cached["ranking"]) > 3
+    cached["ranking"] = cached["ranking"][::-1]  # read back, not measured again
+    (tmp_path / "head_choice.json").write_text(json.dumps(cached))
+    assert _choose_heads(tmp_path, teacher, 1) == [cached["ranking"][0]]
+
+
 def test_quality_demo_puts_every_student_beside_the_trained_floor(tmp_path):
     """The quality demo's `positions/`: the fresh, stage I and final students and the trained
     SWA-only floor by position, with the recipe's needle lengths for every model (here the
