@@ -75,7 +75,7 @@ class HybridSettings:
     softmax_heads: list[list[int]] = field(default_factory=list)
     """Single key/value heads kept as the teacher's full softmax attention inside hybrid layers,
     as ``[layer, kv_head]`` pairs (with GQA, a KV head and every query head that reads it): the
-    heads that look facts up far back (``megadistill choose-layers --heads``), at a KV cache of
+    heads that look facts up far back (``megadistill choose-heads``), at a KV cache of
     one head each where ``softmax_layers`` costs every head of a layer. The layer's other heads
     stay hybrid."""
     mix: Mix = "gate"
@@ -140,10 +140,6 @@ class HybridSettings:
                 f"softmax_heads name heads of layers {both}, which softmax_layers keeps whole: "
                 "drop them from one of the two"
             )
-
-    def heads_of(self, layer: int) -> list[int]:
-        """The KV heads of ``layer`` that ``softmax_heads`` keeps full (sorted)."""
-        return [h for i, h in self.softmax_heads if i == layer]
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting by name (plain values: YAML, JSON and ``key=value`` safe)."""
