@@ -225,8 +225,8 @@ def format_result(result: dict) -> str:
     lines = [
         f"generate(), greedy; {result['clock']} seconds, {result['threads']} thread(s); student: "
         f"W = {st['window']}, mix {st['mix']}, feature map {st['feature_map']}, "
-        f"{len(st.get('softmax_layers', ()))} softmax layer(s), "
-        f"{len(st.get('softmax_heads', ()))} softmax KV head(s); "
+        f"{len(st['softmax_layers'])} softmax layer(s), "
+        f"{len(st['softmax_heads'])} softmax KV head(s); "
         "ratio = teacher s / student s (> 1: the student is faster)"
         + "".join(f"; {k} = teacher s / {EXTRAS[k]}" for k in extras),
         f"{'prompt':>7} {'new':>5} {'teacher s':>10} {'student s':>10} {'ratio':>6} "

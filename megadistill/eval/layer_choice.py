@@ -295,16 +295,13 @@ def rank_heads(
         best first, "needle_length", "num_probes"}``.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from megadistill.eval.lmeval import load_model
     from megadistill.eval.niah import DEFAULT_FILLER, DEPTHS, NEEDLE, _probe_ids, probe_plan
-    from megadistill.model import load_tokenizer
     from megadistill.teachers.registry import adapter_for
 
-    teacher = AutoModelForCausalLM.from_pretrained(
-        str(teacher_dir), dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    tokenizer = load_tokenizer(str(teacher_dir))
+    teacher, tokenizer = load_model(teacher_dir)
+    teacher.set_attn_implementation("eager")  # the only one that returns the probabilities
     cfg = teacher.config.get_text_config()
     layers = teacher.model.layers
     num_heads = cfg.num_attention_heads
