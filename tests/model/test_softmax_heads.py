@@ -73,6 +73,40 @@ def test_a_kept_head_is_the_teachers_and_the_other_heads_are_the_hybrids():
     assert not torch.allclose(hybrid[1][..., kept], want[1][..., kept])  # beyond W they differ
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_prefill_builds_no_t_by_t_mask_for_kept_heads_and_layers(monkeypatch, packed):
+    # A prompt of T tokens into an empty cache: kept layers and heads take the no-cache paths
+    # (SDPA's causal kernel for one plain document, the blocked form for packed rows), never a
+    # T x T mask (at 32K tokens that mask alone is 1 GiB per layer, 4 GiB as SDPA's floats); the
+    # logits are the parallel forward's.
+    import torch.nn.functional as F
+
+    teacher = tiny_teacher("llama", seed=0)
+    student, _ = convert(teacher, seed=0, softmax_layers=[0], softmax_heads=[[1, 0]], **HYBRID)
+    student = make_both_branches_matter(student.eval())
+    t = 320  # beyond the blocked form's threshold (2 blocks of 128)
+    ids = torch.randint(0, 256, (2, t))
+    pos = torch.arange(t).expand(2, -1).clone()
+    if packed:
+        pos[1, 100:] -= 100  # row 1: a second document from token 100
+    with torch.no_grad():
+        want = student(ids, position_ids=pos).logits
+    sdpa, masks = F.scaled_dot_product_attention, []
+
+    def spy(*args, attn_mask=None, **kw):
+        if attn_mask is not None:
+            masks.append(tuple(attn_mask.shape[-2:]))
+        return sdpa(*args, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    cache = student.new_cache()
+    with torch.no_grad():
+        got = student(ids, position_ids=pos, cache=cache).logits
+    assert not [m for m in masks if m[0] >= t and m[1] >= t], masks
+    assert cache.layers[0].k.shape[2] == cache.layers[1].full.k.shape[2] == t
+    torch.testing.assert_close(got, want)
+
+
 def test_kept_heads_train_the_other_heads_only():
     # Stage I's gradient reaches the new parameters of the heads that stay hybrid; the kept
     # head's share of the gates gets none (its hybrid output is replaced).
