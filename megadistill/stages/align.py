@@ -25,11 +25,17 @@ from megadistill.stages.runner import train
 from megadistill.trainer import TrainResult
 
 
-def layer_mse(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens (``valid`` (B, T)) of the per-token mean squared error (B, T, D)."""
-    err = (out.float() - target.float()).pow(2).mean(-1)
-    w = valid.to(err.dtype)
-    return (err * w).sum() / w.sum().clamp(min=1)
+def layer_mse(
+    out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, relative: bool = False
+) -> torch.Tensor:
+    """Mean over real tokens (``valid`` (B, T)) of the per-token mean squared error (B, T, D);
+    ``relative``: divided by the target's mean square over the same tokens."""
+    target = target.float()
+    w = valid.to(target.dtype)
+    err = ((out.float() - target).pow(2).mean(-1) * w).sum()
+    if relative:
+        return err / (target.pow(2).mean(-1) * w).sum().clamp(min=torch.finfo(w.dtype).tiny)
+    return err / w.sum().clamp(min=1)
 
 
 def _no_logits(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -48,8 +54,9 @@ class AttentionProbe:
     nothing.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, relative: bool = False) -> None:
         self.layers = [layer.self_attn for layer in model.model.layers if not layer.self_attn.kept]
+        self.relative = relative  # see StageConfig.align_loss
         self._losses: list[torch.Tensor] | None = None
 
     def __enter__(self) -> AttentionProbe:
@@ -68,7 +75,7 @@ class AttentionProbe:
         with torch.no_grad():
             target = layer.teacher_attention(q_r, k_r, v, info)
         if self._losses is not None:
-            self._losses.append(layer_mse(out, target, info.valid))
+            self._losses.append(layer_mse(out, target, info.valid, self.relative))
         return target
 
     @contextlib.contextmanager
@@ -115,7 +122,7 @@ def run_align(cfg: StageConfig) -> TrainResult:
         raise ValueError(f"run_align needs stage 'align', got {cfg.stage!r}")
 
     def make_loss(engine: Any, _loader: Any, _world: int):
-        probe = AttentionProbe(engine.module)
+        probe = AttentionProbe(engine.module, relative=cfg.align_loss == "relative")
         return AlignLoss(probe), probe
 
     return train(cfg, make_loss, prepare_student=train_new_parameters_only)

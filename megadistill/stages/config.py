@@ -83,6 +83,10 @@ class StageConfig:
     """Teacher DeepSpeed engine (ZeRO-3, parameters offloaded); defaults from engine."""
     distill: DistillLossConfig = field(default_factory=DistillLossConfig)
     """Stage II loss and teacher mode."""
+    align_loss: Literal["mse", "relative"] = "mse"
+    """Stage I's loss per hybrid layer: ``mse``, the mean squared error to the teacher's
+    attention output over real tokens; ``relative``, that error divided by the target's own mean
+    square on the same tokens (each layer and micro-batch weighs alike, whatever its scale)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics sinks."""
     activation_checkpointing: bool = False

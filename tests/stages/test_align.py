@@ -104,3 +104,29 @@ def test_layer_mse_ignores_padding():
     target[0, 2] = 5.0  # a padded position's error must not count
     valid = torch.tensor([[True, True, False]])
     assert layer_mse(out, target, valid).item() == 1.0
+
+
+def test_relative_layer_mse_is_the_error_over_the_targets_scale():
+    # align_loss: relative divides by the target's mean square on the same real tokens, so a
+    # layer (or a batch) whose outputs are 10x larger weighs the same; padding counts in neither.
+    g = torch.Generator().manual_seed(0)
+    out, target = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    target[1, 4] = 100.0  # padding
+    want = layer_mse(out, target, valid) / layer_mse(torch.zeros_like(out), target, valid)
+    got = layer_mse(out, target, valid, relative=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(layer_mse(10 * out, 10 * target, valid, relative=True), got)
+    assert layer_mse(out, target, torch.zeros_like(valid), relative=True).item() == 0.0
+
+
+def test_align_loss_setting_is_checked_by_name(tmp_path):
+    from megadistill.config import ConfigError
+    from megadistill.stages.runner import load_stage_config
+
+    base = ["stage=align", "student=s", f"out_dir={tmp_path}", "data.sources=[{path: a.txt}]", "data.seq_len=64",
+            "engine.ds_config=student_zero3", "engine.global_batch_size=2", "engine.micro_batch_size=1", "optim.lr=1e-2", "trainer.max_steps=1"]  # fmt: skip
+    assert load_stage_config(None, base).align_loss == "mse"
+    assert load_stage_config(None, [*base, "align_loss=relative"]).align_loss == "relative"
+    with pytest.raises(ConfigError, match="'align_loss' = 'l1' is not one of 'mse', 'relative'"):
+        load_stage_config(None, [*base, "align_loss=l1"])
