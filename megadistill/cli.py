@@ -603,7 +603,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="keep K layers as softmax attention, chosen by measurement (`choose-layers`; 0: none)",
+        help="keep K layers as softmax attention, chosen by measurement (`choose-layers`), "
+        "instead of the recipe's softmax layers and heads (0: none)",
     )
     from megadistill.eval.layer_choice import CHOICES
 
@@ -614,7 +615,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-heads", type=int, default=None, metavar="K",
         help="keep the teacher's K best retrieval heads as softmax attention (`choose-heads`) "
-        "instead of the recipe's softmax layers (with --keep-softmax: beside those layers)",
+        "instead of the recipe's softmax layers and heads (with --keep-softmax: beside those "
+        "layers; 0: none)",
     )  # fmt: skip
 
 

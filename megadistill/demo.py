@@ -33,8 +33,8 @@ _QUICK_HELDOUT = ("LGPL-2.1",)
 QUALITY_LAYER_CRITERION = "both"
 """How ``--quality --keep-softmax K`` ranks layers on the floor: the needle's and the NLL's
 rankings in turn (the NLL criterion alone keeps no layer that retrieves; README: beyond the
-window). Without ``--keep-softmax`` the quality recipe's own layers (picked by KL inside a
-trained student, too slow to measure in every run) are kept."""
+window). Without ``--keep-softmax`` the quality recipe's own choice (its 12 retrieval heads) is
+kept."""
 CALIBRATION_DOCS = 3
 """Training documents (1,024 tokens each) a layer ranking by NLL is measured on."""
 
@@ -56,14 +56,15 @@ class DemoConfig:
     """Dotted recipe overrides applied last, e.g. ``hybrid.window=512``."""
     keep_softmax: int | None = None
     """Keep this many layers as softmax attention, chosen by ``choose-layers`` on the training
-    text (None: the recipe's ``hybrid.softmax_layers``; 0: none)."""
+    text, in place of the recipe's softmax heads unless ``keep_heads`` is given too (None: the
+    recipe's ``hybrid.softmax_layers`` and heads; 0: no layer)."""
     layer_criterion: str | None = None
     """How those layers are ranked: ``nll``, ``retrieval`` or ``both`` (``choose-layers
     --criterion``; None: QUALITY_LAYER_CRITERION for --quality, else ``nll``)."""
     keep_heads: int | None = None
     """Keep this many of the teacher's KV heads as softmax attention, its retrieval heads
     (``choose-heads``), in place of the recipe's softmax layers unless ``keep_softmax`` is given
-    too (None: the recipe's ``hybrid.softmax_heads``)."""
+    too (None: the recipe's ``hybrid.softmax_heads`` and layers; 0: no head)."""
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -180,6 +181,23 @@ def _choose_layers(
     return chosen
 
 
+def kept_overrides(
+    keep_softmax: int | None,
+    keep_heads: int | None,
+    layers: list[int] | None,
+    heads: list[list[int]] | None,
+) -> list[str]:
+    """The recipe overrides of ``--keep-softmax`` / ``--keep-heads`` (the chosen ``layers`` and
+    ``heads``): either one alone replaces the recipe's whole choice (its layers and its heads);
+    both set both; neither keeps the recipe's."""
+    if keep_softmax is None and keep_heads is None:
+        return []
+    return [
+        f"hybrid.softmax_layers={json.dumps(layers if keep_softmax else [])}",
+        f"hybrid.softmax_heads={json.dumps(heads if keep_heads else [])}",
+    ]
+
+
 def _choose_heads(root: Path, teacher: Path, k: int) -> list[list[int]]:
     """The teacher's k best retrieval heads (the ranking cached in the run's assets)."""
     from megadistill.eval.layer_choice import format_heads, rank_heads
@@ -287,18 +305,15 @@ def run_demo(cfg: DemoConfig) -> Path:
         overrides.append(f"eval.heldout={json.dumps(sets)}")
     else:
         overrides.append(f"eval.ppl_text=[{heldout}]")
-    keep = cfg.keep_softmax
-    if keep == 0:
-        overrides.append("hybrid.softmax_layers=[]")
-    elif keep:
+    layers = heads = None
+    if cfg.keep_softmax:
         criterion = cfg.layer_criterion or (QUALITY_LAYER_CRITERION if cfg.quality else "nll")
-        layers = _choose_layers(assets, teacher, sources, keep, recipe_file, cfg, criterion)
-        overrides.append(f"hybrid.softmax_layers={json.dumps(layers)}")
+        layers = _choose_layers(
+            assets, teacher, sources, cfg.keep_softmax, recipe_file, cfg, criterion
+        )
     if cfg.keep_heads:
-        if keep is None:  # the heads replace the recipe's layers
-            overrides.append("hybrid.softmax_layers=[]")
         heads = _choose_heads(assets, teacher, cfg.keep_heads)
-        overrides.append(f"hybrid.softmax_heads={json.dumps(heads)}")
+    overrides += kept_overrides(cfg.keep_softmax, cfg.keep_heads, layers, heads)
     overrides += cfg.overrides
     recipe = load_recipe(recipe_file, overrides)
     log.info("demo: running %s (%d experts) in %s", recipe_file.name, len(experts), run_dir)

@@ -91,6 +91,39 @@ def test_demo_layer_choice_both_takes_the_two_rankings_in_turn(tmp_path):
         _choose_layers(tmp_path, teacher, sources, 1, recipe, cfg, "knn")
 
 
+def test_keep_flags_replace_the_recipes_whole_choice():
+    # --keep-softmax or --keep-heads alone replaces both the recipe's layers and its heads (the
+    # quality recipe keeps heads: K layers must not land beside them); both set both.
+    from megadistill.demo import kept_overrides
+
+    assert kept_overrides(None, None, None, None) == []
+    heads = [[1, 0], [3, 2]]
+    assert kept_overrides(2, None, [4, 5], None) == [
+        "hybrid.softmax_layers=[4, 5]", "hybrid.softmax_heads=[]"]  # fmt: skip
+    assert kept_overrides(None, 2, None, heads) == [
+        "hybrid.softmax_layers=[]", "hybrid.softmax_heads=[[1, 0], [3, 2]]"]  # fmt: skip
+    assert kept_overrides(0, None, None, None) == [
+        "hybrid.softmax_layers=[]", "hybrid.softmax_heads=[]"]  # fmt: skip
+    assert kept_overrides(1, 2, [4], heads) == [
+        "hybrid.softmax_layers=[4]", "hybrid.softmax_heads=[[1, 0], [3, 2]]"]  # fmt: skip
+
+
+def test_quality_recipe_keeps_valid_retrieval_heads():
+    # The recipe's heads convert against SmolLM2-135M's shape (30 layers, 9 heads, 3 KV heads;
+    # student built on the meta device), 12 KV heads of 9 layers, no whole layer.
+    from transformers import LlamaConfig
+
+    from megadistill.demo import RECIPES
+    from megadistill.pipeline.recipe import load_recipe
+    from megadistill.plan import model_shape
+
+    recipe = load_recipe(RECIPES / "smollm2_quality.yaml", ["teacher=unused"])
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)  # fmt: skip
+    shape = model_shape(smollm2, **recipe.hybrid.to_dict())
+    assert shape.num_softmax_heads == 12 and shape.num_softmax_layers == 0
+
+
 def test_demo_head_choice_keeps_the_teachers_best_retrieval_heads(tmp_path):
     """--keep-heads K: the teacher's KV heads ranked once by attention on the needle (cached in
     the run's assets), the top K kept."""
