@@ -102,8 +102,9 @@ def test_keep_flags_replace_the_recipes_whole_choice():
         "hybrid.softmax_layers=[4, 5]", "hybrid.softmax_heads=[]"]  # fmt: skip
     assert kept_overrides(None, 2, None, heads) == [
         "hybrid.softmax_layers=[]", "hybrid.softmax_heads=[[1, 0], [3, 2]]"]  # fmt: skip
-    assert kept_overrides(0, None, None, None) == [
-        "hybrid.softmax_layers=[]", "hybrid.softmax_heads=[]"]  # fmt: skip
+    for zero in ((0, None), (None, 0)):  # 0: none of either
+        assert kept_overrides(*zero, None, None) == [
+            "hybrid.softmax_layers=[]", "hybrid.softmax_heads=[]"]  # fmt: skip
     assert kept_overrides(1, 2, [4], heads) == [
         "hybrid.softmax_layers=[4]", "hybrid.softmax_heads=[[1, 0], [3, 2]]"]  # fmt: skip
 
