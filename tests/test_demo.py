@@ -114,11 +114,10 @@ def test_quality_recipe_keeps_valid_retrieval_heads():
     # student built on the meta device), 12 KV heads of 9 layers, no whole layer.
     from transformers import LlamaConfig
 
-    from megadistill.demo import RECIPES
-    from megadistill.pipeline.recipe import load_recipe
     from megadistill.plan import model_shape
 
-    recipe = load_recipe(RECIPES / "smollm2_quality.yaml", ["teacher=unused"])
+    (quality,) = [r for r in RECIPES if r.stem == "smollm2_quality"]
+    recipe = load_recipe(quality, ["teacher=unused"])
     smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)  # fmt: skip
     shape = model_shape(smollm2, **recipe.hybrid.to_dict())

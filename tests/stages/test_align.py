@@ -124,8 +124,11 @@ def test_align_loss_setting_is_checked_by_name(tmp_path):
     from megadistill.config import ConfigError
     from megadistill.stages.runner import load_stage_config
 
-    base = ["stage=align", "student=s", f"out_dir={tmp_path}", "data.sources=[{path: a.txt}]", "data.seq_len=64",
-            "engine.ds_config=student_zero3", "engine.global_batch_size=2", "engine.micro_batch_size=1", "optim.lr=1e-2", "trainer.max_steps=1"]  # fmt: skip
+    base = [
+        "stage=align", "student=s", f"out_dir={tmp_path}", "data.sources=[{path: a.txt}]",
+        "data.seq_len=64", "engine.ds_config=student_zero3", "engine.global_batch_size=2",
+        "engine.micro_batch_size=1", "optim.lr=1e-2", "trainer.max_steps=1",
+    ]  # fmt: skip
     assert load_stage_config(None, base).align_loss == "mse"
     assert load_stage_config(None, [*base, "align_loss=relative"]).align_loss == "relative"
     with pytest.raises(ConfigError, match="'align_loss' = 'l1' is not one of 'mse', 'relative'"):
