@@ -32,6 +32,7 @@ from megadistill.model.mlstm import (
     mlstm_step_,
     mlstm_step_joint_,
 )
+from megadistill.model.rows import row_linear
 from megadistill.model.swa import Tokens, _sdpa, swa_attention, token_mask
 
 NEW_PARAMETER_MODULES = ("q_feature", "k_feature", "igate", "fgate", "ogate", "ogate_scale")
@@ -258,8 +259,9 @@ def _shared_norm_step(
 
 
 def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` of rows x (B, in) with a transposed weight (in, out): one op."""
-    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    """``F.linear`` of rows x (B, in) with a transposed weight (in, out), over torch's threads
+    (:func:`~megadistill.model.rows.row_linear`)."""
+    return row_linear(x, weight_t.t(), bias)
 
 
 class HybridAttention(nn.Module):
@@ -829,10 +831,14 @@ class HybridAttention(nn.Module):
                     plain=info.one_doc and info.all_valid, memo=info.memo,
                 )  # fmt: skip
         else:
-            lc.k, lc.v = torch.cat([lc.k, k_r], dim=2), torch.cat([lc.v, v], dim=2)
-            lc.doc, lc.ok = torch.cat([lc.doc, doc], dim=1), torch.cat([lc.ok, info.valid], dim=1)
-        idx = torch.arange(lc.k.shape[2], device=k_r.device)
-        mask = token_mask(info.tokens, Tokens(idx, lc.doc, None, lc.ok), None, 0)
+            lc.append_full(k_r, v, doc, info.valid)
+        # Every kept layer and head holds the same tokens: one mask per forward serves them all.
+        key = ("full_mask", lc.k.shape[2])
+        mask = info.memo.get(key)
+        if mask is None:
+            idx = torch.arange(lc.k.shape[2], device=k_r.device)
+            mask = token_mask(info.tokens, Tokens(idx, lc.doc, None, lc.ok), None, 0)
+            info.memo[key] = mask
         return _sdpa(q_r, lc.k, lc.v, mask, self.scaling)
 
     def _swa(self, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:

@@ -19,6 +19,10 @@ import torch
 from megadistill.model.mlstm import State
 from megadistill.model.swa import Tokens
 
+ROOM_MIN = 256
+"""Fewest tokens of room a kept layer's cache grows by (:meth:`LayerCache.append_full`)."""
+_ROOM_DIMS = (2, 2, 1, 1)  # the token dim of k, v (B,KV,T,d), doc and ok (B,T)
+
 
 @dataclass
 class LayerCache:
@@ -51,6 +55,9 @@ class LayerCache:
     # The KV heads of this hybrid layer kept as full attention (``softmax_heads``): their every
     # key, in stream order, as a kept layer's cache holds them.
     full: LayerCache | None = None
+    # A kept layer's (k, v, doc, ok) with room for more tokens, of which k, v, doc and ok are
+    # views once decoding appends (:meth:`append_full`).
+    room: tuple[torch.Tensor, ...] | None = None
 
     def keys(self) -> Tokens:
         """The tokens the slots hold, as the visibility rule takes them."""
@@ -61,9 +68,51 @@ class LayerCache:
         full = self.full.tensors() if self.full is not None else []
         return [t for t in own if t is not None] + list(self.mlstm or ()) + full
 
+    def nbytes(self) -> int:
+        """Bytes held: a kept layer's room counted whole, not only its filled part."""
+        held = sum(t.numel() * t.element_size() for t in self.tensors())
+        for lc in (self, self.full):
+            if lc is not None and lc._in_room():
+                filled = (lc.k, lc.v, lc.doc, lc.ok)
+                held += sum(
+                    (b.numel() - x.numel()) * b.element_size()
+                    for b, x in zip(lc.room, filled, strict=True)
+                )
+        return held
+
+    def _in_room(self) -> bool:
+        """Whether k, v, doc and ok are still views of ``room`` (a prefill or a beam search's
+        selection replaces them)."""
+        return (
+            self.room is not None
+            and self.k is not None
+            and self.k.data_ptr() == self.room[0].data_ptr()
+        )
+
+    def append_full(self, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, ok: torch.Tensor):
+        """Append T tokens (k, v (B,KV,T,d); doc, ok (B,T)) to a kept layer's cache. The cache
+        grows into buffers with room to spare (a quarter of its length, at least
+        :data:`ROOM_MIN` tokens), so that a decoding step copies its own key, not the whole
+        cache (as ``torch.cat`` would: 25 MB per token at 4K for SmolLM2's 12 kept heads)."""
+        n, t = self.k.shape[2], k.shape[2]
+        if not self._in_room() or self.room[0].shape[2] < n + t:
+            cap = n + t + max(ROOM_MIN, n // 4)
+            room = []
+            for x, dim in zip((self.k, self.v, self.doc, self.ok), _ROOM_DIMS, strict=True):
+                buf = x.new_empty(*x.shape[:dim], cap, *x.shape[dim + 1 :])
+                buf.narrow(dim, 0, n).copy_(x)
+                room.append(buf)
+            self.room = tuple(room)
+        for buf, x, dim in zip(self.room, (k, v, doc, ok), _ROOM_DIMS, strict=True):
+            buf.narrow(dim, n, t).copy_(x)
+        self.k, self.v, self.doc, self.ok = (
+            buf.narrow(dim, 0, n + t) for buf, dim in zip(self.room, _ROOM_DIMS, strict=True)
+        )
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep the rows ``rows`` (B,) of every tensor, in that order (beam search)."""
         self.mlstm_joint = None  # the selected rows' C and n are copies, no longer its views
+        self.room = None  # likewise the kept layer's k, v, doc and ok
         for name, val in list(vars(self).items()):
             if isinstance(val, torch.Tensor):
                 setattr(self, name, val.index_select(0, rows.to(val.device)))
@@ -109,7 +158,7 @@ class HybridCache:
 
     def nbytes(self) -> int:
         """Bytes held by all state tensors."""
-        return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
+        return sum(lc.nbytes() for lc in self.layers)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Select rows (beam search)."""

@@ -18,6 +18,7 @@ from megadistill.model.attention import NEW_PARAMETER_MODULES, HybridAttention, 
 from megadistill.model.cache import HybridCache
 from megadistill.model.configuration import HybridConfig
 from megadistill.model.remote_code import write_remote_code
+from megadistill.model.rows import use_row_linear
 from megadistill.model.swa import Tokens, document_layout
 from megadistill.teachers.registry import adapter_for
 
@@ -278,6 +279,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = HybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Decoding steps' products over torch's threads (one thread otherwise, at a few rows)
+        use_row_linear(self)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -107,6 +107,43 @@ def test_a_prefill_builds_no_t_by_t_mask_for_kept_heads_and_layers(monkeypatch, 
     torch.testing.assert_close(got, want)
 
 
+def test_decoding_appends_kept_keys_into_room_not_a_copy_of_the_cache(monkeypatch):
+    # A decoding step writes its key into the kept layer's and kept head's buffers, which keep
+    # room for more (a quarter of the cache, at least ROOM_MIN tokens), where torch.cat copied
+    # the whole cache at every step: the buffers move only when they grow, the logits are the
+    # parallel forward's across growths and across a beam search's reordering of the rows, and
+    # nbytes counts the room.
+    from megadistill.model import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "ROOM_MIN", 3)
+    teacher = tiny_teacher("llama", seed=0)
+    student, _ = convert(teacher, seed=0, softmax_layers=[0], softmax_heads=[[1, 0]], **HYBRID)
+    student = make_both_branches_matter(student.eval())
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        want = student(ids).logits
+    cache, rows, got, buffers = student.new_cache(), torch.tensor([0, 1]), [], []
+    with torch.no_grad():
+        got.append(student(ids[:, :8], cache=cache).logits)
+        for j in range(8, 40):
+            if j == 24:  # a beam search swaps the rows
+                rows = rows.flip(0)
+                cache.reorder_cache(torch.tensor([1, 0]))
+            got.append(student(ids[rows, j : j + 1], cache=cache).logits[rows])
+            kept, head = cache.layers[0], cache.layers[1].full
+            assert kept.k.shape[2] == head.k.shape[2] == j + 1
+            buffers += [(lc.room[0].shape[2], lc.room[0].data_ptr()) for lc in (kept, head)]
+    torch.testing.assert_close(torch.cat(got, 1), want)
+    # 8 tokens grow to 12, 16, 21, 27 (room: a quarter, at least 3, beyond the next token); the
+    # swap at 24 copies the rows and starts over: 31, 39, 49. Between growths nothing moves.
+    sizes = [size for size, _ in buffers[::2]]
+    assert sorted(set(sizes)) == [12, 16, 21, 27, 31, 39, 49]
+    steps = list(zip(buffers[::2], buffers[2::2])) + list(zip(buffers[1::2], buffers[3::2]))
+    assert all(a == b for a, b in steps if a[0] == b[0])
+    views = sum(t.numel() * t.element_size() for lc in cache.layers for t in lc.tensors())
+    assert cache.nbytes() > views
+
+
 def test_kept_heads_train_the_other_heads_only():
     # Stage I's gradient reaches the new parameters of the heads that stay hybrid; the kept
     # head's share of the gates gets none (its hybrid output is replaced).
