@@ -137,28 +137,41 @@ def absorb(state, fk_s, v_s, log_w, logf_t):
     return c, n, m_new
 
 
-def _absorb_block(state, cum, i_key, fkf, vr, doc, end, new_end):
-    """The state after keys ``[end, new_end)`` leave every window: the keys of the document of
-    key ``new_end - 1`` only, weighted as seen from ``new_end - 1``. A document that starts in
-    between empties the state first (its keys are of an earlier document)."""
+def _absorb_block(state, cum, i_key, fkf, vr, doc, cum_before, doc_before):
+    """The state after one block of keys leaves every window: the keys of the document of the
+    block's last key only, weighted as seen from that key. A document that starts in between
+    empties the state first (its keys are of an earlier document).
+
+    Args:
+        state: (C, n, m) holding the keys before the block, as seen from the key before it.
+        cum, i_key: (B,H,S) the block's cumulative log forget gates and input gates.
+        fkf, vr: (B,H,S,F), (B,H,S,d) its key features and values; doc: (B,S) its documents.
+        cum_before, doc_before: (B,H), (B,) of the key before the block (None: none before).
+    """
     c, n, m = state
-    ref = cum[..., new_end - 1]
-    if end > 0:
-        keep = (doc[:, end - 1] == doc[:, new_end - 1])[:, None]  # (B,1)
+    ref = cum[..., -1]
+    if cum_before is not None:
+        keep = (doc_before == doc[:, -1])[:, None]  # (B,1)
         c, n = c * keep[..., None, None], n * keep[..., None]
         m = m.masked_fill(~keep, NEG)
-        decay = ref - cum[..., end - 1]
+        decay = ref - cum_before
     else:
         decay = torch.zeros_like(ref)
-    same = (doc[:, end:new_end] == doc[:, new_end - 1 : new_end])[:, None, :]  # (B,1,S)
-    wt = (i_key[..., end:new_end] + ref[..., None] - cum[..., end:new_end]).masked_fill(~same, NEG)
+    same = (doc == doc[:, -1:])[:, None, :]  # (B,1,S)
+    wt = (i_key + ref[..., None] - cum).masked_fill(~same, NEG)
     m_new = torch.maximum(m + decay, wt.amax(-1))
     old, new = torch.exp(m + decay - m_new), torch.exp(wt - m_new[..., None])
-    c = old[..., None, None] * c + torch.einsum(
-        "bhs,bhsf,bhsd->bhfd", new, fkf[..., end:new_end, :], vr[..., end:new_end, :]
-    )
-    n = old[..., None] * n + torch.einsum("bhs,bhsf->bhf", new, fkf[..., end:new_end, :])
+    c = old[..., None, None] * c + torch.einsum("bhs,bhsf,bhsd->bhfd", new, fkf, vr)
+    n = old[..., None] * n + torch.einsum("bhs,bhsf->bhf", new, fkf)
     return c, n, m_new
+
+
+def _sink_keys(tok: Tokens, lo: int, num_sinks: int) -> torch.Tensor:
+    """(B, S) the sinks of key ``lo``'s document (clamped into the row; whether each is a key of
+    the block is :func:`_block_keys`' to say)."""
+    start = (lo - tok.pos[:, lo : lo + 1]).clamp(min=0)  # (B,1): where key lo's document began
+    sinks = start + torch.arange(num_sinks, device=tok.pos.device)
+    return sinks.clamp(max=tok.pos.shape[1] - 1)
 
 
 def _block_keys(tok: Tokens, lo: int, e: int, num_sinks: int):
@@ -166,18 +179,49 @@ def _block_keys(tok: Tokens, lo: int, e: int, num_sinks: int):
     lie before ``lo`` (queries of a later document find theirs in the span), then ``[lo, e)``.
     Returns the key indices (B,K) and their :class:`Tokens` (a sink that is not before ``lo``
     reads as an empty slot, so every key is listed once)."""
-    bsz, t = tok.doc.shape
+    bsz = tok.doc.shape[0]
     dev = tok.doc.device
-    start = (lo - tok.pos[:, lo : lo + 1]).clamp(min=0)  # (B,1): where key lo's document began
+    start = (lo - tok.pos[:, lo : lo + 1]).clamp(min=0)
     sinks = start + torch.arange(num_sinks, device=dev)
     span = torch.arange(lo, e, device=dev).expand(bsz, -1)
-    keys = torch.cat([sinks.clamp(max=t - 1), span], 1)
+    keys = torch.cat([_sink_keys(tok, lo, num_sinks), span], 1)
     live = torch.cat([sinks < lo, torch.ones_like(span, dtype=torch.bool)], 1)
     k_tok = Tokens(
         keys.masked_fill(~live, -1), tok.doc.gather(1, keys), tok.pos.gather(1, keys),
         tok.ok.gather(1, keys) & live,
     )  # fmt: skip
     return keys, k_tok
+
+
+class _Blocks:
+    """A tensor's values per query block, for the blocked form: the block's own tokens (a view
+    of one :meth:`~torch.Tensor.split` chunk) and its keys (the sinks, gathered for all blocks by
+    one ``gather``, then the previous block and its own). Autograd then sums each tensor's
+    gradient once (the split's and the gather's backward, one op each) rather than once per
+    block and slice: slicing and gathering the whole tensor in every block made every backward
+    fill and add a zero tensor of the tensor's full size per use (O(T^2 / W); at 2K tokens,
+    two thirds of a layer's step)."""
+
+    def __init__(self, x: torch.Tensor, dim: int, window: int, sinks: torch.Tensor | None):
+        self.dim = dim
+        self.chunks = x.split(window, dim)
+        self.sinks = None
+        if sinks is not None:  # sinks (B, N, S): N blocks' sink keys
+            bsz, nb, s = sinks.shape
+            idx = sinks.reshape(bsz, 1, nb * s)
+            idx = idx.reshape(*idx.shape, *([1] * (x.dim() - 3))).expand(
+                bsz, x.shape[1], nb * s, *x.shape[3:]
+            )
+            self.sinks = x.gather(2, idx).split(s, 2)
+
+    def keys(self, block: int) -> torch.Tensor:
+        """The block's keys along ``dim``: its sinks, the previous block, itself."""
+        parts = [self.chunks[block]]
+        if block > 0:
+            parts.insert(0, self.chunks[block - 1])
+        if self.sinks is not None:
+            parts.insert(0, self.sinks[block])
+        return torch.cat(parts, self.dim) if len(parts) > 1 else parts[0]
 
 
 def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_sinks, scaling):
@@ -201,49 +245,60 @@ def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_
     qf, fqf, fkf = _up(q), _up(fq), _up(fk)
     cum = F.logsigmoid(_up(f_pre)).cumsum(-1)
     enters = tok.ok & (tok.pos >= num_sinks)  # (B,T) keys that can join the state (no sinks)
-    i_key = _up(i_pre).masked_fill(~enters[:, None], NEG)
+    i_up = _up(i_pre)
+    i_key = i_up.masked_fill(~enters[:, None], NEG)
+    starts = range(0, t, w)
+    sinks = None
+    if num_sinks:
+        sinks = torch.stack([_sink_keys(tok, max(0, j - w), num_sinks) for j in starts], 1)
+    kb_all, vb_all, fk_all = (_Blocks(x, 2, w, sinks) for x in (kr, vr, fkf))
+    cum_all, ik_all = _Blocks(cum, 2, w, sinks), _Blocks(i_up, 2, w, sinks)
+    q_all, fq_all, ikey_all = (x.split(w, 2) for x in (qf, fqf, i_key))
+    doc_all = tok.doc.split(w, 1)
     state = (
         qf.new_zeros(bsz, h, fqf.shape[-1], d),
         qf.new_zeros(bsz, h, fqf.shape[-1]),
         qf.new_full((bsz, h), NEG),
     )
-    end = 0  # the state holds the keys before ``end``, weighted as seen from ``end - 1``
+    end = 0  # the state holds the keys of the blocks before ``end``, as seen from its last key
     outs = []
-    for j in range(0, t, w):
+    for bi, j in enumerate(starts):
         e = min(j + w, t)
         lo = max(0, j - w)
-        if lo > end:  # keys [end, lo) leave every window from this block on
-            state, end = _absorb_block(state, cum, i_key, fkf, vr, tok.doc, end, lo), lo
+        if bi - 1 > end:  # block ``end`` (keys [end W, end W + W)) leaves every window from here
+            before = (
+                (cum_all.chunks[end - 1][..., -1], doc_all[end - 1][:, -1]) if end else (None, None)
+            )
+            state = _absorb_block(
+                state, cum_all.chunks[end], ikey_all[end], fk_all.chunks[end], vb_all.chunks[end],
+                doc_all[end], *before,
+            )  # fmt: skip
+            end += 1
         c, n, m = state
         keys, k_tok = _block_keys(tok, lo, e, num_sinks)
-        q_tok = Tokens(torch.arange(j, e, device=dev).expand(bsz, -1), tok.doc[:, j:e], None, None)
+        q_tok = Tokens(torch.arange(j, e, device=dev).expand(bsz, -1), doc_all[bi], None, None)
         win = token_mask(q_tok, k_tok, w, num_sinks)
         out_m = token_mask(q_tok, k_tok, None, 0) & ~win & enters.gather(1, keys)[:, None, :]
-        gather = keys[:, None, :, None].expand(-1, h, -1, d)
-        kb, vb = kr.gather(2, gather), vr.gather(2, gather)
-        a = torch.einsum("bhld,bhkd->bhlk", qf[:, :, j:e], kb) * scaling
+        kb, vb = kb_all.keys(bi), vb_all.keys(bi)
+        qb, fqb, cb = q_all[bi], fq_all[bi], cum_all.chunks[bi]
+        a = torch.einsum("bhld,bhkd->bhlk", qb, kb) * scaling
         a_win = a.masked_fill(~win[:, None], NEG)
         top = a_win.amax(-1, keepdim=True)  # (B,H,L,1)
-        ck = cum.gather(2, keys[:, None, :].expand(-1, h, -1))
-        ik = _up(i_pre).gather(2, keys[:, None, :].expand(-1, h, -1))
-        g = cum[..., j:e, None] - ck[..., None, :] + ik[..., None, :]
-        fkb = fkf.gather(2, keys[:, None, :, None].expand(-1, h, -1, fkf.shape[-1]))
-        lin = torch.einsum("bhlf,bhkf->bhlk", fqf[:, :, j:e], fkb).clamp_min(1e-30).log()
+        g = cb[..., None] - cum_all.keys(bi)[..., None, :] + ik_all.keys(bi)[..., None, :]
+        lin = torch.einsum("bhlf,bhkf->bhlk", fqb, fk_all.keys(bi)).clamp_min(1e-30).log()
         logits = torch.where(win[:, None], a_win, (g + lin + top).masked_fill(~out_m[:, None], NEG))
         # The state's keys, as one weight per query: exp(cum_t - cum_ref + m + top), for the
         # queries of the state's document only.
         if end > 0:
-            st = cum[..., j:e] - cum[..., end - 1 : end] + m[..., None] + top[..., 0]  # (B,H,L)
-            st = st.masked_fill((tok.doc[:, j:e] != tok.doc[:, end - 1 : end])[:, None], NEG)
+            ref, ref_doc = cum_all.chunks[end - 1][..., -1:], doc_all[end - 1][:, -1:]
+            st = cb - ref + m[..., None] + top[..., 0]  # (B,H,L)
+            st = st.masked_fill((doc_all[bi] != ref_doc)[:, None], NEG)
         else:
             st = torch.full_like(top[..., 0], NEG)
         z = torch.maximum(logits.amax(-1), st)
         p = torch.exp(logits - z[..., None])
         ps = torch.exp(st - z)[..., None]
-        num = p @ vb + ps * torch.einsum("bhlf,bhfd->bhld", fqf[:, :, j:e], c)
-        den = (
-            p.sum(-1, keepdim=True)
-            + ps * torch.einsum("bhlf,bhf->bhl", fqf[:, :, j:e], n)[..., None]
-        )
+        num = p @ vb + ps * torch.einsum("bhlf,bhfd->bhld", fqb, c)
+        den = p.sum(-1, keepdim=True) + ps * torch.einsum("bhlf,bhf->bhl", fqb, n)[..., None]
         outs.append(num / den)
     return torch.cat(outs, dim=2).to(v.dtype)

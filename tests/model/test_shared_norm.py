@@ -147,3 +147,38 @@ def test_training_recomputes_the_kernels_same_gradients_less_saved(monkeypatch, 
     for name, g in grads_kept.items():
         torch.testing.assert_close(grads_rec[name], g, rtol=0, atol=0, msg=name)
     assert saved_rec < 0.8 * saved_kept, (saved_rec, saved_kept)
+
+
+def test_the_blocked_backward_touches_each_whole_tensor_a_fixed_number_of_times():
+    # The blocked form slices and gathers its inputs per block; autograd must then sum each
+    # input's gradient once (a split's or a gather's backward), not fill and add a zero tensor of
+    # the input's whole size per block and use (what made it O(T^2 / W): two thirds of a layer's
+    # stage I step at 2K tokens). Whole-size writes in backward, counted at 5 and at 10 blocks.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class WholeSizeWrites(TorchDispatchMode):
+        def __init__(self, shapes):
+            super().__init__()
+            self.shapes, self.count = shapes, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) in self.shapes:
+                self.count += 1
+            return out
+
+    counts = []
+    for t in (5 * W, 10 * W):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, n, t, D, generator=g, dtype=torch.float64) for n in (H, KV, KV))
+        fq, fk = (
+            torch.softmax(torch.randn(1, H, t, F, generator=g, dtype=q.dtype), -1) for _ in "qk"
+        )
+        i_pre, f_pre = torch.randn(1, H, t, dtype=q.dtype), torch.randn(1, H, t, dtype=q.dtype) + 3
+        leaves = [x.requires_grad_(True) for x in (q, k, v, fq, fk, i_pre, f_pre)]
+        tok = row_tokens(torch.zeros(1, t, dtype=torch.bool), torch.ones(1, t, dtype=torch.bool))
+        out = sn.shared_norm_blocked(*leaves, tok, W, 2, 0.3)
+        with WholeSizeWrites({(1, H, t, D), (1, H, t, F), (1, H, t)}) as seen:
+            out.sum().backward()
+        counts.append(seen.count)
+    assert counts[0] == counts[1], counts
