@@ -179,12 +179,9 @@ def _block_keys(tok: Tokens, lo: int, e: int, num_sinks: int):
     lie before ``lo`` (queries of a later document find theirs in the span), then ``[lo, e)``.
     Returns the key indices (B,K) and their :class:`Tokens` (a sink that is not before ``lo``
     reads as an empty slot, so every key is listed once)."""
-    bsz = tok.doc.shape[0]
-    dev = tok.doc.device
-    start = (lo - tok.pos[:, lo : lo + 1]).clamp(min=0)
-    sinks = start + torch.arange(num_sinks, device=dev)
-    span = torch.arange(lo, e, device=dev).expand(bsz, -1)
-    keys = torch.cat([_sink_keys(tok, lo, num_sinks), span], 1)
+    sinks = _sink_keys(tok, lo, num_sinks)  # clamped at T - 1 >= lo: before lo as they were
+    span = torch.arange(lo, e, device=tok.doc.device).expand(tok.doc.shape[0], -1)
+    keys = torch.cat([sinks, span], 1)
     live = torch.cat([sinks < lo, torch.ones_like(span, dtype=torch.bool)], 1)
     k_tok = Tokens(
         keys.masked_fill(~live, -1), tok.doc.gather(1, keys), tok.pos.gather(1, keys),
@@ -202,26 +199,20 @@ class _Blocks:
     fill and add a zero tensor of the tensor's full size per use (O(T^2 / W); at 2K tokens,
     two thirds of a layer's step)."""
 
-    def __init__(self, x: torch.Tensor, dim: int, window: int, sinks: torch.Tensor | None):
-        self.dim = dim
-        self.chunks = x.split(window, dim)
+    def __init__(self, x: torch.Tensor, window: int, sinks: torch.Tensor | None):
+        """x: (B, H, T, ...) split along T; sinks: (B, N, S) the N blocks' sink keys, or None."""
+        self.chunks = x.split(window, 2)
         self.sinks = None
-        if sinks is not None:  # sinks (B, N, S): N blocks' sink keys
+        if sinks is not None:
             bsz, nb, s = sinks.shape
-            idx = sinks.reshape(bsz, 1, nb * s)
-            idx = idx.reshape(*idx.shape, *([1] * (x.dim() - 3))).expand(
-                bsz, x.shape[1], nb * s, *x.shape[3:]
-            )
-            self.sinks = x.gather(2, idx).split(s, 2)
+            idx = sinks.reshape(bsz, 1, nb * s, *([1] * (x.dim() - 3)))
+            self.sinks = x.gather(2, idx.expand(-1, x.shape[1], -1, *x.shape[3:])).split(s, 2)
 
     def keys(self, block: int) -> torch.Tensor:
-        """The block's keys along ``dim``: its sinks, the previous block, itself."""
-        parts = [self.chunks[block]]
-        if block > 0:
-            parts.insert(0, self.chunks[block - 1])
-        if self.sinks is not None:
-            parts.insert(0, self.sinks[block])
-        return torch.cat(parts, self.dim) if len(parts) > 1 else parts[0]
+        """The block's keys (along T): its sinks, the previous block, itself."""
+        parts = [self.chunks[block - 1]] if block > 0 else []
+        parts = ([self.sinks[block]] if self.sinks is not None else []) + parts
+        return torch.cat([*parts, self.chunks[block]], 2) if parts else self.chunks[block]
 
 
 def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_sinks, scaling):
@@ -251,8 +242,9 @@ def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_
     sinks = None
     if num_sinks:
         sinks = torch.stack([_sink_keys(tok, max(0, j - w), num_sinks) for j in starts], 1)
-    kb_all, vb_all, fk_all = (_Blocks(x, 2, w, sinks) for x in (kr, vr, fkf))
-    cum_all, ik_all = _Blocks(cum, 2, w, sinks), _Blocks(i_up, 2, w, sinks)
+    kb_all, vb_all, fk_all, cum_all, ik_all = (
+        _Blocks(x, w, sinks) for x in (kr, vr, fkf, cum, i_up)
+    )
     q_all, fq_all, ikey_all = (x.split(w, 2) for x in (qf, fqf, i_key))
     doc_all = tok.doc.split(w, 1)
     state = (
@@ -266,12 +258,11 @@ def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_
         e = min(j + w, t)
         lo = max(0, j - w)
         if bi - 1 > end:  # block ``end`` (keys [end W, end W + W)) leaves every window from here
-            before = (
-                (cum_all.chunks[end - 1][..., -1], doc_all[end - 1][:, -1]) if end else (None, None)
-            )
+            cum_before = cum_all.chunks[end - 1][..., -1] if end else None
+            doc_before = doc_all[end - 1][:, -1] if end else None
             state = _absorb_block(
                 state, cum_all.chunks[end], ikey_all[end], fk_all.chunks[end], vb_all.chunks[end],
-                doc_all[end], *before,
+                doc_all[end], cum_before, doc_before,
             )  # fmt: skip
             end += 1
         c, n, m = state
