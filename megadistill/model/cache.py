@@ -70,14 +70,11 @@ class LayerCache:
 
     def nbytes(self) -> int:
         """Bytes held: a kept layer's room counted whole, not only its filled part."""
-        held = sum(t.numel() * t.element_size() for t in self.tensors())
+        held = sum(t.numel() * t.element_size() for t in self.tensors())  # ``full``'s included
         for lc in (self, self.full):
-            if lc is not None and lc._in_room():
-                filled = (lc.k, lc.v, lc.doc, lc.ok)
-                held += sum(
-                    (b.numel() - x.numel()) * b.element_size()
-                    for b, x in zip(lc.room, filled, strict=True)
-                )
+            if lc is not None and lc._in_room():  # the room beyond the filled views
+                held += sum(b.numel() * b.element_size() for b in lc.room)
+                held -= sum(x.numel() * x.element_size() for x in (lc.k, lc.v, lc.doc, lc.ok))
         return held
 
     def _in_room(self) -> bool:

@@ -174,12 +174,12 @@ def _sink_keys(tok: Tokens, lo: int, num_sinks: int) -> torch.Tensor:
     return sinks.clamp(max=tok.pos.shape[1] - 1)
 
 
-def _block_keys(tok: Tokens, lo: int, e: int, num_sinks: int):
-    """Explicit keys of the query block ending at ``e``: the sinks of key ``lo``'s document that
-    lie before ``lo`` (queries of a later document find theirs in the span), then ``[lo, e)``.
-    Returns the key indices (B,K) and their :class:`Tokens` (a sink that is not before ``lo``
-    reads as an empty slot, so every key is listed once)."""
-    sinks = _sink_keys(tok, lo, num_sinks)  # clamped at T - 1 >= lo: before lo as they were
+def _block_keys(tok: Tokens, lo: int, e: int, sinks: torch.Tensor):
+    """Explicit keys of the query block ending at ``e``: the ``sinks`` (B, S) of key ``lo``'s
+    document (:func:`_sink_keys`) that lie before ``lo`` (queries of a later document find theirs
+    in the span), then ``[lo, e)``. Returns the key indices (B,K) and their :class:`Tokens` (a
+    sink that is not before ``lo`` reads as an empty slot, so every key is listed once)."""
+    # sinks are clamped at T - 1 >= lo: those before lo are as they were
     span = torch.arange(lo, e, device=tok.doc.device).expand(tok.doc.shape[0], -1)
     keys = torch.cat([sinks, span], 1)
     live = torch.cat([sinks < lo, torch.ones_like(span, dtype=torch.bool)], 1)
@@ -239,11 +239,10 @@ def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_
     i_up = _up(i_pre)
     i_key = i_up.masked_fill(~enters[:, None], NEG)
     starts = range(0, t, w)
-    sinks = None
-    if num_sinks:
-        sinks = torch.stack([_sink_keys(tok, max(0, j - w), num_sinks) for j in starts], 1)
+    sinks = torch.stack([_sink_keys(tok, max(0, j - w), num_sinks) for j in starts], 1)
+    gathered = sinks if num_sinks else None  # (B, blocks, S): every block's sinks, gathered once
     kb_all, vb_all, fk_all, cum_all, ik_all = (
-        _Blocks(x, w, sinks) for x in (kr, vr, fkf, cum, i_up)
+        _Blocks(x, w, gathered) for x in (kr, vr, fkf, cum, i_up)
     )
     q_all, fq_all, ikey_all = (x.split(w, 2) for x in (qf, fqf, i_key))
     doc_all = tok.doc.split(w, 1)
@@ -266,7 +265,7 @@ def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_
             )  # fmt: skip
             end += 1
         c, n, m = state
-        keys, k_tok = _block_keys(tok, lo, e, num_sinks)
+        keys, k_tok = _block_keys(tok, lo, e, sinks[:, bi])
         q_tok = Tokens(torch.arange(j, e, device=dev).expand(bsz, -1), doc_all[bi], None, None)
         win = token_mask(q_tok, k_tok, w, num_sinks)
         out_m = token_mask(q_tok, k_tok, None, 0) & ~win & enters.gather(1, keys)[:, None, :]
