@@ -210,9 +210,11 @@ class _Blocks:
 
     def keys(self, block: int) -> torch.Tensor:
         """The block's keys (along T): its sinks, the previous block, itself."""
-        parts = [self.chunks[block - 1]] if block > 0 else []
-        parts = ([self.sinks[block]] if self.sinks is not None else []) + parts
-        return torch.cat([*parts, self.chunks[block]], 2) if parts else self.chunks[block]
+        parts = [] if self.sinks is None else [self.sinks[block]]
+        if block > 0:
+            parts.append(self.chunks[block - 1])
+        parts.append(self.chunks[block])
+        return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 def shared_norm_blocked(q, k, v, fq, fk, i_pre, f_pre, tok: Tokens, window, num_sinks, scaling):
