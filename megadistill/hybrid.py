@@ -19,7 +19,7 @@ from megadistill.config import ConfigError
 GateMode = Literal["learned", "swa", "mlstm"]
 MLSTMBackend = Literal["chunkwise", "recurrent", "native", "triton"]
 SWABackend = Literal["auto", "reference", "blocked", "flex"]
-RopeOn = Literal["input", "features"]
+RopeOn = Literal["input", "features", "none"]
 FeatureMap = Literal["hedgehog", "hedgehog_pm"]
 Mix = Literal["gate", "shared_norm"]
 LocalLayers = Literal["swa", "hybrid"]
@@ -54,9 +54,14 @@ class HybridSettings:
     """Chunk length of the chunkwise mLSTM."""
     feature_dim: int | None = None
     """Output size of the Hedgehog feature maps (None: the teacher's head_dim)."""
-    rope_on: RopeOn = "input"
-    """``input``: feature maps on RoPE'd q/k; ``features``: RoPE on the feature-mapped q/k (needs
-    feature_dim == head_dim and feature_map 'hedgehog')."""
+    rope_on: RopeOn | None = None
+    """Where the recurrent branch's feature maps meet RoPE: ``input``, feature maps of the RoPE'd
+    q/k; ``features``, RoPE on the feature-mapped q/k (needs feature_dim == head_dim and
+    feature_map 'hedgehog'); ``none``, feature maps of q/k before RoPE, so phi(q).phi(k) reads
+    the same at every position (the softmax branch keeps RoPE). None: ``none`` with mix
+    ``shared_norm`` (whose ``input`` form degrades past the training length: README "Past the
+    training length"), ``input`` with the gated mix. A student config saved before ``none``
+    existed loads as it was converted (its rope_on is stored)."""
     feature_map: FeatureMap = "hedgehog"
     """``hedgehog`` (softmax(xW)) or ``hedgehog_pm`` ([softmax(xW), softmax(-xW)], twice the
     features; the Hedgehog/LoLCATs form)."""
@@ -105,6 +110,8 @@ class HybridSettings:
         self.igate_bias = float(self.igate_bias)
         self.softmax_layers = sorted(int(i) for i in self.softmax_layers)
         self.softmax_heads = _head_pairs(self.softmax_heads)
+        if self.rope_on is None:
+            self.rope_on = "none" if self.mix == "shared_norm" else "input"
         for name, low in (("window", 1), ("num_sinks", 0), ("chunk_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -121,8 +128,8 @@ class HybridSettings:
                 f"mlstm_backend='triton' needs chunk_size a power of 2 >= 16 (its kernel's "
                 f"blocks), got {self.chunk_size}"
             )
-        if self.mix == "shared_norm" and self.rope_on != "input":
-            raise ConfigError("mix='shared_norm' needs rope_on='input'")
+        if self.mix == "shared_norm" and self.rope_on == "features":
+            raise ConfigError("mix='shared_norm' needs rope_on 'none' or 'input'")
         if self.rope_on == "features" and self.feature_map != "hedgehog":
             raise ConfigError("rope_on='features' needs feature_map='hedgehog'")
         if len(self.fgate_bias) != 2 or self.fgate_bias[0] > self.fgate_bias[1]:

@@ -225,7 +225,7 @@ def _recurrent_step(attn: HybridAttention, features: torch.Tensor) -> cpu_step.R
     no compiler)."""
     if not (
         attn.step_kernel
-        and attn.config.rope_on == "input"
+        and attn.config.rope_on != "features"
         and cpu_step.RecurrentStep.applies(features.dtype, features.device)
     ):
         return None
@@ -337,6 +337,9 @@ class HybridAttention(nn.Module):
         # mLSTM of a CPU prefill (cpu_step.mlstm_scan); False: their eager ops, the references
         # they are tested against.
         self.step_kernel = True
+        # rope_on "none": the feature maps read q and k before RoPE (a shared_norm layer's cache
+        # then keeps the window's keys before RoPE too, for the key that leaves it)
+        self.plain_features = config.rope_on == "none"
         if self.kept:
             return
         fdim, pm = config.feature_dim, config.feature_map == "hedgehog_pm"
@@ -423,7 +426,7 @@ class HybridAttention(nn.Module):
             return self.o_proj(local.transpose(1, 2).reshape(bsz, t, -1))
         mode = self.config.gate_mode
         if mode == "learned" and self.shared:
-            mixed = self._shared_norm(x, q_r, k_r, v, info, lc)
+            mixed = self._shared_norm(x, q, k, q_r, k_r, v, info, lc)
             mixed = self._heads(mixed, q_r, k_r, v, info, lc)
             out = self.o_proj(mixed.transpose(1, 2).reshape(bsz, t, -1))
             return self._observed(out, q_r, k_r, v, info)
@@ -492,17 +495,19 @@ class HybridAttention(nn.Module):
             f_pre = f_pre.masked_fill(pad, PAD_F)
         return i_pre, f_pre
 
-    def _shared_norm(self, x, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None) -> torch.Tensor:
+    def _shared_norm(self, x, q, k, q_r, k_r, v, info: SeqInfo, lc: LayerCache | None):
+        k_p = k if self.plain_features else None  # the keys the cache keeps before RoPE
         if lc is not None and lc.k is not None and q_r.shape[2] == 1:
             # one decoding step (generate()'s case): the step reads q's features only (the key
             # that enters the state is the one leaving the window, featured from the buffer)
             i_pre, f_pre = self._gates(x, info)
+            fq = self.q_feature(q if self.plain_features else q_r)
             out = self._shared_step(
-                q_r[:, :, 0], k_r, v, self.q_feature(q_r)[:, :, 0], i_pre[:, :, 0],
-                f_pre[:, :, 0], info, lc, info.cache.seen,
+                q_r[:, :, 0], k_r, v, fq[:, :, 0], i_pre[:, :, 0], f_pre[:, :, 0], info, lc,
+                info.cache.seen, k_p,
             )  # fmt: skip
             return out[:, :, None].to(v.dtype)
-        fq, fk_kv = self.q_feature(q_r), self.k_feature(k_r)
+        fq, fk_kv = self._features(q, k, q_r, k_r, None, None)
         i_pre, f_pre = self._gates(x, info)
         out = None
         if (lc is None or lc.k is None) and self.step_kernel:  # one compiled scan (CPU, no grad)
@@ -530,7 +535,7 @@ class HybridAttention(nn.Module):
             lc.mlstm, gate_i, decay = sn.prefill_state(
                 fk, v, i_pre, f_pre, info.tokens, self.window, self.num_sinks
             )
-            self._write_kv(k_r, v, info, lc)
+            self._write_kv(k_r, v, info, lc, k_p)
             n = lc.k.shape[2]
             lc.gate_i = gate_i.new_zeros(*gate_i.shape[:2], n)
             lc.decay = decay.new_zeros(*decay.shape[:2], n)
@@ -559,13 +564,17 @@ class HybridAttention(nn.Module):
                     one,
                     lc,
                     info.cache.seen + j,
+                    None if k_p is None else k_p[:, :, j : j + 1],
                 )  # fmt: skip
             )
         return torch.stack(outs, dim=2).to(v.dtype)
 
-    def _shared_step(self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache, t: int):
+    def _shared_step(
+        self, q1, k1, v1, fq1, i1, f1, info: SeqInfo, lc: LayerCache, t: int, kp1=None
+    ):
         """One decoding step of the shared_norm mix (see model/shared_norm.py) for the token of
-        stream index ``t`` (known on the host: no sync)."""
+        stream index ``t`` (known on the host: no sync); ``kp1`` the token's key before RoPE
+        (rope_on "none": the key leaving the window is featured from ``lc.k_plain``)."""
         slot = self.num_sinks + t % self.window
         up = lc.decay.dtype  # the state's dtype (float32 for half types)
         logf = torch.nn.functional.logsigmoid(f1.to(up))
@@ -576,11 +585,12 @@ class HybridAttention(nn.Module):
             ~leaves[:, None], sn.NEG
         )
         rep = self.num_heads // self.num_kv
-        fk_s = self.k_feature(lc.k[:, :, slot, None])[:, :, 0].repeat_interleave(rep, dim=1)
+        keys = lc.k_plain if self.plain_features else lc.k
+        fk_s = self.k_feature(keys[:, :, slot, None])[:, :, 0].repeat_interleave(rep, dim=1)
         v_s = lc.v[:, :, slot].repeat_interleave(rep, dim=1)
         lc.mlstm = sn.absorb(lc.mlstm, fk_s.to(up), v_s.to(up), log_w, logf)
         lc.decay += logf[..., None]
-        self._write_kv_step(k1, v1, info, lc)
+        self._write_kv_step(k1, v1, info, lc, kp1)
         lc.gate_i[:, :, slot] = i1.to(up)
         lc.decay[:, :, slot] = 0.0
         mask = self._shared_mask(info, lc, t)
@@ -610,7 +620,7 @@ class HybridAttention(nn.Module):
             mask = info.memo[key] = token_mask(info.tokens, lc.keys(), w, s)[:, 0].contiguous()
         return mask
 
-    def _shared_fused(self, y, qk_r, v, info: SeqInfo, lc: LayerCache, fw: StepWeights):
+    def _shared_fused(self, y, qk, qk_r, v, info: SeqInfo, lc: LayerCache, fw: StepWeights):
         """The ``shared_norm`` attention of :meth:`_step` ((B, H, 1, d), before o_proj): one
         compiled call where it applies (a real token that starts no document and is no sink,
         float32/64 on CPU), else :meth:`_shared_step` on the step's fused products."""
@@ -631,22 +641,27 @@ class HybridAttention(nn.Module):
             lc.held.index_copy_(2, at, held)
             lc.ok.index_copy_(1, at, info.valid)
             out = qk_r.new_empty(bsz, nh, 1, d)
-            return kern(y, qk_r, leaves, self._shared_mask(info, lc, t), lc, slot, out)
+            plain = qk.contiguous() if self.plain_features else None
+            return kern(y, qk_r, leaves, self._shared_mask(info, lc, t), lc, slot, out, plain)
         nq, nk = self.qkv_sizes[0], self.qkv_sizes[1]
         gates = y[:, nq + 2 * nk : nq + 2 * nk + 2 * nh].view(bsz, 2, nh)  # input, forget
         if not info.all_valid:  # padding steps are exact no-ops (as _gates)
             pads = gates.new_tensor([[PAD_I], [PAD_F]])
             gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
-        fq = fw.feature_map(qk_r)[:, :nh, 0]
+        fq = fw.feature_map(qk if self.plain_features else qk_r)[:, :nh, 0]
+        kp = qk[:, nh:] if self.plain_features else None
         out = self._shared_step(
-            qk_r[:, :nh, 0], qk_r[:, nh:], v, fq, gates[:, 0], gates[:, 1], info, lc, t
+            qk_r[:, :nh, 0], qk_r[:, nh:], v, fq, gates[:, 0], gates[:, 1], info, lc, t, kp
         )
         return out[:, :, None].to(v.dtype)
 
     def _features(self, q, k, q_r, k_r, cos, sin):
-        """Feature-mapped q and k of the mLSTM branch (RoPE before or after the map)."""
+        """Feature-mapped q and k of the recurrent branch (RoPE before the map, after it, or
+        none: ``rope_on``)."""
         if self.config.rope_on == "input":
             return self.q_feature(q_r), self.k_feature(k_r)
+        if self.plain_features:
+            return self.q_feature(q), self.k_feature(k)
         return self.apply_rotary(self.q_feature(q), self.k_feature(k), cos, sin)
 
     def _decode(self, x, q, k, q_r, k_r, v, cos, sin, gate_in, info: SeqInfo, lc: LayerCache):
@@ -725,7 +740,9 @@ class HybridAttention(nn.Module):
         q_r, k_r = qk_r[:, :nh], qk_r[:, nh:]
         mode = "swa" if self.keep_local else self.config.gate_mode
         if mode == "learned" and self.shared:
-            mixed = self._heads(self._shared_fused(y, qk_r, v, info, lc, fw), q_r, k_r, v, info, lc)
+            mixed = self._heads(
+                self._shared_fused(y, qk, qk_r, v, info, lc, fw), q_r, k_r, v, info, lc
+            )
             return _linear(mixed.reshape(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
         swa = mem = None
         if mode != "mlstm":
@@ -742,11 +759,14 @@ class HybridAttention(nn.Module):
             if fw.kernel is not None and info.all_valid and lc.mlstm_joint.dtype == y.dtype:
                 # feature maps, mLSTM step, output gate and mix in one call
                 mixed = qk_r.new_empty(bsz, nh, 1, d)
-                fw.kernel(y, qk_r, swa, lc.mlstm_joint, lc.mlstm[2], mixed)
+                feat_in = qk.contiguous() if self.plain_features else qk_r
+                fw.kernel(y, feat_in, swa, lc.mlstm_joint, lc.mlstm[2], mixed)
                 mixed = self._heads(mixed, q_r, k_r, v, info, lc)
                 return _linear(mixed.reshape(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
             if self.config.rope_on == "input":
                 fqk = fw.feature_map(qk_r)
+            elif self.plain_features:
+                fqk = fw.feature_map(qk)
             else:
                 fqk = self._rotate(fw.feature_map(qk), cos, sin, info)
             gates = y[:, nq + 2 * nk :].view(bsz, 3, nh)  # input, forget, zeros
@@ -786,7 +806,8 @@ class HybridAttention(nn.Module):
         if self.keep_local:
             out = self._swa_step(q_r, k_r, v, info, lc)
         elif self.config.gate_mode == "learned" and self.shared:
-            out = self._heads(self._shared_norm(x, q_r, k_r, v, info, lc), q_r, k_r, v, info, lc)
+            out = self._shared_norm(x, q, k, q_r, k_r, v, info, lc)
+            out = self._heads(out, q_r, k_r, v, info, lc)
         else:
             out = self._decode(x, q, k, q_r, k_r, v, cos, sin, gate_in, info, lc)
             out = self._heads(out, q_r, k_r, v, info, lc)
@@ -889,15 +910,17 @@ class HybridAttention(nn.Module):
         ).reshape(bsz, self.num_heads, 1, -1)
 
     @torch.no_grad()
-    def _write_kv_step(self, k_r, v, info: SeqInfo, lc: LayerCache) -> None:
+    def _write_kv_step(self, k_r, v, info: SeqInfo, lc: LayerCache, k_plain=None) -> None:
         """:meth:`_write_kv` for one decoding step (the slot is known on the host)."""
         assert info.cache is not None
         if self.num_sinks and info.sink_tokens:
-            self._write_kv(k_r, v, info, lc)
+            self._write_kv(k_r, v, info, lc, k_plain)
             return
         at, held = self._step_slot(info)
         lc.k.index_copy_(2, at, k_r)
         lc.v.index_copy_(2, at, v)
+        if k_plain is not None:
+            lc.k_plain.index_copy_(2, at, k_plain)
         lc.held.index_copy_(2, at, held)
         lc.ok.index_copy_(1, at, info.valid)
 
@@ -916,20 +939,26 @@ class HybridAttention(nn.Module):
         return at, held
 
     @torch.no_grad()
-    def _write_kv(self, k_r: torch.Tensor, v: torch.Tensor, info: SeqInfo, lc: LayerCache) -> None:
+    def _write_kv(self, k_r, v, info: SeqInfo, lc: LayerCache, k_plain=None) -> None:
         """Write the new tokens into the buffer, each once: a sink into its sink slot (the slot of
         its position in the document, overwriting an earlier document's), any other token into
-        the ring (the ring slot of a sink reads as empty)."""
+        the ring (the ring slot of a sink reads as empty). ``k_plain``: the keys before RoPE,
+        kept in ``lc.k_plain`` in the same slots (rope_on "none" with mix shared_norm)."""
         assert info.cache is not None
         w, s = self.window, self.num_sinks
         info.cache.kv_slots(lc, k_r, s + w)
+        pairs = [(lc.k, k_r), (lc.v, v)]
+        if k_plain is not None:
+            if lc.k_plain is None:
+                lc.k_plain = torch.zeros_like(lc.k)
+            pairs.append((lc.k_plain, k_plain))
         tok = info.tokens
         t = k_r.shape[2]
         keep = slice(max(0, t - w), t)
         slots = s + info.abs_idx[keep] % w
         sink = tok.ok & (tok.pos < s)  # (B,T)
-        lc.k.index_copy_(2, slots, k_r[:, :, keep])
-        lc.v.index_copy_(2, slots, v[:, :, keep])
+        for buf, x in pairs:
+            buf.index_copy_(2, slots, x[:, :, keep])
         ring = torch.stack([tok.idx.masked_fill(sink, -1), tok.doc, tok.pos], 1)  # (B,3,T)
         lc.held.index_copy_(2, slots, ring[..., keep])
         lc.ok.index_copy_(1, slots, (tok.ok & ~sink)[:, keep])
@@ -940,15 +969,15 @@ class HybridAttention(nn.Module):
             # A stream's first tokens, one document, no padding: the sinks are the first S
             # tokens of every row, in slots 0..S-1 (the host knows it: no per-sink sync).
             n = min(s, t)
-            lc.k[:, :, :n] = k_r[:, :, :n]
-            lc.v[:, :, :n] = v[:, :, :n]
+            for buf, x in pairs:
+                buf[:, :, :n] = x[:, :, :n]
             lc.held[:, :, :n] = held[..., :n]
             lc.ok[:, :n] = True
             return
         for col in sink.any(0).nonzero().flatten().tolist():
             rows = sink[:, col].nonzero().flatten()
             slot = tok.pos[rows, col]
-            lc.k[rows, :, slot] = k_r[rows, :, col]
-            lc.v[rows, :, slot] = v[rows, :, col]
+            for buf, x in pairs:
+                buf[rows, :, slot] = x[rows, :, col]
             lc.held[rows, :, slot] = held[rows, :, col]
             lc.ok[rows, slot] = True

@@ -49,6 +49,9 @@ class LayerCache:
     # accumulated since it entered (it joins the mLSTM state with both when it leaves the window).
     gate_i: torch.Tensor | None = None  # (B, H, S + W)
     decay: torch.Tensor | None = None  # (B, H, S + W)
+    # ... and with rope_on "none", each slot's key before RoPE: the key leaving the window joins
+    # the state through the feature map of its plain key.
+    k_plain: torch.Tensor | None = None  # (B, KV, S + W, d)
     # Decoding steps keep C and n of ``mlstm`` as views of one (B, H, F, D + 1) tensor [C | n]
     # (see mlstm.joint_state); this is that tensor (not counted again by ``tensors``).
     mlstm_joint: torch.Tensor | None = None
@@ -64,7 +67,8 @@ class LayerCache:
         return Tokens(*self.held.unbind(1), self.ok)
 
     def tensors(self) -> list[torch.Tensor]:
-        own = (self.k, self.v, self.held, self.ok, self.doc, self.gate_i, self.decay)
+        own = (self.k, self.v, self.k_plain, self.held, self.ok, self.doc, self.gate_i,
+               self.decay)  # fmt: skip
         full = self.full.tensors() if self.full is not None else []
         return [t for t in own if t is not None] + list(self.mlstm or ()) + full
 

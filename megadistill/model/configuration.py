@@ -53,6 +53,8 @@ class HybridConfig(PretrainedConfig):
             given["local_layers"] = "hybrid"
         if given.get("gate_init") is None and "transformers_version" in kwargs:
             given["gate_init"] = "half"  # likewise: saved before the floor-equal gate existed
+        if given.get("rope_on") is None and "transformers_version" in kwargs:
+            given["rope_on"] = "input"  # likewise: saved before position-free feature maps
         given = {k: v for k, v in given.items() if v is not None or k == "feature_dim"}
         settings = from_dict(HybridSettings, given)
         for key, value in settings.to_dict().items():

@@ -158,28 +158,35 @@ int step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both, i
 // softmax over the visible slots (``mask``) and the state, under one normaliser.
 //   y      (B, ystride): [q (H d) | k (KV d) | v (KV d) | i (H) | f (H) | ...]
 //   qk     (B, H + KV, d): the RoPE'd q and k heads;  feat (H + KV, d, f): their feature maps
+//   qp     (B, H + KV, d) or null: q and k before RoPE (rope_on "none": the feature maps read
+//          these, and the leaving key is featured from kp, where this step's plain key goes)
 //   leaves (B), mask (B, N): bytes (0/1); the mask is the one after this step's write
-//   kb, vb (B, KV, N, d): the buffer;  gi, dec (B, H, N): each slot's input gate and decay
+//   kb, vb (B, KV, N, d): the buffer; kp (B, KV, N, d): its keys before RoPE (with qp only)
+//   gi, dec (B, H, N): each slot's input gate and decay
 //   c (B, H, fx, d), n (B, H, fx), m (B, H): the state, updated in place;  out (B, H, d)
 template <typename T>
 int sn_step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both,
-            int64_t ystride, int64_t N, int64_t slot, const T* y, const T* qk, const T* feat,
-            const uint8_t* leaves, const uint8_t* mask, T* kb, T* vb, T* gi, T* dec, T* c, T* n,
-            T* m, T* out, double scaling) {
-  if (B < 1 || H < 1 || KV < 1 || H % KV != 0 || d < 1 || f < 1 || slot < 0 || slot >= N)
+            int64_t ystride, int64_t N, int64_t slot, const T* y, const T* qk, const T* qp,
+            const T* feat, const uint8_t* leaves, const uint8_t* mask, T* kb, T* kp, T* vb,
+            T* gi, T* dec, T* c, T* n, T* m, T* out, double scaling) {
+  if (B < 1 || H < 1 || KV < 1 || H % KV != 0 || d < 1 || f < 1 || slot < 0 || slot >= N ||
+      (qp == nullptr) != (kp == nullptr))
     return 1;
+  const bool plain = qp != nullptr;
   const int64_t fx = both ? 2 * f : f, rep = H / KV, g = (H + 2 * KV) * d;
   const T neg = T(-1.0e30), sc = static_cast<T>(scaling);
   std::vector<T> z(f), fk(fx), fq(fx), vold(d), a(N), num(d), qc(d);
   for (int64_t b = 0; b < B; ++b) {
     const T* yb = y + b * ystride;
     const T* qkb = qk + b * (H + KV) * d;
+    const T* qfb = plain ? qp + b * (H + KV) * d : qkb;  // what the feature maps read
     for (int64_t kh = 0; kh < KV; ++kh) {
       T* ks = kb + ((b * KV + kh) * N + slot) * d;
+      T* kfs = plain ? kp + ((b * KV + kh) * N + slot) * d : ks;
       T* vs = vb + ((b * KV + kh) * N + slot) * d;
       // the leaving key's features (computed whether or not it joins: the eager ops do, and a
       // weight of exp(NEG - m) leaves the state as they leave it)
-      feature_map(ks, feat + (H + kh) * d * f, d, f, both, z.data(), fk.data());
+      feature_map(kfs, feat + (H + kh) * d * f, d, f, both, z.data(), fk.data());
       std::copy(vs, vs + d, vold.begin());
       for (int64_t r = 0; r < rep; ++r) {
         const int64_t h = kh * rep + r, bh = b * H + h;
@@ -204,6 +211,7 @@ int sn_step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both
         dech[slot] = T(0);
       }
       std::copy(qkb + (H + kh) * d, qkb + (H + kh + 1) * d, ks);
+      if (plain) std::copy(qfb + (H + kh) * d, qfb + (H + kh + 1) * d, kfs);
       const T* vnew = yb + (H + KV) * d + kh * d;
       std::copy(vnew, vnew + d, vs);
     }
@@ -228,7 +236,7 @@ int sn_step(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f, int64_t both
         const T* vs = vbh + s * d;
         for (int64_t j = 0; j < d; ++j) num[j] += p * vs[j];
       }
-      feature_map(qh, feat + h * d * f, d, f, both, z.data(), fq.data());
+      feature_map(qfb + h * d, feat + h * d * f, d, f, both, z.data(), fq.data());
       const T mh = m[bh], zz = std::max(mh, T(0));
       const T sw = std::exp(-zz), ss = std::exp(mh - zz);
       const T* ch = c + bh * fx * d;
@@ -570,22 +578,24 @@ int megadistill_step_f64(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f,
 
 int megadistill_sn_step_f32(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f,
                             int64_t both, int64_t ystride, int64_t N, int64_t slot,
-                            const float* y, const float* qk, const float* feat,
-                            const uint8_t* leaves, const uint8_t* mask, float* kb, float* vb,
+                            const float* y, const float* qk, const float* qp,
+                            const float* feat, const uint8_t* leaves, const uint8_t* mask,
+                            float* kb, float* kp, float* vb,
                             float* gi, float* dec, float* c, float* n, float* m, float* out,
                             double scaling) {
-  return sn_step<float>(B, H, KV, d, f, both, ystride, N, slot, y, qk, feat, leaves, mask, kb,
-                        vb, gi, dec, c, n, m, out, scaling);
+  return sn_step<float>(B, H, KV, d, f, both, ystride, N, slot, y, qk, qp, feat, leaves, mask,
+                        kb, kp, vb, gi, dec, c, n, m, out, scaling);
 }
 
 int megadistill_sn_step_f64(int64_t B, int64_t H, int64_t KV, int64_t d, int64_t f,
                             int64_t both, int64_t ystride, int64_t N, int64_t slot,
-                            const double* y, const double* qk, const double* feat,
-                            const uint8_t* leaves, const uint8_t* mask, double* kb, double* vb,
+                            const double* y, const double* qk, const double* qp,
+                            const double* feat, const uint8_t* leaves, const uint8_t* mask,
+                            double* kb, double* kp, double* vb,
                             double* gi, double* dec, double* c, double* n, double* m,
                             double* out, double scaling) {
-  return sn_step<double>(B, H, KV, d, f, both, ystride, N, slot, y, qk, feat, leaves, mask, kb,
-                         vb, gi, dec, c, n, m, out, scaling);
+  return sn_step<double>(B, H, KV, d, f, both, ystride, N, slot, y, qk, qp, feat, leaves, mask,
+                         kb, kp, vb, gi, dec, c, n, m, out, scaling);
 }
 
 int megadistill_sn_scan_f32(int64_t B, int64_t H, int64_t KV, int64_t T, int64_t d,

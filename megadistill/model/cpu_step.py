@@ -9,7 +9,7 @@ the branch as one C++ function with the system's compiler on first use (no torch
 caches the library under ``<asset cache>/kernels`` (``$MEGADISTILL_CACHE``, else
 ``~/.cache/megadistill``) keyed by its source, and binds it to a layer's weights
 (:class:`RecurrentStep`); ``HybridAttention._step`` calls it where it applies (CPU, float32 or
-float64, no padding in the step, ``rope_on: input``).
+float64, no padding in the step; RoPE'd or plain q/k, not ``rope_on: features``).
 
 The same library holds :func:`mlstm_scan`: the mLSTM over a whole sequence without autograd (a
 prefill, an evaluation), step by step with the state in cache, over the (row, head) pairs split
@@ -113,7 +113,7 @@ def _open(path: Path) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     for name in _SN_STEPS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [i64] * 9 + [ptr] * 13 + [ctypes.c_double]
+        fn.argtypes = [i64] * 9 + [ptr] * 15 + [ctypes.c_double]
         fn.restype = ctypes.c_int
     for name in _SN_SCANS.values():
         fn = getattr(lib, name)
@@ -206,7 +206,7 @@ class RecurrentStep:
 
     def __call__(self, y, qk, swa, cn, m, out) -> torch.Tensor:
         """One step: ``y`` (B, Y) the layer's [q|k|v|i|f|...] product, ``qk`` (B, H+KV, 1, d)
-        RoPE'd q and k, ``swa`` (B, H, 1, d) or None, the state ``cn`` (B, H, F, d+1) and ``m``
+        the q and k the feature maps read (RoPE'd; before RoPE with rope_on "none"), ``swa`` (B, H, 1, d) or None, the state ``cn`` (B, H, F, d+1) and ``m``
         (B, H) (updated), ``out`` (B, H, 1, d) (written and returned)."""
         tensors = (y, qk, cn, m, out) if swa is None else (y, qk, swa, cn, m, out)
         _check_layout(((t, None) for t in tensors), self.dtype, "step")
@@ -252,11 +252,12 @@ class SharedNormStep:
     def applies(cls, dtype: torch.dtype, device: torch.device) -> bool:
         return dtype in _SN_STEPS and device.type == "cpu"
 
-    def __call__(self, y, qk, leaves, mask, lc, slot: int, out) -> torch.Tensor:
+    def __call__(self, y, qk, leaves, mask, lc, slot: int, out, plain=None) -> torch.Tensor:
         """One step: ``y`` (B, Y), ``qk`` (B, H + KV, 1, d), ``leaves`` (B,) and ``mask``
         (B, N) booleans, ``lc`` the layer's cache (its buffer, ``gate_i``, ``decay`` and
         ``mlstm`` state are updated), ``slot`` the ring slot of this token, ``out``
-        (B, H, 1, d) (written and returned)."""
+        (B, H, 1, d) (written and returned); ``plain`` (B, H + KV, 1, d) q and k before RoPE
+        (rope_on "none": the feature maps read them, and ``lc.k_plain`` keeps the keys)."""
         h, kv, d, f, both = self.dims
         c, n, m = lc.mlstm
         bsz, slots = mask.shape
@@ -265,6 +266,10 @@ class SharedNormStep:
                 (lc.v, (bsz, kv, slots, d)), (lc.gate_i, (bsz, h, slots)),
                 (lc.decay, (bsz, h, slots)), (c, (bsz, h, fx, d)), (n, (bsz, h, fx)),
                 (m, (bsz, h)), (out, (bsz, h, 1, d)))  # fmt: skip
+        if plain is not None:
+            if lc.k_plain is None:
+                raise ValueError("cpu_step: a step on plain q/k needs the cache's k_plain")
+            want += ((plain, (bsz, h + kv, 1, d)), (lc.k_plain, (bsz, kv, slots, d)))
         # the C++ reads by these shapes: refuse, never read past a tensor
         _check_layout(want, self.dtype, "shared_norm step")
         for t, shape in ((leaves, (bsz,)), (mask, (bsz, slots))):
@@ -274,8 +279,10 @@ class SharedNormStep:
             raise ValueError(f"cpu_step: bad shared_norm step y {tuple(y.shape)}, slot {slot}")
         rc = self.fn(
             bsz, *self.dims, y.shape[1], slots, slot, y.data_ptr(), qk.data_ptr(),
-            self.features.data_ptr(), leaves.data_ptr(), mask.data_ptr(), lc.k.data_ptr(),
-            lc.v.data_ptr(), lc.gate_i.data_ptr(), lc.decay.data_ptr(), c.data_ptr(),
+            None if plain is None else plain.data_ptr(), self.features.data_ptr(),
+            leaves.data_ptr(), mask.data_ptr(), lc.k.data_ptr(),
+            None if plain is None else lc.k_plain.data_ptr(), lc.v.data_ptr(),
+            lc.gate_i.data_ptr(), lc.decay.data_ptr(), c.data_ptr(),
             n.data_ptr(), m.data_ptr(), out.data_ptr(), self.scaling,
         )  # fmt: skip
         if rc != 0:

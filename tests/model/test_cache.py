@@ -20,8 +20,10 @@ MODES = {
     "learned": {},
     "swa": {"gate_mode": "swa"},
     "mlstm": {"gate_mode": "mlstm"},
-    "shared_norm": {"mix": "shared_norm"},
+    "shared_norm": {"mix": "shared_norm"},  # rope_on "none": feature maps before RoPE
+    "shared_norm_rope_input": {"mix": "shared_norm", "rope_on": "input"},
     "rope_on_features": {"rope_on": "features"},
+    "rope_on_none": {"rope_on": "none"},
     "softmax_layer": {"softmax_layers": [1]},
     "softmax_heads": {"softmax_heads": [[0, 1]]},
     "softmax_heads_shared_norm": {"mix": "shared_norm", "softmax_heads": [[1, 0]]},

@@ -32,8 +32,10 @@ CASES = {
     "learned_half": {"gate_init": "half"},
     "mlstm": {"gate_mode": "mlstm"},
     "softmax_layer": {"softmax_layers": [1]},
-    "shared_norm": {"mix": "shared_norm"},
+    "learned_rope_none": {"rope_on": "none"},
+    "shared_norm": {"mix": "shared_norm"},  # rope_on "none": feature maps before RoPE
     "shared_norm_pm": {"mix": "shared_norm", "feature_map": "hedgehog_pm"},
+    "shared_norm_rope_input": {"mix": "shared_norm", "rope_on": "input"},
 }
 
 

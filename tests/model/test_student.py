@@ -426,6 +426,32 @@ def test_shared_norm_decode_equals_parallel(family):
         torch.testing.assert_close(torch.cat(chunks, 1), full)
 
 
+@pytest.mark.parametrize("mix", ["shared_norm", "gate"])
+def test_rope_on_none_reads_the_same_at_every_offset(mix):
+    """rope_on "none" (shared_norm's default): the feature maps read q and k before RoPE, so the
+    same text at position ids from 0 or from 1000 gives the same logits (the softmax branch's
+    RoPE is relative); past the training length the recurrent branch meets no new angle. With
+    rope_on "input" the features see absolute angles and the logits move."""
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))  # 5 W
+    pos = torch.arange(40).expand(2, -1)
+    for rope_on in ("none", "input"):
+        student = _student("llama", mix=mix, rope_on=rope_on).double().eval()
+        with torch.no_grad():
+            for layer in student.model.layers:  # feature maps well off the identity
+                for fmap in (layer.self_attn.q_feature, layer.self_attn.k_feature):
+                    fmap.weight.mul_(4.0)
+            logits = [student(ids, position_ids=pos + off).logits for off in (0, 1000)]
+            # decoding at the offset (prefill, then steps: the cache's plain keys) reads the same
+            cache = student.new_cache()
+            steps = [student(ids[:, :12], position_ids=pos[:, :12] + 1000, cache=cache).logits]
+            for j in range(12, 40):
+                steps.append(student(ids[:, j : j + 1], cache=cache).logits)
+        torch.testing.assert_close(torch.cat(steps, 1), logits[1], rtol=1e-9, atol=1e-9)
+        moved = (logits[0] - logits[1]).abs().max().item()
+        # (the teacher's RoPE tables are float32: its angles at 1000 + p round apart from p's)
+        assert moved < 1e-6 if rope_on == "none" else moved > 1e-3
+
+
 def test_shared_norm_cache_is_constant_and_packing_is_exact():
     student = _student("olmo2", mix="shared_norm").eval()
     a, b = torch.randint(0, 256, (1, 19)), torch.randint(0, 256, (1, 14))
