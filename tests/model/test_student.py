@@ -171,6 +171,28 @@ def test_a_student_saved_before_gate_init_loads_with_the_half_gate(tmp_path):
     assert not hasattr(loaded.model.layers[0].self_attn, "ogate_scale")
 
 
+def test_a_shared_norm_student_saved_before_rope_on_none_loads_as_converted(tmp_path):
+    # rope_on defaults to "none" with mix shared_norm now; a student converted with "input"
+    # keeps it, whether its config names it or (saved before the setting existed) not.
+    from megadistill.model import HybridConfig
+
+    hybrid = {"window": 8, "num_sinks": 2, "mix": "shared_norm"}
+    assert convert(tiny_teacher("llama"), seed=0, **hybrid)[0].config.rope_on == "none"
+    student, _ = convert(tiny_teacher("llama"), seed=0, rope_on="input", **hybrid)
+    student.save_pretrained(tmp_path)
+    cfg = (tmp_path / "config.json").read_text()
+    assert '"rope_on": "input"' in cfg
+    assert HybridConfig.from_pretrained(tmp_path).rope_on == "input"
+    (tmp_path / "config.json").write_text(
+        "\n".join(line for line in cfg.splitlines() if '"rope_on"' not in line)
+    )
+    loaded = HybridForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.rope_on == "input" and not loaded.model.layers[0].self_attn.plain_features
+    ids = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student.eval()(ids).logits)
+
+
 def test_same_teacher_and_seed_give_same_fingerprint():
     teacher = tiny_teacher("qwen2")
     _, fp1 = convert(teacher, seed=3)
@@ -183,7 +205,7 @@ def test_same_teacher_and_seed_give_same_fingerprint():
     "change",
     [{"window": 16}, {"num_sinks": 2}, {"feature_dim": 8}, {"gate_mode": "swa"},
      {"mlstm_backend": "recurrent"}, {"swa_backend": "blocked"}, {"chunk_size": 16},
-     {"local_layers": "hybrid"}, {"gate_init": "half"}],
+     {"local_layers": "hybrid"}, {"gate_init": "half"}, {"rope_on": "none"}],
 )  # fmt: skip
 def test_fingerprint_covers_the_hybrid_settings(change):
     # Same weights (same teacher and seed), different architecture: different students.
