@@ -191,6 +191,14 @@ def test_a_bad_shared_norm_layout_is_refused_not_read():
         step(y, qk, leaves, mask, LayerCache(**{**vars(lc), "decay": lc.decay[..., :8]}), 5, out)
     with pytest.raises(ValueError, match="contiguous booleans"):
         step(y, qk, leaves, mask.float(), lc, 5, out)
+    # plain q/k (rope_on "none") need the cache's plain keys, of the buffer's shape
+    with pytest.raises(ValueError, match="needs the cache's k_plain"):
+        step(y, qk, leaves, mask, lc, 5, out, qk.clone())
+    with pytest.raises(ValueError, match=r"\(1, 2, 10, 16\)"):
+        step(y, qk, leaves, mask, LayerCache(**{**vars(lc), "k_plain": lc.k[:, :, :8]}), 5, out,
+             qk.clone())  # fmt: skip
+    step(y, qk, leaves, mask, LayerCache(**{**vars(lc), "k_plain": lc.k.clone()}), 5, out,
+         qk.clone())  # fmt: skip
 
 
 def _mlstm_inputs(b, h, t, f, d, dtype, seed=0):
