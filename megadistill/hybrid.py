@@ -60,8 +60,8 @@ class HybridSettings:
     feature_map 'hedgehog'); ``none``, feature maps of q/k before RoPE, so phi(q).phi(k) reads
     the same at every position (the softmax branch keeps RoPE). None: ``none`` with mix
     ``shared_norm`` (whose ``input`` form degrades past the training length: README "Past the
-    training length"), ``input`` with the gated mix. A student config saved before ``none``
-    existed loads as it was converted (its rope_on is stored)."""
+    training length"), ``input`` with the gated mix. A student's config stores the value; one
+    saved before ``none`` existed without it loads as ``input``, as it was converted."""
     feature_map: FeatureMap = "hedgehog"
     """``hedgehog`` (softmax(xW)) or ``hedgehog_pm`` ([softmax(xW), softmax(-xW)], twice the
     features; the Hedgehog/LoLCATs form)."""

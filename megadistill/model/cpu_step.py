@@ -206,8 +206,9 @@ class RecurrentStep:
 
     def __call__(self, y, qk, swa, cn, m, out) -> torch.Tensor:
         """One step: ``y`` (B, Y) the layer's [q|k|v|i|f|...] product, ``qk`` (B, H+KV, 1, d)
-        the q and k the feature maps read (RoPE'd; before RoPE with rope_on "none"), ``swa`` (B, H, 1, d) or None, the state ``cn`` (B, H, F, d+1) and ``m``
-        (B, H) (updated), ``out`` (B, H, 1, d) (written and returned)."""
+        the q and k the feature maps read (RoPE'd; before RoPE with rope_on "none"), ``swa``
+        (B, H, 1, d) or None, the state ``cn`` (B, H, F, d+1) and ``m`` (B, H) (updated),
+        ``out`` (B, H, 1, d) (written and returned)."""
         tensors = (y, qk, cn, m, out) if swa is None else (y, qk, swa, cn, m, out)
         _check_layout(((t, None) for t in tensors), self.dtype, "step")
         feat, ogw, ogb, ogs = self.ptrs
