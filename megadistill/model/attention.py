@@ -620,10 +620,11 @@ class HybridAttention(nn.Module):
             mask = info.memo[key] = token_mask(info.tokens, lc.keys(), w, s)[:, 0].contiguous()
         return mask
 
-    def _shared_fused(self, y, qk, qk_r, v, info: SeqInfo, lc: LayerCache, fw: StepWeights):
+    def _shared_fused(self, y, feat_in, qk_r, v, info: SeqInfo, lc: LayerCache, fw: StepWeights):
         """The ``shared_norm`` attention of :meth:`_step` ((B, H, 1, d), before o_proj): one
         compiled call where it applies (a real token that starts no document and is no sink,
-        float32/64 on CPU), else :meth:`_shared_step` on the step's fused products."""
+        float32/64 on CPU), else :meth:`_shared_step` on the step's fused products. ``feat_in``:
+        the q and k heads the feature maps read (``qk_r`` itself unless rope_on is "none")."""
         bsz, nh, d = y.shape[0], self.num_heads, self.head_dim
         t = info.cache.seen
         slot = self.num_sinks + t % self.window
@@ -641,15 +642,15 @@ class HybridAttention(nn.Module):
             lc.held.index_copy_(2, at, held)
             lc.ok.index_copy_(1, at, info.valid)
             out = qk_r.new_empty(bsz, nh, 1, d)
-            plain = qk.contiguous() if self.plain_features else None
+            plain = feat_in if self.plain_features else None
             return kern(y, qk_r, leaves, self._shared_mask(info, lc, t), lc, slot, out, plain)
         nq, nk = self.qkv_sizes[0], self.qkv_sizes[1]
         gates = y[:, nq + 2 * nk : nq + 2 * nk + 2 * nh].view(bsz, 2, nh)  # input, forget
         if not info.all_valid:  # padding steps are exact no-ops (as _gates)
             pads = gates.new_tensor([[PAD_I], [PAD_F]])
             gates = torch.where(info.valid.view(bsz, 1, 1), gates, pads)
-        fq = fw.feature_map(qk if self.plain_features else qk_r)[:, :nh, 0]
-        kp = qk[:, nh:] if self.plain_features else None
+        fq = fw.feature_map(feat_in)[:, :nh, 0]
+        kp = feat_in[:, nh:] if self.plain_features else None
         out = self._shared_step(
             qk_r[:, :nh, 0], qk_r[:, nh:], v, fq, gates[:, 0], gates[:, 1], info, lc, t, kp
         )
@@ -739,9 +740,11 @@ class HybridAttention(nn.Module):
         qk_r = self._rotate(qk, cos, sin, info)
         q_r, k_r = qk_r[:, :nh], qk_r[:, nh:]
         mode = "swa" if self.keep_local else self.config.gate_mode
+        # what the feature maps read: q and k before RoPE (rope_on "none") or after it
+        feat_in = qk.contiguous() if self.plain_features and mode != "swa" else qk_r
         if mode == "learned" and self.shared:
             mixed = self._heads(
-                self._shared_fused(y, qk, qk_r, v, info, lc, fw), q_r, k_r, v, info, lc
+                self._shared_fused(y, feat_in, qk_r, v, info, lc, fw), q_r, k_r, v, info, lc
             )
             return _linear(mixed.reshape(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
         swa = mem = None
@@ -759,16 +762,13 @@ class HybridAttention(nn.Module):
             if fw.kernel is not None and info.all_valid and lc.mlstm_joint.dtype == y.dtype:
                 # feature maps, mLSTM step, output gate and mix in one call
                 mixed = qk_r.new_empty(bsz, nh, 1, d)
-                feat_in = qk.contiguous() if self.plain_features else qk_r
                 fw.kernel(y, feat_in, swa, lc.mlstm_joint, lc.mlstm[2], mixed)
                 mixed = self._heads(mixed, q_r, k_r, v, info, lc)
                 return _linear(mixed.reshape(bsz, nh * d), fw.o_proj, fw.o_bias).view(bsz, 1, -1)
-            if self.config.rope_on == "input":
-                fqk = fw.feature_map(qk_r)
-            elif self.plain_features:
-                fqk = fw.feature_map(qk)
-            else:
+            if self.config.rope_on == "features":
                 fqk = self._rotate(fw.feature_map(qk), cos, sin, info)
+            else:
+                fqk = fw.feature_map(feat_in)
             gates = y[:, nq + 2 * nk :].view(bsz, 3, nh)  # input, forget, zeros
             if not info.all_valid:  # padding steps are exact no-ops (as _gates)
                 pads = gates.new_tensor([[PAD_I], [PAD_F], [0.0]])
@@ -946,12 +946,8 @@ class HybridAttention(nn.Module):
         kept in ``lc.k_plain`` in the same slots (rope_on "none" with mix shared_norm)."""
         assert info.cache is not None
         w, s = self.window, self.num_sinks
-        info.cache.kv_slots(lc, k_r, s + w)
-        pairs = [(lc.k, k_r), (lc.v, v)]
-        if k_plain is not None:
-            if lc.k_plain is None:
-                lc.k_plain = torch.zeros_like(lc.k)
-            pairs.append((lc.k_plain, k_plain))
+        info.cache.kv_slots(lc, k_r, s + w, plain=k_plain is not None)
+        pairs = [(lc.k, k_r), (lc.v, v)] + ([] if k_plain is None else [(lc.k_plain, k_plain)])
         tok = info.tokens
         t = k_r.shape[2]
         keep = slice(max(0, t - w), t)

@@ -170,15 +170,20 @@ class HybridCache:
             if val is not None:
                 setattr(self, name, val.index_select(0, beam_idx.to(val.device)))
 
-    def kv_slots(self, lc: LayerCache, k: torch.Tensor, num_slots: int | None = None) -> None:
+    def kv_slots(
+        self, lc: LayerCache, k: torch.Tensor, num_slots: int | None = None, plain: bool = False
+    ) -> None:
         """Allocate the key/value buffer of ``lc`` for keys shaped like ``k`` (B,KV,T,d), with
-        ``num_slots`` slots (default S + W; a layer whose teacher is local may need fewer)."""
+        ``num_slots`` slots (default S + W; a layer whose teacher is local may need fewer);
+        ``plain``: also ``lc.k_plain``, the keys before RoPE (rope_on "none", mix shared_norm)."""
         if lc.k is not None:
             return
         b, kv, _, d = k.shape
         n = num_slots if num_slots is not None else self.num_sinks + self.window
         lc.k = k.new_zeros(b, kv, n, d)
         lc.v = k.new_zeros(b, kv, n, d)
+        if plain:
+            lc.k_plain = k.new_zeros(b, kv, n, d)
         lc.held = torch.zeros(b, 3, n, dtype=torch.long, device=k.device)
         lc.held[:, 0] = -1  # empty
         lc.ok = torch.zeros(b, n, dtype=torch.bool, device=k.device)
